@@ -1,0 +1,667 @@
+"""
+A LLaVA-style vision-language model, written to be read top to bottom.
+
+    image -> vision tower (transformers CLIP / SigLIP) -> Projector (ours) -> written into the
+    positions of the image token -> causal LM (transformers) -> our fused linear + cross-entropy
+
+Contents:
+  1. distributed setup shared by every stage script
+  2. fused_linear_cross_entropy: the LM head + loss without ever materialising tokens x vocab logits
+  3. Projector and the VLM itself (forward, generation)
+  4. loading / saving: our checkpoint directory, llava-hf directories, building from parts
+  5. optimizer with per-part learning rates, training-state save/resume
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections import namedtuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+PARTS = ("vision", "projector", "lm")  # the three trainable parts; learning rates and freezing are per part
+CHECKPOINT_TYPE = "lucid_vlm"          # config.json's model_type for our own checkpoint directories
+
+# -----------------------------------------------------------------------------
+# 1. distributed setup: one call per stage script
+
+Dist = namedtuple("Dist", "rank local_rank world_size device master ddp")
+
+
+def init_distributed(seed=1337, device=None):
+    """Reads torchrun's env vars; DDP with nccl on CUDA, gloo on CPU. Seeds every rank identically
+    (the model init must match; DDP also broadcasts rank 0's weights). Without torchrun: one process."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+        dev = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    else:
+        rank, local_rank, world = 0, 0, 1
+        dev = torch.device(device or ("cuda" if cuda else "cpu"))
+    torch.manual_seed(seed)
+    return Dist(rank, local_rank, world, dev, rank == 0, ddp)
+
+
+def all_reduce_sum(x, dist):
+    """Sum a tensor (or number) over ranks; identity in a single process."""
+    x = torch.as_tensor(x, dtype=torch.float64, device=dist.device if dist.device.type == "cuda" else "cpu")
+    if dist.ddp:
+        torch.distributed.all_reduce(x)
+    return x
+
+# -----------------------------------------------------------------------------
+# 2. fused linear + cross-entropy
+#
+# loss_i = logsumexp_v(h_i . W_v) - h_i . W_{t_i}. The naive way builds logits (N, V) in fp32, then
+# softmax, then its gradient: for 8k tokens and a 32k vocabulary that is 1 GiB each. Here rows are
+# processed a chunk at a time: the chunk's logits live only inside the loop, and the gradient
+# (softmax - onehot) is turned into dL/dh and dL/dW immediately. Ignored rows (prompt and image
+# positions, the large majority in a LLaVA batch) are dropped *before* the matmul, so their logits
+# are never computed at all.
+#
+# Two strategies, picked by `reduction`:
+#   "mean"/"sum": the loss is a scalar, so its gradient is known up to one number: compute dL/dh and
+#                 dL/dW during the forward (as Liger-Kernel does) and scale them in backward.
+#   "none":       per-row losses may get any upstream gradient (DPO, per-sentence rewards), which
+#                 cannot be folded in after the fact: save only the per-row logsumexp and recompute
+#                 each chunk's logits in backward.
+
+
+def _auto_chunk(n_rows, vocab, device):
+    # Bound a chunk's fp32 logits to ~32 MB on CPU (cache-friendly, low peak memory). On a GPU keep
+    # >= 512 rows so each chunk's matmul stays compute-bound instead of re-reading W per tiny chunk.
+    rows = max(1, (1 << 23) // vocab)
+    if device.type == "cuda":
+        rows = max(rows, 1024)
+    return max(1, min(n_rows, rows))
+
+
+def _chunk_grad(h, w, t, lse, logits, row_scale):
+    """In place: logits -> (softmax - onehot) * row_scale, formed in fp32 (forming p - 1 in bf16
+    loses everything as p -> 1). Returns the fp32 gradient of the chunk's logits."""
+    p = logits.sub_(lse[:, None]).exp_()
+    p[torch.arange(len(t), device=t.device), t] -= 1.0
+    return p.mul_(row_scale[:, None] if torch.is_tensor(row_scale) else row_scale)
+
+
+class _LinearCEScalar(torch.autograd.Function):
+    """mean/sum: gradients computed in forward, one pass over the rows."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, scale, chunk):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s in range(0, hidden.shape[0], chunk):
+            h, t = hidden[s:s + chunk], targets[s:s + chunk]
+            logits = (h @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                g = _chunk_grad(h, weight, t, lse, logits, scale)
+                if need_h:
+                    grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                if need_w:
+                    grad_w += (g.T.to(h.dtype) @ h).float()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+class _LinearCENone(torch.autograd.Function):
+    """none: per-row losses; backward recomputes each chunk's logits from the saved logsumexp."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lses = torch.empty_like(losses)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = (hidden[s:s + chunk] @ weight.T).float()
+            lses[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            losses[s:s + chunk] = lses[s:s + chunk] - logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, targets, lses)
+        ctx.chunk = chunk
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, weight, targets, lses = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h, t = hidden[s:s + ctx.chunk], targets[s:s + ctx.chunk]
+            logits = (h @ weight.T).float()
+            g = _chunk_grad(h, weight, t, lses[s:s + ctx.chunk], logits, grad_losses[s:s + ctx.chunk].float())
+            if need_h:
+                grad_h[s:s + ctx.chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_w += (g.T.to(h.dtype) @ h).float()
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
+
+
+def fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="mean",
+                               chunk_size=None, impl="auto"):
+    """Cross-entropy of softmax(hidden @ weight.T) against targets, never holding the (N, V) logits.
+
+    hidden (N, H), weight (V, H), targets (N,) with ignore_index rows skipped. Accumulates in fp32.
+    reduction: "mean" (over non-ignored rows; 0.0 when every row is ignored, so an all-prompt
+    micro-batch adds nothing instead of a NaN), "sum", or "none" ((N,) fp32, 0 at ignored rows).
+    impl: "auto" | "torch" (chunked PyTorch; the Triton kernel slots in behind the same call).
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if impl not in ("auto", "torch"):
+        raise ValueError(f"impl {impl!r} is not available (have: auto, torch)")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"shapes: hidden {tuple(hidden.shape)} weight {tuple(weight.shape)} targets {tuple(targets.shape)}")
+    keep = targets != ignore_index
+    idx = keep.nonzero().squeeze(1)
+    n = idx.numel()
+    h, t = hidden.index_select(0, idx), targets.index_select(0, idx)  # drop ignored rows before any matmul
+    chunk = chunk_size or _auto_chunk(n, weight.shape[0], hidden.device)
+    if reduction == "none":
+        out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        return out.index_put((idx,), _LinearCENone.apply(h, weight, t, chunk)) if n else out + 0.0 * hidden.sum(-1)
+    if n == 0:  # keep the graph connected (DDP needs every used parameter to get a gradient)
+        return 0.0 * (hidden.sum() + weight.sum())
+    scale = 1.0 / n if reduction == "mean" else 1.0
+    return _LinearCEScalar.apply(h, weight, t, scale, chunk)
+
+# -----------------------------------------------------------------------------
+# 3. the model
+
+
+class Projector(nn.Module):
+    """LLaVA's connector. mlp2x_gelu: Linear(vision -> d) -> GELU -> Linear(d -> d); linear: one Linear.
+    Module names match llava-hf's `multi_modal_projector` so weights map one to one."""
+
+    def __init__(self, vision_dim, text_dim, kind="mlp2x_gelu", bias=True):
+        super().__init__()
+        if kind not in ("mlp2x_gelu", "linear"):
+            raise ValueError(f"projector_type must be 'mlp2x_gelu' or 'linear', got {kind!r}")
+        self.kind = kind
+        self.linear_1 = nn.Linear(vision_dim, text_dim, bias=bias)
+        if kind == "mlp2x_gelu":
+            self.linear_2 = nn.Linear(text_dim, text_dim, bias=bias)
+
+    def forward(self, x):
+        x = self.linear_1(x)
+        if self.kind == "mlp2x_gelu":
+            x = self.linear_2(F.gelu(x))
+        return x
+
+
+def _vision_class(cfg):
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+    return MODEL_MAPPING[type(cfg)]  # clip_vision_model -> CLIPVisionModel, siglip_vision_model -> SiglipVisionModel
+
+
+def _lm_class(cfg):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]
+
+
+def _as_config(c):
+    from transformers import AutoConfig, PretrainedConfig
+    if isinstance(c, PretrainedConfig):
+        return c
+    c = dict(c)
+    return AutoConfig.for_model(c.pop("model_type"), **c)
+
+
+class VLM(nn.Module):
+    """vision (transformers vision model) + projector (ours) + lm (transformers causal LM).
+
+    config keys: vision_config, text_config (transformers config dicts), projector_type,
+    projector_bias, vision_feature_layer (default -2, LLaVA's penultimate), vision_feature_select_strategy
+    ("default" drops CLIP's CLS token, "full" keeps every token), image_token_id, template (the chat
+    template data.py uses for this model), pad_to_square. `tokenizer` and `image_processor` ride along
+    as plain attributes so one from_pretrained call gives everything needed to run the model.
+    """
+
+    def __init__(self, config, vision=None, lm=None, attn_implementation="sdpa"):
+        super().__init__()
+        vcfg, tcfg = _as_config(config["vision_config"]), _as_config(config["text_config"])
+        self.config = dict(config, vision_config=vcfg.to_dict(), text_config=tcfg.to_dict())
+        self.config.setdefault("projector_type", "mlp2x_gelu")
+        self.config.setdefault("projector_bias", True)
+        self.config.setdefault("vision_feature_layer", -2)
+        self.config.setdefault("vision_feature_select_strategy", "default" if "clip" in vcfg.model_type else "full")
+        self.config.setdefault("template", "vicuna_v1")
+        self.config.setdefault("pad_to_square", True)
+        if vision is None:
+            vcfg._attn_implementation = attn_implementation
+            vision = _vision_class(vcfg)(vcfg)
+        if lm is None:
+            tcfg._attn_implementation = attn_implementation
+            lm = _lm_class(tcfg)(tcfg)
+        if getattr(lm.config, "final_logit_softcapping", None) or getattr(lm.get_output_embeddings(), "bias", None) is not None:
+            raise ValueError("LMs with logit soft-capping or an output bias are not supported by the fused loss")
+        self.vision, self.lm = vision, lm
+        self.projector = Projector(vcfg.hidden_size, tcfg.hidden_size, self.config["projector_type"], self.config["projector_bias"])
+        self.image_token_id = int(config["image_token_id"])
+        self.tokenizer = None
+        self.image_processor = None
+
+    @property
+    def num_image_tokens(self):
+        """Image-token copies per image: patches (+ CLS when the strategy keeps it)."""
+        v = self.vision.config
+        n = (v.image_size // v.patch_size) ** 2
+        has_cls = "clip" in v.model_type
+        return n + 1 if (has_cls and self.config["vision_feature_select_strategy"] == "full") else n
+
+    def encode_images(self, pixel_values):
+        """(n_img, 3, H, W) -> (n_img, num_image_tokens, d_text)."""
+        out = self.vision(pixel_values.to(self.projector.linear_1.weight.dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.config["vision_feature_layer"]]
+        if self.config["vision_feature_select_strategy"] == "default" and "clip" in self.vision.config.model_type:
+            feats = feats[:, 1:]  # drop CLS, as LLaVA does
+        return self.projector(feats)
+
+    def embed(self, input_ids, pixel_values=None):
+        """Token embeddings with the image features written into the image-token positions."""
+        image_mask = input_ids == self.image_token_id
+        emb = self.lm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+        if pixel_values is not None and len(pixel_values):
+            feats = self.encode_images(pixel_values)
+            if image_mask.sum().item() != feats.shape[0] * feats.shape[1]:
+                raise ValueError(f"{int(image_mask.sum())} image tokens in input_ids but {feats.shape[0]} images x "
+                                 f"{feats.shape[1]} features; data.py must expand each <image> to {self.num_image_tokens} tokens")
+            # one masked assignment; images fill the positions in row-major order
+            emb = emb.masked_scatter(image_mask[..., None], feats.to(emb.dtype))
+        elif image_mask.any():
+            raise ValueError("input_ids contain image tokens but no pixel_values were given")
+        elif self.training and any(p.requires_grad for p in [*self.vision.parameters(), *self.projector.parameters()]):
+            # a text-only batch: touch the vision path with zero weight so DDP sees every trainable
+            # parameter used on every rank (otherwise its gradient all-reduce hangs or errors)
+            v = self.vision.config
+            dummy = torch.zeros(1, 3, v.image_size, v.image_size, device=emb.device)
+            emb = emb + 0.0 * self.encode_images(dummy).sum()
+        return emb
+
+    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None):
+        emb = self.embed(input_ids, pixel_values)
+        return self.lm.base_model(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, reduction="mean"):
+        """labels None -> logits (B, T, V). Otherwise the next-token loss over positions whose label is
+        not IGNORE_INDEX (labels are aligned with input_ids and shifted here, the llava-hf convention),
+        computed by the fused loss from the final hidden states: only supervised rows are projected."""
+        h = self.hidden_states(input_ids, pixel_values, attention_mask)
+        w = self.lm.get_output_embeddings().weight
+        if labels is None:
+            return h @ w.T
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        return fused_linear_cross_entropy(h[:, :-1][keep], w, targets[keep], reduction=reduction)
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=32, temperature=0.0,
+                 top_p=1.0, eos_token_id=None, generator=None):
+        """Batched generation from LEFT-padded prompts with the LM's KV cache. Greedy when temperature
+        is 0. Returns (tokens (B, n) with eos_token_id after a row ends, logprobs (B, n) of the chosen tokens)."""
+        from transformers import DynamicCache
+        B = input_ids.shape[0]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
+        emb = self.embed(input_ids, pixel_values)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.lm.config)
+        base, w = self.lm.base_model, self.lm.get_output_embeddings().weight
+        h = base(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
+        pos = pos[:, -1:]
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        toks, lps = [], []
+        for _ in range(max_new_tokens):
+            logp = torch.log_softmax((h[:, -1] @ w.T).float(), dim=-1)
+            if temperature > 0:
+                probs = torch.softmax(logp / temperature, dim=-1)
+                if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+                    sp, si = probs.sort(dim=-1, descending=True)
+                    drop = sp.cumsum(-1) - sp > top_p
+                    probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                nxt = logp.argmax(-1)
+            lp = logp.gather(1, nxt[:, None]).squeeze(1)
+            if eos_token_id is not None:
+                nxt = nxt.masked_fill(done, eos_token_id)
+                lp = lp.masked_fill(done, 0.0)
+            toks.append(nxt); lps.append(lp)
+            if eos_token_id is not None:
+                done |= nxt == eos_token_id
+                if done.all():
+                    break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            pos = pos + 1
+            h = base(inputs_embeds=self.lm.get_input_embeddings()(nxt[:, None]), attention_mask=mask, position_ids=pos,
+                     past_key_values=cache, use_cache=True).last_hidden_state
+        return torch.stack(toks, 1), torch.stack(lps, 1)
+
+    # -------------------------------------------------------------------------
+    # 4. saving and loading
+
+    def save_pretrained(self, path):
+        """Our checkpoint directory: config.json, model.safetensors, tokenizer and image-processor files.
+        Written into a temporary directory next to `path`, then swapped in, so a crash never leaves a
+        half-written checkpoint under the real name."""
+        from safetensors.torch import save_file
+        sd = _state_dict_for_saving(self)
+        with _atomic_dir(path) as tmp:
+            save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            _write_json(os.path.join(tmp, "config.json"), dict(self.config, model_type=CHECKPOINT_TYPE))
+            self._save_processors(tmp)
+
+    def save_llava_hf(self, path):
+        """Export to the `LlavaForConditionalGeneration` layout (llava-hf/llava-1.5-7b-hf), so the model
+        runs in the wider ecosystem. Needs the mlp2x_gelu projector (llava-hf has no linear one)."""
+        from safetensors.torch import save_file
+        if self.config["projector_type"] != "mlp2x_gelu":
+            raise ValueError("llava-hf has only the mlp2x_gelu projector; this model uses " + self.config["projector_type"])
+        sd = {_to_llava_key(k): v for k, v in _state_dict_for_saving(self).items()}
+        cfg = {
+            "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
+            "vision_config": self.config["vision_config"], "text_config": self.config["text_config"],
+            "image_token_id": self.image_token_id, "image_token_index": self.image_token_id,
+            "image_seq_length": self.num_image_tokens, "projector_hidden_act": "gelu",
+            "multimodal_projector_bias": self.config["projector_bias"],
+            "vision_feature_layer": self.config["vision_feature_layer"],
+            "vision_feature_select_strategy": self.config["vision_feature_select_strategy"],
+            "tie_word_embeddings": bool(self.lm.config.tie_word_embeddings),
+        }
+        with _atomic_dir(path) as tmp:
+            save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            _write_json(os.path.join(tmp, "config.json"), cfg)
+            self._save_processors(tmp)
+
+    def _save_processors(self, d):
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(d)
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(d)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, attn_implementation="sdpa"):
+        """Loads our checkpoint directory or a llava-hf (LlavaForConditionalGeneration) directory, with
+        its tokenizer and image processor. Weights come from safetensors only: pickled .bin weights can
+        run arbitrary code when loaded, so they are refused."""
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{path}: no config.json (not a checkpoint directory)")
+        with open(cfg_path) as f:
+            raw = json.load(f)
+        kind = raw.get("model_type")
+        sd = _load_safetensors_dir(path)
+        if kind == CHECKPOINT_TYPE:
+            config = {k: v for k, v in raw.items() if k != "model_type"}
+        elif kind == "llava":
+            config = _config_from_llava(raw)
+            sd = {_from_llava_key(k): v for k, v in sd.items()}
+        else:
+            raise ValueError(f"{cfg_path}: model_type {kind!r} is neither {CHECKPOINT_TYPE!r} nor 'llava'")
+        vlm = cls._assemble(config, sd, dtype, attn_implementation)
+        vlm.tokenizer, vlm.image_processor = _load_processors(path, vlm.config["vision_config"])
+        if kind == "llava" and vlm.tokenizer is not None:
+            _check_image_token(vlm.tokenizer, vlm.image_token_id, path)
+        return vlm
+
+    @classmethod
+    def _assemble(cls, config, sd, dtype=None, attn_implementation="sdpa"):
+        """Build from a flat state dict with our key names. The vision tower and LM go through
+        transformers' own from_pretrained(state_dict=...) so they are created without a random init
+        (fast for 7B) and their non-persistent buffers (rotary tables, position ids) are built right."""
+        if dtype is not None:
+            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        vcfg, tcfg = _as_config(config["vision_config"]), _as_config(config["text_config"])
+        part = lambda p: {k[len(p) + 1:]: v for k, v in sd.items() if k.startswith(p + ".")}
+        unknown = [k for k in sd if k.split(".")[0] not in PARTS]
+        if unknown:
+            raise ValueError(f"unexpected weights {unknown[:5]}")
+        load_dtype = next(iter(sd.values())).dtype
+        kw = dict(dtype=load_dtype, attn_implementation=attn_implementation)
+        vision = _vision_class(vcfg).from_pretrained(None, config=vcfg, state_dict=part("vision"), **kw)
+        lm = _lm_class(tcfg).from_pretrained(None, config=tcfg, state_dict=part("lm"), **kw)
+        vlm = cls(config, vision=vision, lm=lm)
+        vlm.projector.to(load_dtype).load_state_dict(part("projector"))
+        return vlm
+
+    @classmethod
+    def from_parts(cls, lm, vision, tokenizer=None, projector_type="mlp2x_gelu", vision_feature_layer=-2,
+                   vision_feature_select_strategy=None, template="vicuna_v1", dtype=None, attn_implementation="sdpa",
+                   image_processor=None):
+        """LLaVA stage 1 start: a pretrained LM and vision tower (local paths or hub ids, or transformers
+        config objects/dicts for from-scratch tiny models) + a fresh projector. Adds the <image> token
+        (and a pad token) to the tokenizer if missing and grows the embeddings to match."""
+        from transformers import AutoImageProcessor, AutoTokenizer, PretrainedConfig
+        kw = dict(dtype=dtype, attn_implementation=attn_implementation)
+        if isinstance(vision, (dict, PretrainedConfig)):
+            vcfg = _as_config(vision); vcfg._attn_implementation = attn_implementation
+            vision_model = _vision_class(vcfg)(vcfg)
+            image_processor = image_processor or build_image_processor(vcfg)
+        else:
+            from transformers import AutoConfig
+            vcfg = AutoConfig.from_pretrained(vision)
+            vcfg = getattr(vcfg, "vision_config", vcfg)  # a full CLIP/SigLIP checkpoint holds a vision_config
+            vision_model = _vision_class(vcfg).from_pretrained(vision, config=vcfg, **kw)
+            image_processor = image_processor or AutoImageProcessor.from_pretrained(vision)
+        if isinstance(lm, (dict, PretrainedConfig)):
+            tcfg = _as_config(lm); tcfg._attn_implementation = attn_implementation
+            lm_model = _lm_class(tcfg)(tcfg)
+        else:
+            from transformers import AutoModelForCausalLM
+            lm_model = AutoModelForCausalLM.from_pretrained(lm, **kw)
+            tokenizer = tokenizer or lm
+        if isinstance(tokenizer, str):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        if tokenizer is None:
+            raise ValueError("from_parts needs a tokenizer (path or object) when the LM is built from a config")
+        if "<image>" not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        if tokenizer.pad_token is None:  # LLaVA pads Vicuna with unk
+            tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        if len(tokenizer) > lm_model.get_input_embeddings().num_embeddings:
+            lm_model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        if dtype is not None:
+            vision_model.to(dtype); lm_model.to(dtype)
+        config = dict(vision_config=vision_model.config.to_dict(), text_config=lm_model.config.to_dict(),
+                      projector_type=projector_type, vision_feature_layer=vision_feature_layer,
+                      image_token_id=tokenizer.convert_tokens_to_ids("<image>"), template=template)
+        if vision_feature_select_strategy:
+            config["vision_feature_select_strategy"] = vision_feature_select_strategy
+        vlm = cls(config, vision=vision_model, lm=lm_model)
+        if dtype is not None:
+            vlm.projector.to(dtype)
+        vlm.tokenizer, vlm.image_processor = tokenizer, image_processor
+        return vlm
+
+
+def build_image_processor(vision_config):
+    """A CLIP image processor sized for a from-scratch tiny vision tower (the shapes world)."""
+    from transformers import CLIPImageProcessorPil  # the PIL backend: no torchvision dependency
+    s = vision_config.image_size
+    return CLIPImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
+
+
+def _state_dict_for_saving(vlm):
+    sd = {k: v.detach().contiguous() for k, v in vlm.state_dict().items()}
+    if vlm.lm.config.tie_word_embeddings:  # tied head: stored once, re-tied on load (safetensors refuses shared storage)
+        sd.pop("lm.lm_head.weight", None)
+    return sd
+
+
+def _to_llava_key(k):
+    for ours, theirs in (("vision.", "model.vision_tower."), ("projector.", "model.multi_modal_projector."),
+                         ("lm.model.", "model.language_model."), ("lm.lm_head.", "lm_head.")):
+        if k.startswith(ours):
+            return theirs + k[len(ours):]
+    raise KeyError(k)
+
+
+def _from_llava_key(k):
+    # transformers >= 4.52 layout first, then the older one that most hub checkpoints were saved in
+    for theirs, ours in (("model.vision_tower.", "vision."), ("model.multi_modal_projector.", "projector."),
+                         ("model.language_model.", "lm.model."), ("lm_head.", "lm.lm_head."),
+                         ("vision_tower.", "vision."), ("multi_modal_projector.", "projector."),
+                         ("language_model.model.", "lm.model."), ("language_model.lm_head.", "lm.lm_head.")):
+        if k.startswith(theirs):
+            return ours + k[len(theirs):]
+    raise ValueError(f"llava-hf checkpoint has an unexpected weight {k!r}")
+
+
+def _config_from_llava(raw):
+    from transformers import LlavaConfig
+    c = LlavaConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    if c.projector_hidden_act != "gelu" or not isinstance(c.vision_feature_layer, int):
+        raise ValueError("only llava-hf checkpoints with a gelu projector and one vision feature layer are supported")
+    return dict(vision_config=c.vision_config.to_dict(), text_config=c.text_config.to_dict(),
+                projector_type="mlp2x_gelu", projector_bias=c.multimodal_projector_bias,
+                vision_feature_layer=c.vision_feature_layer,
+                vision_feature_select_strategy=c.vision_feature_select_strategy,
+                image_token_id=c.image_token_id, template="vicuna_v1", pad_to_square=True)
+
+
+def _load_safetensors_dir(path):
+    from safetensors.torch import load_file
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        bins = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
+        hint = f" (found pickled {bins[:3]}: convert them to safetensors first)" if bins else ""
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+    sd = {}
+    for f in files:
+        sd.update(load_file(os.path.join(path, f)))
+    return sd
+
+
+def _load_processors(path, vision_config):
+    from transformers import AutoImageProcessor, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path) if any(
+        os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")) else None
+    if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+        proc = AutoImageProcessor.from_pretrained(path)
+    else:
+        proc = build_image_processor(_as_config(vision_config))
+    return tok, proc
+
+
+def _check_image_token(tokenizer, image_token_id, path):
+    if tokenizer.convert_ids_to_tokens(image_token_id) != "<image>":
+        raise ValueError(f"{path}: config image_token_id {image_token_id} is "
+                         f"{tokenizer.convert_ids_to_tokens(image_token_id)!r} in the tokenizer, not '<image>'")
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+
+
+class _atomic_dir:
+    """Write a directory under a temporary name beside `path`, then swap it in. The old directory is
+    moved aside first and deleted only after the new one is in place."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.path) + ".tmp-", dir=os.path.dirname(self.path))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if os.path.exists(self.path):
+            old = self.path + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+# -----------------------------------------------------------------------------
+# 5. optimizer and training state
+
+
+def part_of(name):
+    return name.split(".")[0]
+
+
+def configure_optimizer(vlm, lrs, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, fused=None):
+    """AdamW with one learning rate per part ({'vision': .., 'projector': .., 'lm': ..}). A part whose lr
+    is 0 or None is frozen (requires_grad=False). Norm weights and biases (ndim < 2) get no decay."""
+    groups = []
+    for p_name in PARTS:
+        lr = lrs.get(p_name)
+        params = [(n, p) for n, p in vlm.named_parameters() if part_of(n) == p_name]
+        for _, p in params:
+            p.requires_grad_(bool(lr))
+        if not lr:
+            continue
+        decay = [p for n, p in params if p.dim() >= 2]
+        no_decay = [p for n, p in params if p.dim() < 2]
+        groups += [dict(params=decay, lr=lr, weight_decay=weight_decay, part=p_name),
+                   dict(params=no_decay, lr=lr, weight_decay=0.0, part=p_name)]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError(f"every part is frozen (learning rates {lrs})")
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, betas=betas, eps=eps, fused=fused)
+
+
+def lr_factor(step, max_steps, warmup_steps, min_factor=0.0):
+    """Linear warmup, then cosine decay to min_factor (LLaVA: warmup 3%, cosine to 0)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_factor + (1 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def save_checkpoint(path, vlm, optimizer, state):
+    """The model directory (loadable on its own) plus train_state.pt: optimizer, step, RNG, data
+    position, config. One atomic directory swap for both, so model and state never disagree."""
+    from safetensors.torch import save_file
+    sd = _state_dict_for_saving(vlm)
+    train_state = dict(state, optimizer=optimizer.state_dict(), rng_cpu=torch.get_rng_state(),
+                       rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    with _atomic_dir(path) as tmp:
+        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        _write_json(os.path.join(tmp, "config.json"), dict(vlm.config, model_type=CHECKPOINT_TYPE))
+        vlm._save_processors(tmp)
+        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+
+
+def load_train_state(path):
+    """train_state.pt with weights_only=True: tensors and plain containers only, nothing executable."""
+    return torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
+
+
+def restore_rng(state):
+    torch.set_rng_state(state["rng_cpu"])
+    if torch.cuda.is_available() and state.get("rng_cuda"):
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
