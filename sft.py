@@ -1,0 +1,278 @@
+"""
+Visual instruction tuning of a LLaVA-style model: LLaVA stage 1 (projector alignment) and stage 2
+(LLM + projector), reflective (REVERIE) data, CoT SFT. One file, top to bottom, like nanoGPT's train.py.
+
+The built-in shapes world on a laptop CPU (after `python prepare_shapes.py`):
+    python sft.py
+One GPU, LLaVA-1.5-7B stage 2 from a stage-1 checkpoint:
+    python sft.py config/llava15_stage2.py
+8 GPUs (the global batch stays the same; gradient accumulation adapts to the world size):
+    torchrun --standalone --nproc_per_node=8 sft.py config/llava15_stage2.py
+Resume an interrupted run exactly where it stopped:
+    python sft.py <same args> --init_from=resume
+"""
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+import data as D
+import model as M
+
+# -----------------------------------------------------------------------------
+# defaults: train a small VLM from scratch on the shapes world, on CPU, in minutes
+# I/O
+out_dir = "out/sft"
+init_from = "scratch"      # 'scratch' (tiny model from the sizes below) | 'parts' (lm_path + vision_path) | 'resume' | a checkpoint dir (ours or llava-hf)
+eval_interval = 250        # steps between val-loss evaluations (and checkpoints)
+eval_batches = 8           # val micro-batches per evaluation (0 = the whole val set)
+log_interval = 10
+save_checkpoint = True
+wandb_log = False          # off by default; needs `pip install wandb`
+wandb_project = "lucid"
+wandb_run_name = "sft"
+# data
+data_path = "data/shapes/train.json"   # LLaVA conversation json/jsonl; several: "a.json:1.0,b.jsonl:0.5" (sample ratios)
+val_data_path = "data/shapes/val.json"  # None = no val loss
+image_root = "data/shapes/images"
+template = "vicuna_v1"     # 'plain' (stage 1) | 'vicuna_v1' (LLaVA-1.5) | 'chat' (the tokenizer's own chat template)
+max_len = 512              # tokens; text is truncated, an image never is (too long -> error, or skip with skip_bad)
+skip_bad = False           # True: count and skip bad samples (missing/corrupt image, too long...) instead of stopping
+pad_to_square = True       # LLaVA-1.5: pad images to square with the processor's mean colour
+num_workers = 0            # DataLoader workers for image decoding (use 4-8 on GPU machines)
+# model: init_from='parts'
+lm_path = None             # e.g. 'lmsys/vicuna-7b-v1.5' or a local dir
+vision_path = None         # e.g. 'openai/clip-vit-large-patch14-336'
+tokenizer_path = "data/shapes/tokenizer"  # scratch: the shapes tokenizer; parts: defaults to lm_path
+projector_type = "mlp2x_gelu"
+vision_feature_layer = -2  # LLaVA: penultimate layer
+# model: init_from='scratch' (a Llama-style LM and a CLIP-style vision tower built from configs)
+n_layer = 4
+n_head = 4
+n_embd = 128
+vision_n_layer = 3
+vision_n_head = 4
+vision_n_embd = 96
+image_size = 48
+patch_size = 8
+# optimization
+global_batch_size = 32     # sequences per optimizer step, summed over ranks and micro-batches
+micro_batch_size = 16      # sequences per forward pass per rank
+max_steps = 0              # 0: derive from epochs
+stop_at_step = 0           # >0: stop (with a checkpoint) after this step, e.g. to fit a job's time limit; resume later
+epochs = 1.0
+lr_vision = 1e-3           # per-part learning rates; 0 freezes the part
+lr_projector = 1e-3
+lr_lm = 1e-3
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0            # 0 = off
+warmup_ratio = 0.03
+min_lr_ratio = 0.0
+# system
+device = "auto"            # 'auto' | 'cpu' | 'cuda'
+dtype = "auto"             # 'auto' (bfloat16 autocast on CUDA, float32 on CPU) | 'float32' | 'bfloat16'
+compile = False
+gradient_checkpointing = False
+seed = 1337
+# -----------------------------------------------------------------------------
+from configurator import configure  # noqa: E402
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+dist = M.init_distributed(seed, None if device == "auto" else device)
+master = dist.master
+dev = dist.device
+if dtype == "auto":
+    dtype = "bfloat16" if dev.type == "cuda" else "float32"
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+autocast = torch.autocast(dev.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+if dev.type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+log = print if master else (lambda *a, **k: None)
+
+# model --------------------------------------------------------------------------
+resume_state = None
+if init_from == "resume":
+    resume_state = M.load_train_state(out_dir)
+    vlm = M.VLM.from_pretrained(out_dir)
+    log(f"resuming from {out_dir} at step {resume_state['step']}")
+elif init_from == "scratch":
+    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    vcfg = CLIPVisionConfig(hidden_size=vision_n_embd, intermediate_size=4 * vision_n_embd, num_hidden_layers=vision_n_layer,
+                            num_attention_heads=vision_n_head, image_size=image_size, patch_size=patch_size)
+    tcfg = LlamaConfig(vocab_size=len(tok), hidden_size=n_embd, intermediate_size=4 * n_embd, num_hidden_layers=n_layer,
+                       num_attention_heads=n_head, num_key_value_heads=n_head, max_position_embeddings=max(max_len, 512),
+                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    vlm = M.VLM.from_parts(lm=tcfg, vision=vcfg, tokenizer=tok, projector_type=projector_type,
+                           vision_feature_layer=vision_feature_layer, template=template)
+elif init_from == "parts":
+    vlm = M.VLM.from_parts(lm=lm_path, vision=vision_path, tokenizer=tokenizer_path if tokenizer_path != "data/shapes/tokenizer" else None,
+                           projector_type=projector_type, vision_feature_layer=vision_feature_layer, template=template)
+else:
+    vlm = M.VLM.from_pretrained(init_from)
+vlm.config["template"] = template
+vlm.config["pad_to_square"] = pad_to_square
+tok = vlm.tokenizer
+if gradient_checkpointing:
+    vlm.lm.gradient_checkpointing_enable()
+vlm.to(dev)
+n_params = sum(p.numel() for p in vlm.parameters())
+log(f"model: {n_params / 1e6:.2f}M parameters ({', '.join(f'{p} {sum(q.numel() for n, q in vlm.named_parameters() if M.part_of(n) == p) / 1e6:.2f}M' for p in M.PARTS)}), "
+    f"{vlm.num_image_tokens} tokens per image")
+
+# data ---------------------------------------------------------------------------
+def make_dataset(spec):
+    ds = D.SFTDataset(D.load_records(spec, image_root), tok, vlm.image_processor, template, vlm.image_token_id,
+                      vlm.num_image_tokens, image_root, max_len=max_len, pad_to_square=pad_to_square, skip_bad=skip_bad)
+    good = ds.validate(check_images=skip_bad)  # decide skips once, up front, identically on every rank
+    if ds.skipped:
+        log(f"{spec}: skipping {sum(ds.skipped.values())} of {len(ds)} samples: {dict(ds.skipped)}")
+    return ds, good
+
+train_ds, train_idx = make_dataset(data_path)
+val_ds, val_idx = make_dataset(val_data_path) if val_data_path else (None, [])
+if global_batch_size % (micro_batch_size * dist.world_size) != 0:
+    raise ValueError(f"global_batch_size {global_batch_size} must be a multiple of micro_batch_size {micro_batch_size} "
+                     f"x world size {dist.world_size}")
+grad_accum = global_batch_size // (micro_batch_size * dist.world_size)
+if max_steps == 0:
+    max_steps = math.ceil(epochs * len(train_idx) / global_batch_size)
+warmup_steps = math.ceil(warmup_ratio * max_steps)
+log(f"{len(train_idx)} training samples, global batch {global_batch_size} = {micro_batch_size} x {grad_accum} accumulation "
+    f"x {dist.world_size} ranks, {max_steps} steps")
+
+
+def step_batches(start):
+    """Yields this rank's micro-batches (lists of dataset indices), step after step, from `start`."""
+    for step in range(start, max_steps):
+        mine = D.batch_indices(len(train_idx), global_batch_size, step, seed, dist.rank, dist.world_size)
+        yield from D.micro_batches([train_idx[i] for i in mine], micro_batch_size)
+
+
+def loader(ds, batch_sampler):
+    return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, num_workers=num_workers,
+                                       collate_fn=lambda b: D.collate(b, tok.pad_token_id), pin_memory=dev.type == "cuda")
+
+
+def to_dev(batch):
+    return {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+# optimizer ----------------------------------------------------------------------
+optimizer = M.configure_optimizer(vlm, {"vision": lr_vision, "projector": lr_projector, "lm": lr_lm}, weight_decay,
+                                  (beta1, beta2), fused=dev.type == "cuda")
+start_step = 0
+if resume_state is not None:
+    optimizer.load_state_dict(resume_state["optimizer"])
+    M.restore_rng(resume_state)
+    start_step = resume_state["step"]
+trainable = [p for p in vlm.parameters() if p.requires_grad]
+raw = vlm
+if compile:
+    vlm = torch.compile(vlm)
+if dist.ddp:
+    vlm = torch.nn.parallel.DistributedDataParallel(vlm, device_ids=[dist.local_rank] if dev.type == "cuda" else None)
+
+
+@torch.no_grad()
+def evaluate_val():
+    """Token-weighted mean loss over (part of) the val set, summed over ranks."""
+    vlm.eval()
+    idx = val_idx if eval_batches == 0 else val_idx[:eval_batches * micro_batch_size * dist.world_size]
+    mine = D.micro_batches(idx[dist.rank::dist.world_size], micro_batch_size)
+    tot = torch.zeros(2, dtype=torch.float64)
+    for batch in loader(val_ds, mine):
+        batch = to_dev(batch)
+        with autocast:
+            tot[0] += raw(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"], reduction="sum").item()
+        tot[1] += (batch["labels"][:, 1:] != D.IGNORE_INDEX).sum().item()
+    tot = M.all_reduce_sum(tot, dist)
+    vlm.train()
+    return (tot[0] / tot[1]).item()
+
+
+def log_json(**row):
+    """One JSON line per event in out_dir/log.jsonl: the run's numbers in a form a script can compare."""
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def checkpoint(step, val_loss):
+    if master and save_checkpoint:
+        M.save_checkpoint(out_dir, raw, optimizer, dict(step=step, val_loss=val_loss, config=json.dumps(config, default=str)))
+
+
+if master and init_from != "resume" and os.path.exists(os.path.join(out_dir, "log.jsonl")):
+    os.remove(os.path.join(out_dir, "log.jsonl"))  # a fresh run starts a fresh log; a resumed one appends
+if wandb_log and master:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+# training loop --------------------------------------------------------------------
+# The loss is averaged over the supervised tokens of the WHOLE global batch: each micro-batch returns
+# its summed token loss, divided by the global token count (all-reduced before any backward). So
+# splitting a batch over micro-batches or ranks leaves the gradient unchanged, and a long answer
+# weighs as many tokens as it has (LLaVA's per-micro-batch mean does not have this property).
+vlm.train()
+batches = iter(loader(train_ds, step_batches(start_step)))
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not master, dynamic_ncols=True)
+val_loss, tokens_seen, t0 = None, 0, time.time()
+if val_ds is not None and start_step == 0:
+    val_loss = evaluate_val()
+    log(f"step 0: val loss {val_loss:.4f}")
+    log_json(step=0, val_loss=val_loss)
+for step in bar:
+    factor = M.lr_factor(step, max_steps, warmup_steps, min_lr_ratio)
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * factor
+    micro = [next(batches) for _ in range(grad_accum)]
+    if any(b is None for b in micro):
+        raise RuntimeError(f"step {step}: a micro-batch had only unreadable samples (skip_bad); use a larger micro_batch_size")
+    micro = [to_dev(b) for b in micro]
+    n_tok = M.all_reduce_sum(sum((b["labels"][:, 1:] != D.IGNORE_INDEX).sum() for b in micro), dist)
+    loss_sum = 0.0
+    for i, b in enumerate(micro):
+        sync = nullcontext() if (not dist.ddp or i == grad_accum - 1) else vlm.no_sync()
+        with sync, autocast:
+            loss = vlm(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"], reduction="sum")
+            # DDP averages gradients over ranks; scaling by world_size turns that average into the sum
+            (loss * (dist.world_size / n_tok.item())).backward()
+        loss_sum += loss.item()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    train_loss = M.all_reduce_sum(loss_sum, dist).item() / n_tok.item()
+    tokens_seen += int(sum(b["attention_mask"].sum() for b in micro)) * dist.world_size
+    tps = tokens_seen / (time.time() - t0)
+    bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", tok_s=f"{tps:,.0f}")
+    log_json(step=step + 1, loss=train_loss, lr=optimizer.param_groups[0]["lr"], tokens_per_s=round(tps))
+    if master and wandb_log and step % log_interval == 0:
+        wandb.log({"train/loss": train_loss, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tps}, step=step)
+    last = step == max_steps - 1 or step + 1 == stop_at_step
+    if val_ds is not None and ((step + 1) % eval_interval == 0 or last):
+        val_loss = evaluate_val()
+        bar.write(f"step {step + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}") if master else None
+        log_json(step=step + 1, val_loss=val_loss)
+        if master and wandb_log:
+            wandb.log({"val/loss": val_loss}, step=step)
+    if (step + 1) % eval_interval == 0 or last:
+        checkpoint(step + 1, val_loss)
+    if step + 1 == stop_at_step:
+        break
+
+if master:
+    log(f"done: {step + 1 - start_step} steps in {time.time() - t0:.0f}s, final train loss {train_loss:.4f}"
+        + (f", val loss {val_loss:.4f}" if val_loss is not None else "") + f"; checkpoint in {out_dir}")
+if dist.ddp:
+    torch.distributed.destroy_process_group()
