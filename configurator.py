@@ -30,7 +30,8 @@ Fixes versus nanoGPT:
   close matches, the expected type and the given value -- never a bare assert,
   which `python -O` would strip.
 - types: int is accepted for a float key; a None default accepts anything;
-  a str default keeps the raw string (--init_from=123 is '123', not 123);
+  a str default keeps the raw string (--init_from=123 is '123', not 123),
+  except None, which switches off an optional path (--val_data_path=None);
   bools take True/False/true/false only -- 0/1 are rejected; lists and tuples
   are interchangeable. Type checks use the script's defaults, not whatever an
   earlier config file set.
@@ -76,8 +77,8 @@ def _check_type(key, value, default, raw=None):
         raise ConfigError(f"Config key {key!r} expects a bool (True/False/true/false), got {value!r}; "
                           f"0/1 are not accepted for bools")
     if isinstance(default, str):
-        if isinstance(value, str):
-            return value
+        if isinstance(value, str) or value is None:
+            return value  # None switches off an optional path (--val_data_path=None)
         if raw is not None:
             return raw  # strings are strings: --init_from=123 means the string '123'
     elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):

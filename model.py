@@ -507,21 +507,24 @@ def _state_dict_for_saving(vlm):
 
 
 def _to_llava_key(k):
-    for ours, theirs in (("vision.", "model.vision_tower."), ("projector.", "model.multi_modal_projector."),
-                         ("lm.model.", "model.language_model."), ("lm.lm_head.", "lm_head.")):
+    # the classic llava-hf layout (llava-hf/llava-1.5-7b-hf on the hub): every transformers version reads it
+    for ours, theirs in (("vision.", "vision_tower.vision_model."), ("projector.", "multi_modal_projector."),
+                         ("lm.model.", "language_model.model."), ("lm.lm_head.", "language_model.lm_head.")):
         if k.startswith(ours):
             return theirs + k[len(ours):]
     raise KeyError(k)
 
 
 def _from_llava_key(k):
-    # transformers >= 4.52 layout first, then the older one that most hub checkpoints were saved in
+    # the classic hub layout and the one transformers >= 4.52 writes; vision towers with or without
+    # the `vision_model.` level (transformers 5 dropped it from CLIPVisionModel / SiglipVisionModel)
     for theirs, ours in (("model.vision_tower.", "vision."), ("model.multi_modal_projector.", "projector."),
                          ("model.language_model.", "lm.model."), ("lm_head.", "lm.lm_head."),
                          ("vision_tower.", "vision."), ("multi_modal_projector.", "projector."),
                          ("language_model.model.", "lm.model."), ("language_model.lm_head.", "lm.lm_head.")):
         if k.startswith(theirs):
-            return ours + k[len(theirs):]
+            k = ours + k[len(theirs):]
+            return "vision." + k[len("vision.vision_model."):] if k.startswith("vision.vision_model.") else k
     raise ValueError(f"llava-hf checkpoint has an unexpected weight {k!r}")
 
 
@@ -579,7 +582,8 @@ def _write_json(path, obj):
 
 class _atomic_dir:
     """Write a directory under a temporary name beside `path`, then swap it in. The old directory is
-    moved aside first and deleted only after the new one is in place."""
+    moved aside first and deleted only after the new one is in place; files in it that the new one
+    does not write (a training log, eval results) are carried over."""
 
     def __init__(self, path):
         self.path = os.path.abspath(path)
@@ -595,6 +599,9 @@ class _atomic_dir:
             return False
         old = None
         if os.path.exists(self.path):
+            for name in os.listdir(self.path):  # keep what others wrote there (log.jsonl, eval/)
+                if not os.path.exists(os.path.join(self.tmp, name)):
+                    os.replace(os.path.join(self.path, name), os.path.join(self.tmp, name))
             old = self.path + ".old"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(self.path, old)
@@ -611,15 +618,37 @@ def part_of(name):
     return name.split(".")[0]
 
 
+def unused_vision_parameters(vlm):
+    """Names of vision-tower parameters our features never depend on: the layers after the chosen
+    feature layer (LLaVA takes the penultimate one, so the last layer is dead weight), the
+    post-layernorm, SigLIP's pooling head. Found by one tiny backward pass rather than by name, so it
+    holds for any tower. They must be frozen: DDP errors on parameters that never get a gradient."""
+    v = vlm.vision.config
+    saved = {n: p.requires_grad for n, p in vlm.vision.named_parameters()}
+    for p in vlm.vision.parameters():
+        p.requires_grad_(True)
+    params = dict(vlm.vision.named_parameters())
+    with torch.enable_grad():
+        x = torch.zeros(1, 3, v.image_size, v.image_size, device=next(vlm.parameters()).device)
+        feats = vlm.vision(x.to(vlm.projector.linear_1.weight.dtype), output_hidden_states=True).hidden_states
+        grads = torch.autograd.grad(feats[vlm.config["vision_feature_layer"]].sum(), list(params.values()), allow_unused=True)
+    for n, p in params.items():
+        p.requires_grad_(saved[n])
+    return ["vision." + n for n, g in zip(params, grads) if g is None]
+
+
 def configure_optimizer(vlm, lrs, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, fused=None):
     """AdamW with one learning rate per part ({'vision': .., 'projector': .., 'lm': ..}). A part whose lr
-    is 0 or None is frozen (requires_grad=False). Norm weights and biases (ndim < 2) get no decay."""
+    is 0 or None is frozen (requires_grad=False), and so are vision parameters the features never use.
+    Norm weights and biases (ndim < 2) get no decay."""
     groups = []
+    unused = set(unused_vision_parameters(vlm)) if lrs.get("vision") else set()
     for p_name in PARTS:
         lr = lrs.get(p_name)
         params = [(n, p) for n, p in vlm.named_parameters() if part_of(n) == p_name]
-        for _, p in params:
-            p.requires_grad_(bool(lr))
+        for n, p in params:
+            p.requires_grad_(bool(lr) and n not in unused)
+        params = [(n, p) for n, p in params if p.requires_grad]
         if not lr:
             continue
         decay = [p for n, p in params if p.dim() >= 2]

@@ -123,7 +123,9 @@ def test_str_default_keeps_numeric_looking_value():
     assert g['init_from'] == '123'
     configure(g, ['--init_from=1e3'])
     assert g['init_from'] == '1e3'
-    configure(g, ['--init_from=None'])
+    configure(g, ['--init_from=None'])  # None switches an optional path off
+    assert g['init_from'] is None
+    configure(g, ["--init_from='None'"])
     assert g['init_from'] == 'None'
 
 

@@ -139,8 +139,9 @@ def test_export_llava_hf_roundtrip(tmp_path):
     assert M.VLM.from_pretrained(out).image_token_id == IMG
 
 
-def test_llava_new_key_layout(tmp_path):
-    """transformers >= 4.52 names (model.language_model.*, lm_head.*) load as well as the older ones."""
+def test_llava_key_layouts(tmp_path):
+    """transformers >= 4.52 names (model.language_model.*, lm_head.*) load as well as the classic hub
+    layout (language_model.model.*, vision_tower.vision_model.*) that save_llava_hf writes."""
     from safetensors.torch import load_file, save_file
     hf, d = _tiny_llava(tmp_path)
     sd = {k: v for k, v in hf.state_dict().items()}  # in-memory names are the new layout
@@ -150,6 +151,12 @@ def test_llava_new_key_layout(tmp_path):
     ids, px = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(vlm(ids, px), hf(input_ids=ids, pixel_values=px).logits, rtol=1e-5, atol=1e-5)
+    out = str(tmp_path / "classic")
+    vlm.save_llava_hf(out)
+    keys = set(load_file(os.path.join(out, "model.safetensors")))
+    assert "language_model.lm_head.weight" in keys and "vision_tower.vision_model.embeddings.class_embedding" in keys
+    with torch.no_grad():
+        torch.testing.assert_close(M.VLM.from_pretrained(out)(ids, px), vlm(ids, px))
 
 
 # ----------------------------------------------------------------------------- our checkpoints
@@ -228,3 +235,19 @@ def test_generate_greedy_matches_full_recompute(tiny_tokenizer):
             assert nxt == toks[b, step]
             torch.testing.assert_close(lps[b, step], torch.log_softmax(logits, -1)[nxt], rtol=1e-4, atol=1e-4)
             seq = torch.cat([seq, nxt.view(1, 1)], 1)
+
+
+def test_unused_vision_parameters_are_frozen(tiny_tokenizer):
+    """Penultimate-layer features: the last CLIP layer and post_layernorm never get a gradient."""
+    vlm = _tiny_vlm(tiny_tokenizer)
+    unused = M.unused_vision_parameters(vlm)
+    assert unused and all(n.startswith(("vision.encoder.layers.1.", "vision.post_layernorm"))
+                          for n in unused)
+    M.configure_optimizer(vlm, {"vision": 1e-3, "projector": 1e-3, "lm": 1e-3})
+    ids = torch.randint(0, 100, (1, 24))
+    ids[0, 2:18] = vlm.image_token_id
+    labels = ids.clone()
+    labels[0, :18] = -100
+    vlm(ids, torch.randn(1, 3, 32, 32), labels=labels).backward()
+    for n, p in vlm.named_parameters():  # exactly the trainable parameters receive gradients
+        assert (p.grad is not None) == p.requires_grad == (n not in unused), n

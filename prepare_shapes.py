@@ -1,0 +1,748 @@
+"""
+The built-in synthetic "shapes" world: the embedded default data set.
+
+Coloured shapes on a grid, sampled from a seed, rendered to small PNGs, with each image's scene graph
+kept beside it. Because the truth of every image is known exactly, the world can say what is right
+and what is a hallucination without any human labels. From the scenes this script writes LLaVA-format
+SFT conversations (descriptions, yes/no, counting, attributes, positions, multiple choice, CoT), a
+held-out short-answer check file, and a byte-level BPE tokenizer with a Vicuna chat template, so a
+tiny VLM can be trained from scratch on a laptop CPU in minutes.
+
+Some shapes have a partner (circle-square, triangle-diamond, cross-ring) that usually appears with
+them (cooccur_bias). A model that learns this language prior says "yes" when asked about the partner
+even when it is absent: the hallucination the methods in this repository exist to reduce.
+
+Usage:
+    python prepare_shapes.py                                  # data/shapes with the defaults below
+    python prepare_shapes.py --n_train=500 --out_dir=data/shapes_small
+    python prepare_shapes.py --cooccur_bias=0.0               # a world with no prior to learn
+
+Output (out_dir):
+    images/{train,val,test}/{scene_id}.png   RGB, image_size x image_size
+    train.json, val.json    LLaVA conversations: [{"id", "image": "train/<id>.png", "conversations": [...]}]
+                            ("image" is relative to out_dir/images, LLaVA's image-folder convention)
+    test.jsonl              held-out short-answer questions, one per line:
+                            {"question_id", "image", "text", "answer", "type", "scene_id"[, "probe"]}
+    scenes.json             {"train": [scene, ...], "val": [...], "test": [...]}
+    tokenizer/              transformers tokenizer (AutoTokenizer.from_pretrained) with chat template
+
+The world logic (scene sampling, rendering, question generators) is plain functions of
+(scene, random.Random), importable by tests and by later data builders (REVERIE rows, self-reward
+prompts, POPE/CHAIR/mc/vqa eval sets).
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections import Counter
+
+from PIL import Image, ImageDraw
+
+# -----------------------------------------------------------------------------
+# default config values, override with --key=value
+out_dir = 'data/shapes'
+seed = 1337
+n_train = 6000          # training scenes (each gets one multi-turn conversation)
+n_val = 300             # validation scenes, same sampler: val loss is in-distribution
+n_test = 500            # held-out scenes for test.jsonl, their own seed stream
+image_size = 48
+grid = 3                # grid x grid cells, at most one object per cell
+max_objects = 4
+cooccur_bias = 0.8      # chance to also place an object's partner when it is missing
+vocab_size = 1024       # BPE target; the world's text is small, so the real size may be lower
+short_answer_p = 0.5    # share of short-answer questions given LLaVA's "single word or phrase" suffix
+single_turn_p = 0.3     # share of scenes that also get a one-question record
+# -----------------------------------------------------------------------------
+# nanoGPT's idiom: only the values above are config; the world constants below are not
+_config_keys = [k for k, v in globals().items()
+                if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+
+# -----------------------------------------------------------------------------
+# The world
+
+SHAPES = ['circle', 'square', 'triangle', 'diamond', 'cross', 'ring']
+PLURALS = {'circle': 'circles', 'square': 'squares', 'triangle': 'triangles',
+           'diamond': 'diamonds', 'cross': 'crosses', 'ring': 'rings'}
+# saturated, far apart in RGB so even a tiny vision tower separates them; exact values let tests
+# check pixels (rendering has no antialiasing)
+COLORS = {'red': (230, 40, 40), 'green': (40, 200, 60), 'blue': (50, 90, 250),
+          'yellow': (245, 220, 40), 'purple': (160, 60, 220), 'white': (240, 240, 240)}
+COLOR_NAMES = list(COLORS)
+BACKGROUND = (0, 0, 0)
+# the co-occurrence pairs: in a biased world one usually comes with the other
+PARTNER = {'circle': 'square', 'square': 'circle', 'triangle': 'diamond', 'diamond': 'triangle',
+           'cross': 'ring', 'ring': 'cross'}
+
+# names of the 3x3 cells, and how a sentence places an object there ("at the top", "in the center")
+POSITIONS_3x3 = [['top left', 'top', 'top right'],
+                 ['left', 'center', 'right'],
+                 ['bottom left', 'bottom', 'bottom right']]
+POSITION_PHRASES = {'top left': 'in the top left', 'top': 'at the top', 'top right': 'in the top right',
+                    'left': 'on the left', 'center': 'in the center', 'right': 'on the right',
+                    'bottom left': 'in the bottom left', 'bottom': 'at the bottom',
+                    'bottom right': 'in the bottom right'}
+ROWS_3 = ['top row', 'middle row', 'bottom row']
+COLS_3 = ['left column', 'middle column', 'right column']
+ORDINALS = ['first', 'second', 'third', 'fourth', 'fifth', 'sixth', 'seventh', 'eighth']
+NUMBER_WORDS = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine',
+                'ten', 'eleven', 'twelve']
+
+# prompt strings of LLaVA-1.5 (short answer, multiple choice) and LLaVA-Reasoner (CoT)
+SHORT_SUFFIX = "\nAnswer the question using a single word or phrase."
+MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
+COT_SUFFIX = "\nGenerate a reason first and then output a short answer."
+COT_ANSWER = "### Answer:"
+IMAGE_TOKEN = '<image>'
+DESCRIBE_PROMPTS = ["Describe the image.", "What do you see?", "Describe the image in detail.",
+                    "What objects are in the image?"]
+SPECIAL_TOKENS = ['<unk>', '<s>', '</s>', '<pad>', IMAGE_TOKEN]
+# LLaVA's vicuna_v1 system prompt; the chat template uses it only when a system message is given
+VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
+def position_name(row, col, grid=3):
+    """'top left' ... 'bottom right' on a 3x3 grid; 'row 1 column 2' on other grids."""
+    return POSITIONS_3x3[row][col] if grid == 3 else f"row {row + 1} column {col + 1}"
+
+
+def position_phrase(row, col, grid=3):
+    """How a sentence places something in a cell: 'in the top left', 'at the top', 'on the left'."""
+    return POSITION_PHRASES[POSITIONS_3x3[row][col]] if grid == 3 else f"in row {row + 1} column {col + 1}"
+
+
+def line_name(axis, i, grid=3):
+    """axis 'row' or 'col': 'top row', 'left column' on a 3x3 grid; 'second row', 'fourth column' otherwise."""
+    if grid == 3:
+        return (ROWS_3 if axis == 'row' else COLS_3)[i]
+    return f"{ORDINALS[i]} {'row' if axis == 'row' else 'column'}"
+
+
+def sample_scene(rng, scene_id, grid=3, max_objects=4, cooccur_bias=0.8):
+    """A random scene graph {"id", "grid", "objects": [{"shape", "color", "row", "col"}, ...]} with
+    1..max_objects objects, one per cell, sorted row-major. Each time an object whose partner shape is
+    missing is placed, the partner is added too with probability cooccur_bias, if there is room
+    (so the scene may exceed the drawn count, never max_objects)."""
+    cells = [(r, c) for r in range(grid) for c in range(grid)]
+    rng.shuffle(cells)
+    max_objects = min(max_objects, len(cells))
+    n = rng.randint(1, max_objects)
+    objects = []
+
+    def place(shape):
+        r, c = cells.pop()
+        objects.append({'shape': shape, 'color': rng.choice(COLOR_NAMES), 'row': r, 'col': c})
+
+    while len(objects) < n:
+        shape = rng.choice(SHAPES)
+        partner_missing = all(o['shape'] != PARTNER[shape] for o in objects)
+        place(shape)
+        if partner_missing and len(objects) < max_objects and rng.random() < cooccur_bias:
+            place(PARTNER[shape])
+    objects.sort(key=lambda o: (o['row'], o['col']))
+    return {'id': scene_id, 'grid': grid, 'objects': objects}
+
+
+def sample_scenes(split, n, seed, grid=3, max_objects=4, cooccur_bias=0.8):
+    """n scenes with ids '{split}_000000'...; each split has its own seed stream (str seeds hash with
+    sha512 in Python's random, so this is the same on every machine and PYTHONHASHSEED)."""
+    rng = random.Random(f"{seed}:{split}:scenes")
+    return [sample_scene(rng, f"{split}_{i:06d}", grid, max_objects, cooccur_bias) for i in range(n)]
+
+
+def draw_shape(draw, shape, cx, cy, r, color):
+    """One shape centred at (cx, cy) with 'radius' r (half its extent), filled without antialiasing."""
+    if shape == 'circle':
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif shape == 'ring':  # an outlined circle: the hollow centre is what tells it from a circle
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=color, width=max(1, round(r * 0.4)))
+    elif shape == 'square':  # a bit smaller than r so its area is close to the circle's
+        s = r * 0.85
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=color)
+    elif shape == 'diamond':
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=color)
+    elif shape == 'triangle':
+        draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=color)
+    elif shape == 'cross':  # two bars
+        w = max(1.5, r * 0.35)
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=color)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=color)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def render_scene(scene, image_size=48, rng=None):
+    """The scene as an RGB PIL image. Each object fills about 70% of its cell; with an rng, its size
+    and offset are jittered by up to 1 px (so the model cannot key on exact pixels). Objects never
+    leave their cell, so each cell's pixels tell exactly what is in it. Without an rng the rendering
+    is canonical (used by tests)."""
+    grid = scene.get('grid', 3)
+    img = Image.new('RGB', (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    cell = image_size / grid
+    for o in scene['objects']:
+        dx, dy, ds = (rng.randint(-1, 1), rng.randint(-1, 1), rng.randint(-1, 1)) if rng else (0, 0, 0)
+        # the cell covers pixels lo..hi-1 on each axis; its middle pixel is floor((col + 0.5) * cell)
+        x_lo, x_hi = math.ceil(o['col'] * cell), math.floor((o['col'] + 1) * cell)
+        y_lo, y_hi = math.ceil(o['row'] * cell), math.floor((o['row'] + 1) * cell)
+        cx = int((o['col'] + 0.5) * cell) + dx
+        cy = int((o['row'] + 0.5) * cell) + dy
+        r = min(cell * 0.34 + ds, cx - x_lo, x_hi - 1 - cx, cy - y_lo, y_hi - 1 - cy)
+        draw_shape(draw, o['shape'], cx, cy, max(r, 2.0), COLORS[o['color']])
+    return img
+
+
+def render_rng(seed, scene_id):
+    """The jitter stream of one scene, so any single image can be re-rendered on its own."""
+    return random.Random(f"{seed}:{scene_id}:render")
+
+
+# -----------------------------------------------------------------------------
+# Text helpers
+
+def a_phrase(o):
+    return f"a {o['color']} {o['shape']}"
+
+
+def count_phrase(n, shape):
+    """'no circles', 'one circle', 'two circles'."""
+    if n == 0:
+        return f"no {PLURALS[shape]}"
+    return f"{number_word(n)} {shape if n == 1 else PLURALS[shape]}"
+
+
+def number_word(n):
+    return NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
+
+
+def join_and(items):
+    """'a', 'a and b', 'a, b and c'."""
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def sentence(short):
+    """A bare short answer as a sentence: 'red' -> 'Red.', 'top left' -> 'Top left.', '2' -> '2.'."""
+    return short[:1].upper() + short[1:] + "."
+
+
+def styled(question, short, style):
+    """LLaVA-1.5 keeps the two answer styles apart by the prompt: with the suffix the answer is a bare
+    lowercase word or phrase, without it a short sentence. style is 'short' or 'long'."""
+    if style == 'short':
+        return question + SHORT_SUFFIX, short
+    if style == 'long':
+        return question, sentence(short)
+    raise ValueError(f"style must be 'short' or 'long', got {style!r}")
+
+
+def pick_style(rng, style=None):
+    """The given style, else 'short' with probability short_answer_p (the config value)."""
+    return style or ('short' if rng.random() < short_answer_p else 'long')
+
+
+def describe(scene):
+    """The true description: a count sentence, then one sentence per object, row-major."""
+    objs = scene['objects']
+    n = len(objs)
+    head = "There is one object." if n == 1 else f"There are {number_word(n)} objects."
+    grid = scene.get('grid', 3)
+    body = [f"A {o['color']} {o['shape']} is {position_phrase(o['row'], o['col'], grid)}." for o in objs]
+    return " ".join([head] + body)
+
+
+def unique_by(objects, key):
+    """Objects whose key(o) occurs once in the scene (so 'the circle' names exactly one object)."""
+    c = Counter(key(o) for o in objects)
+    return [o for o in objects if c[key(o)] == 1]
+
+
+# -----------------------------------------------------------------------------
+# Questions about one scene. The ask_* functions compute the true answer of a given question;
+# the qa_* generators choose what to ask and are the QA_KINDS. All return (question, answer).
+
+def ask_exist(scene, shape, color=None, style='short'):
+    present = any(o['shape'] == shape and (color is None or o['color'] == color) for o in scene['objects'])
+    what = f"{color} {shape}" if color else shape
+    return styled(f"Is there a {what} in the image?", 'yes' if present else 'no', style)
+
+
+def ask_count(scene, shape=None, color=None, style='short'):
+    """How many objects / {shape}s / {color} objects."""
+    objs = scene['objects']
+    if shape:
+        q, n = f"How many {PLURALS[shape]} are there?", sum(o['shape'] == shape for o in objs)
+    elif color:
+        q, n = f"How many {color} objects are there?", sum(o['color'] == color for o in objs)
+    else:
+        q, n = "How many objects are there?", len(objs)
+    return styled(q, str(n), style)
+
+
+def ask_color(scene, shape, style='short'):
+    """Colour of the only {shape}; None unless exactly one."""
+    matches = [o for o in scene['objects'] if o['shape'] == shape]
+    return styled(f"What color is the {shape}?", matches[0]['color'], style) if len(matches) == 1 else None
+
+
+def ask_shape(scene, color, style='short'):
+    """Shape of the only {color} object; None unless exactly one."""
+    matches = [o for o in scene['objects'] if o['color'] == color]
+    return styled(f"What shape is the {color} object?", matches[0]['shape'], style) if len(matches) == 1 else None
+
+
+def ask_where(scene, obj, style='short'):
+    """Position of a {color} {shape} that is unique in the scene; None otherwise."""
+    matches = [o for o in scene['objects'] if (o['color'], o['shape']) == (obj['color'], obj['shape'])]
+    if len(matches) != 1:
+        return None
+    o = matches[0]
+    return styled(f"Where is the {o['color']} {o['shape']}?", position_name(o['row'], o['col'], scene.get('grid', 3)), style)
+
+
+def ask_what_at(scene, row, col, style='short'):
+    """'What is at the top?' -> 'red circle' / 'nothing'."""
+    here = [o for o in scene['objects'] if (o['row'], o['col']) == (row, col)]
+    short = f"{here[0]['color']} {here[0]['shape']}" if here else 'nothing'
+    q = f"What is {position_phrase(row, col, scene.get('grid', 3))}?"
+    if style == 'long':  # a sentence names the object with its article: 'A red circle.'
+        return q, sentence(f"a {short}" if here else short)
+    return styled(q, short, style)
+
+
+def qa_describe(scene, rng, style=None):
+    return rng.choice(DESCRIBE_PROMPTS), describe(scene)
+
+
+def qa_exist(scene, rng, style=None):
+    """Yes/no, balanced 50/50; half ask for a shape, half for a colour-shape. Negatives are random
+    absent shapes or colour-shape pairs (a pair can be absent while its shape is present)."""
+    objs, style = scene['objects'], pick_style(rng, style)
+    with_color = rng.random() < 0.5
+    if rng.random() < 0.5:  # positive
+        o = rng.choice(objs)
+        return ask_exist(scene, o['shape'], o['color'] if with_color else None, style)
+    if with_color:
+        have = {(o['color'], o['shape']) for o in objs}
+        color, shape = rng.choice([(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in have])
+        return ask_exist(scene, shape, color, style)
+    absent = [s for s in SHAPES if all(o['shape'] != s for o in objs)]
+    return ask_exist(scene, rng.choice(absent), None, style) if absent else None
+
+
+def qa_count(scene, rng, style=None):
+    objs, style = scene['objects'], pick_style(rng, style)
+    what = rng.choice(['all', 'shape', 'color'])
+    if what == 'shape':  # mostly shapes that are there, sometimes a zero
+        shape = rng.choice(objs)['shape'] if rng.random() < 0.7 else rng.choice(SHAPES)
+        return ask_count(scene, shape=shape, style=style)
+    if what == 'color':
+        color = rng.choice(objs)['color'] if rng.random() < 0.7 else rng.choice(COLOR_NAMES)
+        return ask_count(scene, color=color, style=style)
+    return ask_count(scene, style=style)
+
+
+def qa_attribute(scene, rng, style=None):
+    """'What color is the {shape}?' / 'What shape is the {color} object?', only when unambiguous."""
+    objs, style = scene['objects'], pick_style(rng, style)
+    options = [('color', o) for o in unique_by(objs, lambda o: o['shape'])]
+    options += [('shape', o) for o in unique_by(objs, lambda o: o['color'])]
+    if not options:
+        return None
+    which, o = rng.choice(options)
+    return ask_color(scene, o['shape'], style) if which == 'color' else ask_shape(scene, o['color'], style)
+
+
+def qa_position(scene, rng, style=None):
+    objs, style = scene['objects'], pick_style(rng, style)
+    grid = scene.get('grid', 3)
+    uniq = unique_by(objs, lambda o: (o['color'], o['shape']))
+    if uniq and rng.random() < 0.5:
+        return ask_where(scene, rng.choice(uniq), style)
+    # 'what is at ...': an occupied cell 60% of the time, so "nothing" is learnt but not dominant
+    if rng.random() < 0.6:
+        o = rng.choice(objs)
+        return ask_what_at(scene, o['row'], o['col'], style)
+    return ask_what_at(scene, rng.randrange(grid), rng.randrange(grid), style)
+
+
+def mc_format(question, options, answer_index):
+    """LLaVA's multiple-choice prompt: question, 'A. opt' lines, the letter instruction; answer 'B'."""
+    letters = 'ABCDEFGH'
+    lines = [f"{letters[i]}. {opt}" for i, opt in enumerate(options)]
+    return question + "\n" + "\n".join(lines) + MC_SUFFIX, letters[answer_index]
+
+
+def qa_mc(scene, rng, style=None):
+    """A colour, shape, count, position or 'which is there' question with 4 options."""
+    objs = scene['objects']
+    grid = scene.get('grid', 3)
+    candidates = []
+    for o in unique_by(objs, lambda o: o['shape']):
+        candidates.append((f"What color is the {o['shape']}?", o['color'], COLOR_NAMES))
+    for o in unique_by(objs, lambda o: o['color']):
+        candidates.append((f"What shape is the {o['color']} object?", o['shape'], SHAPES))
+    for o in unique_by(objs, lambda o: (o['color'], o['shape'])):
+        names = [position_name(r, c, grid) for r in range(grid) for c in range(grid)]
+        candidates.append((f"Where is the {o['color']} {o['shape']}?", position_name(o['row'], o['col'], grid), names))
+    counts = [str(i) for i in range(0, max(len(objs), 3) + 2)]
+    candidates.append(("How many objects are there?", str(len(objs)), counts))
+    absent = [s for s in SHAPES if all(o['shape'] != s for o in objs)]
+    if len(absent) >= 3:  # exactly one option is present
+        present = rng.choice(objs)['shape']
+        candidates.append(("Which of these shapes is in the image?", present, [present] + absent))
+    question, right, pool = rng.choice(candidates)
+    options = [right] + rng.sample([p for p in pool if p != right], 3)
+    rng.shuffle(options)
+    return mc_format(question, options, options.index(right))
+
+
+def cot_format(question, rationale, short):
+    """LLaVA-Reasoner's CoT form: the suffix selects the mode; the answer ends '### Answer: X'."""
+    return question + COT_SUFFIX, f"{rationale}\n{COT_ANSWER} {short}"
+
+
+def qa_cot(scene, rng, style=None):
+    """Two-step questions with a rationale that lists the relevant objects, then the short answer."""
+    objs = scene['objects']
+    grid = scene.get('grid', 3)
+    kind = rng.choice(['line_color', 'compare', 'neighbor'])
+
+    if kind == 'neighbor':  # 'What color is the object to the right of the red circle?'
+        uniq = unique_by(objs, lambda o: (o['color'], o['shape']))
+        dirs = [('to the right of', 'To its right', 0, 1), ('to the left of', 'To its left', 0, -1),
+                ('above', 'Above it', -1, 0), ('below', 'Below it', 1, 0)]
+        choices = [(o, d) for o in uniq for d in dirs
+                   if 0 <= o['row'] + d[2] < grid and 0 <= o['col'] + d[3] < grid]
+        cells = {(p['row'], p['col']): p for p in objs}
+        occupied = [(o, d) for o, d in choices if (o['row'] + d[2], o['col'] + d[3]) in cells]
+        if occupied and rng.random() < 0.7:  # most neighbour cells are empty: keep 'nothing' a minority
+            choices = occupied
+        if choices:
+            o, (rel, lead, dr, dc) = rng.choice(choices)
+            r, c = o['row'] + dr, o['col'] + dc
+            there = [cells[(r, c)]] if (r, c) in cells else []
+            where = position_phrase(r, c, grid)
+            if there:
+                rationale, short = f"{lead}, {where}, there is {a_phrase(there[0])}.", there[0]['color']
+            else:
+                rationale, short = f"{lead}, {where}, there is nothing.", 'nothing'
+            rationale = f"The {o['color']} {o['shape']} is {position_phrase(o['row'], o['col'], grid)}. " + rationale
+            return cot_format(f"What color is the object {rel} the {o['color']} {o['shape']}?", rationale, short)
+        kind = 'line_color'  # no unique object with a neighbouring cell: ask another kind
+
+    if kind == 'compare':  # 'Are there more circles than squares?'
+        n = Counter(o['shape'] for o in objs)
+        pairs = [(a, b) for a in SHAPES for b in SHAPES if a != b and (n[a] or n[b])]
+        yes = [(a, b) for a, b in pairs if n[a] > n[b]]  # empty only when all shapes tie
+        no = [(a, b) for a, b in pairs if n[a] <= n[b]]  # never empty: (a, b) or (b, a) is in it
+        a, b = rng.choice(yes if yes and rng.random() < 0.5 else no)  # 50/50 yes/no
+        na, nb = n[a], n[b]
+        counted = f"I count {count_phrase(na, a)} and {count_phrase(nb, b)}"
+        if na > nb:
+            rationale, short = f"{counted}, so there are more {PLURALS[a]}.", 'yes'
+        else:
+            rationale, short = f"{counted}, so there are not more {PLURALS[a]} than {PLURALS[b]}.", 'no'
+        return cot_format(f"Are there more {PLURALS[a]} than {PLURALS[b]}?", rationale, short)
+
+    # 'line_color': 'How many red objects are in the top row?'; mostly a line with objects in it
+    axis = rng.choice(['row', 'col'])
+    key = 'row' if axis == 'row' else 'col'
+    i = rng.choice(objs)[key] if rng.random() < 0.8 else rng.randrange(grid)
+    line = [o for o in objs if o[key] == i]
+    color = rng.choice(line)['color'] if line and rng.random() < 0.7 else rng.choice(COLOR_NAMES)
+    name = line_name(axis, i, grid)
+    k = sum(o['color'] == color for o in line)
+    if not line:
+        rationale = f"The {name} has no objects."
+    elif len(line) == 1:
+        rationale = f"The {name} has {a_phrase(line[0])}. It is {'' if k else 'not '}{color}."
+    else:
+        verdict = f"None of them is {color}." if k == 0 else (
+            f"One of them is {color}." if k == 1 else f"{number_word(k).capitalize()} of them are {color}.")
+        rationale = f"The {name} has {join_and(a_phrase(o) for o in line)}. {verdict}"
+    return cot_format(f"How many {color} objects are in the {name}?", rationale, str(k))
+
+
+# the generators of training QAs, by kind; each is (scene, rng) -> (question, answer) or None
+QA_KINDS = {'describe': qa_describe, 'exist': qa_exist, 'count': qa_count, 'attribute': qa_attribute,
+            'position': qa_position, 'mc': qa_mc, 'cot': qa_cot}
+# yes/no gets double weight: POPE-style probing is the main hallucination measure
+KIND_WEIGHTS = {'describe': 1, 'exist': 2, 'count': 1, 'attribute': 1, 'position': 1, 'mc': 1, 'cot': 1}
+
+
+def sample_qas(scene, rng, n):
+    """n distinct (kind, question, answer) for one scene, kinds drawn by KIND_WEIGHTS; at most one
+    description per conversation (it already says everything)."""
+    kinds, weights = list(KIND_WEIGHTS), list(KIND_WEIGHTS.values())
+    out, seen = [], set()
+    for _ in range(20 * n):  # a generator may return None or repeat itself: draw again
+        if len(out) == n:
+            break
+        kind = rng.choices(kinds, weights)[0]
+        if kind == 'describe' and any(k == 'describe' for k, _, _ in out):
+            continue
+        qa = QA_KINDS[kind](scene, rng)
+        if qa is None or qa[0] in seen:
+            continue
+        seen.add(qa[0])
+        out.append((kind, *qa))
+    return out
+
+
+def conversation_record(record_id, image, qas):
+    """A LLaVA record; '<image>\\n' opens the first human turn only."""
+    conv = []
+    for j, (_, q, a) in enumerate(qas):
+        conv.append({'from': 'human', 'value': (IMAGE_TOKEN + "\n" + q) if j == 0 else q})
+        conv.append({'from': 'gpt', 'value': a})
+    return {'id': record_id, 'image': image, 'conversations': conv}
+
+
+def make_sft_records(scenes, split, rng):
+    """One 3-5 round conversation per scene, plus a single-question record for a share of scenes.
+    Returns (records, Counter of QA kinds)."""
+    records, kinds = [], Counter()
+    for scene in scenes:
+        image = f"{split}/{scene['id']}.png"
+        qas = sample_qas(scene, rng, rng.randint(3, 5))
+        records.append(conversation_record(scene['id'], image, qas))
+        if rng.random() < single_turn_p:
+            single = sample_qas(scene, rng, 1)
+            records.append(conversation_record(f"{scene['id']}_single", image, single))
+            qas = qas + single
+        kinds.update(k for k, _, _ in qas)
+    return records, kinds
+
+
+def make_test_questions(scene, rng):
+    """Held-out short-answer checks for one scene: a present and an absent existence question (the
+    absent one the missing partner of a present shape when there is one: the adversarial probe), a
+    colour, a shape, a count and a position question when applicable. Dicts without question_id."""
+    objs = scene['objects']
+    shapes = {o['shape'] for o in objs}
+    rows = []
+
+    def add(qa, type_, **extra):
+        if qa is not None:
+            rows.append({'text': qa[0], 'answer': qa[1], 'type': type_, **extra})
+
+    add(ask_exist(scene, rng.choice(objs)['shape']), 'exist', probe='present')
+    partners = sorted({PARTNER[s] for s in shapes} - shapes)
+    absent = sorted(set(SHAPES) - shapes)
+    if partners:
+        add(ask_exist(scene, rng.choice(partners)), 'exist', probe='partner')
+    elif absent:  # (with max_objects >= 6 all shapes can be there: then no absent question)
+        add(ask_exist(scene, rng.choice(absent)), 'exist', probe='random')
+    by_shape = unique_by(objs, lambda o: o['shape'])
+    if by_shape:
+        add(ask_color(scene, rng.choice(by_shape)['shape']), 'color')
+    by_color = unique_by(objs, lambda o: o['color'])
+    if by_color:
+        add(ask_shape(scene, rng.choice(by_color)['color']), 'shape')
+    add(ask_count(scene, shape=rng.choice(objs)['shape']) if rng.random() < 0.5 else ask_count(scene), 'count')
+    by_pair = unique_by(objs, lambda o: (o['color'], o['shape']))
+    if by_pair:
+        add(ask_where(scene, rng.choice(by_pair)), 'position')
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+# Vicuna (LLaVA vicuna_v1) chat template: [system ]USER: {q} ASSISTANT: {a}</s>USER: ...
+# Assistant content and its </s> sit in {% generation %} so return_assistant_tokens_mask marks them.
+# Content may be a string or a list of {"type": "image"} / {"type": "text", "text": ...} parts.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set content = message['content'] -%}"
+    "{%- else -%}"
+    "{%- set ns = namespace(text='') -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{%- set ns.text = ns.text + '<image>\\n' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set content = ns.text -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}{{ content + ' ' }}"
+    "{%- elif message['role'] == 'user' -%}{{ 'USER: ' + content + ' ' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ 'ASSISTANT: ' }}{% generation %}{{ content + eos_token }}{% endgeneration %}"
+    "{%- else -%}{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+
+
+def train_tokenizer(texts, vocab_size=1024):
+    """Byte-level BPE on the world's text, wrapped as a transformers tokenizer. Byte-level means any
+    string round-trips exactly; no BOS/EOS is added on encode (the chat template writes them)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    # transformers 5 names the extras extra_special_tokens; a dict also gives tokenizer.image_token
+    # (and image_token_id), which llava-hf processors look for
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<s>', eos_token='</s>', unk_token='<unk>',
+                                 pad_token='<pad>', extra_special_tokens={'image_token': IMAGE_TOKEN},
+                                 clean_up_tokenization_spaces=False)
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def to_messages(conversations):
+    """LLaVA turns -> chat-template messages."""
+    roles = {'human': 'user', 'gpt': 'assistant', 'system': 'system'}
+    return [{'role': roles[t['from']], 'content': t['value']} for t in conversations]
+
+
+def check_tokenizer(path, samples):
+    """Reload from disk and check what the training scripts rely on; raise with the reason."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    for text in samples + ["odd text: Zebra  42\t\u00e9\u00fc \U0001F600 <image> </s>"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        if tok.decode(ids) != text:
+            raise RuntimeError(f"tokenizer does not round-trip {text!r}: got {tok.decode(ids)!r}")
+    image_ids = tok.encode(IMAGE_TOKEN, add_special_tokens=False)
+    if len(image_ids) != 1 or image_ids[0] != tok.convert_tokens_to_ids(IMAGE_TOKEN):
+        raise RuntimeError(f"{IMAGE_TOKEN} is not a single token: {image_ids}")
+    msgs = [{'role': 'user', 'content': '<image>\nWhat do you see?'}, {'role': 'assistant', 'content': 'A ring.'}]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    if text != '<s>USER: <image>\nWhat do you see? ASSISTANT: A ring.</s>':
+        raise RuntimeError(f"chat template renders {text!r}")
+    out = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    supervised = [i for i, m in zip(out['input_ids'], out['assistant_masks']) if m]
+    if tok.decode(supervised) != ' A ring.</s>' and tok.decode(supervised) != 'A ring.</s>':
+        raise RuntimeError(f"assistant mask covers {tok.decode(supervised)!r}")
+    return tok
+
+
+# -----------------------------------------------------------------------------
+# Files
+
+def write_atomic(path, write):
+    """write(f) into a temp file beside path, then os.replace: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix='.' + os.path.basename(path) + '.')
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj, indent=1):
+    write_atomic(path, lambda f: json.dump(obj, f, indent=indent))
+
+
+def write_jsonl(path, rows):
+    write_atomic(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in rows))
+
+
+def save_tokenizer(tok, path):
+    """save_pretrained into a temp dir, then swap it in, so a crash never leaves half a tokenizer."""
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix='.tokenizer.')
+    tok.save_pretrained(tmp)
+    os.chmod(tmp, 0o755)
+    old = None
+    if os.path.exists(path):
+        old = path + '.old'
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old:
+        shutil.rmtree(old)
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    from configurator import configure
+    g = globals()
+    config = configure({k: g[k] for k in _config_keys})
+    g.update(config)  # the functions above read short_answer_p / single_turn_p from here
+    if not 1 <= max_objects <= grid * grid:
+        raise SystemExit(f"max_objects={max_objects} must be between 1 and grid*grid={grid * grid}")
+    if not 2 <= grid <= len(ORDINALS):
+        raise SystemExit(f"grid={grid} must be between 2 and {len(ORDINALS)}")
+    if image_size // grid < 8:
+        raise SystemExit(f"image_size={image_size} gives {image_size // grid}px cells; use at least 8px")
+    t0 = time.time()
+
+    # scenes and images: scene sampling, jitter and questions draw from separate seed streams, so
+    # changing the question mix never changes an image
+    counts = {'train': n_train, 'val': n_val, 'test': n_test}
+    scenes = {split: sample_scenes(split, n, seed, grid, max_objects, cooccur_bias) for split, n in counts.items()}
+    for split, split_scenes in scenes.items():
+        os.makedirs(os.path.join(out_dir, 'images', split), exist_ok=True)
+        for scene in split_scenes:
+            img = render_scene(scene, image_size, render_rng(seed, scene['id']))
+            img.save(os.path.join(out_dir, 'images', split, scene['id'] + '.png'), format='PNG')
+    t_images = time.time() - t0
+
+    # SFT conversations
+    records, kinds = {}, {}
+    for split in ('train', 'val'):
+        records[split], kinds[split] = make_sft_records(scenes[split], split, random.Random(f"{seed}:{split}:qa"))
+
+    # held-out short-answer checks
+    rng = random.Random(f"{seed}:test:qa")
+    test_rows = []
+    for scene in scenes['test']:
+        for row in make_test_questions(scene, rng):
+            test_rows.append({'question_id': len(test_rows), 'image': f"test/{scene['id']}.png",
+                              **row, 'scene_id': scene['id']})
+
+    # tokenizer: all the text the world produces, plus the chat template's own words
+    texts = [t['value'] for split in records for r in records[split] for t in r['conversations']]
+    texts += [r['text'] for r in test_rows] + [r['answer'] for r in test_rows]
+    texts += [VICUNA_SYSTEM, "USER: ", " ASSISTANT: ", "ASSISTANT:"] + DESCRIBE_PROMPTS
+    tokenizer = train_tokenizer(texts, vocab_size)
+
+    write_json(os.path.join(out_dir, 'train.json'), records['train'])
+    write_json(os.path.join(out_dir, 'val.json'), records['val'])
+    write_jsonl(os.path.join(out_dir, 'test.jsonl'), test_rows)
+    write_json(os.path.join(out_dir, 'scenes.json'), scenes)
+    tok_dir = os.path.join(out_dir, 'tokenizer')
+    save_tokenizer(tokenizer, tok_dir)
+    tokenizer = check_tokenizer(tok_dir, texts[:200] + texts[-50:])
+
+    # summary: token counts as a training script would see them (chat template, one <image> token)
+    rendered = [tokenizer.apply_chat_template(to_messages(r['conversations']), tokenize=False)
+                for r in records['train']]
+    lengths = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)['input_ids']]
+    print(f"shapes world -> {out_dir} (seed {seed}, cooccur_bias {cooccur_bias})")
+    print("  scenes: " + ", ".join(f"{s} {len(v)}" for s, v in scenes.items())
+          + f"; {image_size}px images, {grid}x{grid} grid, 1-{max_objects} objects")
+    for split in ('train', 'val'):
+        n_single = sum(r['id'].endswith('_single') for r in records[split])
+        print(f"  {split}.json: {len(records[split])} records ({len(records[split]) - n_single} multi-turn, "
+              f"{n_single} single-turn), {sum(kinds[split].values())} QAs: "
+              + ", ".join(f"{k} {kinds[split][k]}" for k in QA_KINDS))
+    types = Counter(r['type'] for r in test_rows)
+    probes = Counter(r['probe'] for r in test_rows if 'probe' in r)
+    print(f"  test.jsonl: {len(test_rows)} questions: "
+          + ", ".join(f"{k} {types[k]}" for k in ('exist', 'color', 'shape', 'count', 'position'))
+          + " (exist probes: " + ", ".join(f"{k} {probes[k]}" for k in ('present', 'partner', 'random')) + ")")
+    print(f"  tokenizer: vocab {len(tokenizer)}, train conversation {sum(lengths) / len(lengths):.1f} tokens "
+          f"on average (max {max(lengths)}, one per <image>)")
+    print(f"  took {time.time() - t0:.1f}s (images {t_images:.1f}s)")
+
+
+if __name__ == '__main__':
+    main()
