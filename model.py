@@ -499,8 +499,8 @@ def build_image_processor(vision_config):
     return CLIPImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
 
 
-def _state_dict_for_saving(vlm):
-    sd = {k: v.detach().contiguous() for k, v in vlm.state_dict().items()}
+def _state_dict_for_saving(vlm, sd=None):
+    sd = {k: v.detach().contiguous() for k, v in (sd if sd is not None else vlm.state_dict()).items()}
     if vlm.lm.config.tie_word_embeddings:  # tied head: stored once, re-tied on load (safetensors refuses shared storage)
         sd.pop("lm.lm_head.weight", None)
     return sd
@@ -560,12 +560,16 @@ def _load_safetensors_dir(path):
 
 def _load_processors(path, vision_config):
     from transformers import AutoImageProcessor, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path) if any(
-        os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")) else None
-    if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
-        proc = AutoImageProcessor.from_pretrained(path)
-    else:
-        proc = build_image_processor(_as_config(vision_config))
+    from transformers.utils import logging as hf_logging
+    has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    has_proc = os.path.isfile(os.path.join(path, "preprocessor_config.json"))
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the Auto* loaders peek at config.json and warn they don't know `lucid_vlm`: harmless
+    try:
+        tok = AutoTokenizer.from_pretrained(path) if has_tok else None
+        proc = AutoImageProcessor.from_pretrained(path) if has_proc else build_image_processor(_as_config(vision_config))
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return tok, proc
 
 
@@ -637,30 +641,43 @@ def unused_vision_parameters(vlm):
     return ["vision." + n for n, g in zip(params, grads) if g is None]
 
 
-def configure_optimizer(vlm, lrs, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, fused=None):
-    """AdamW with one learning rate per part ({'vision': .., 'projector': .., 'lm': ..}). A part whose lr
-    is 0 or None is frozen (requires_grad=False), and so are vision parameters the features never use.
-    Norm weights and biases (ndim < 2) get no decay."""
-    groups = []
+def set_trainable(vlm, lrs):
+    """Freeze every part whose lr ({'vision': .., 'projector': .., 'lm': ..}) is 0 or None, and the vision
+    parameters the features never use. Call before sharding (FSDP) and before configure_optimizer."""
     unused = set(unused_vision_parameters(vlm)) if lrs.get("vision") else set()
-    for p_name in PARTS:
-        lr = lrs.get(p_name)
-        params = [(n, p) for n, p in vlm.named_parameters() if part_of(n) == p_name]
-        for n, p in params:
-            p.requires_grad_(bool(lr) and n not in unused)
-        params = [(n, p) for n, p in params if p.requires_grad]
-        if not lr:
-            continue
-        decay = [p for n, p in params if p.dim() >= 2]
-        no_decay = [p for n, p in params if p.dim() < 2]
-        groups += [dict(params=decay, lr=lr, weight_decay=weight_decay, part=p_name),
-                   dict(params=no_decay, lr=lr, weight_decay=0.0, part=p_name)]
-    groups = [g for g in groups if g["params"]]
-    if not groups:
+    for n, p in vlm.named_parameters():
+        p.requires_grad_(bool(lrs.get(part_of(n))) and n not in unused)
+    if not any(p.requires_grad for p in vlm.parameters()):
         raise ValueError(f"every part is frozen (learning rates {lrs})")
+    return sorted(unused)
+
+
+def configure_optimizer(vlm, lrs, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, fused=None):
+    """AdamW over the trainable parameters, one learning rate per part. Norm weights and biases
+    (ndim < 2) get no weight decay. Each group remembers its base lr for the schedule."""
+    groups = []
+    for part in PARTS:
+        params = [p for n, p in vlm.named_parameters() if part_of(n) == part and p.requires_grad]
+        groups += [dict(params=[p for p in params if p.dim() >= 2], lr=lrs[part], weight_decay=weight_decay, part=part),
+                   dict(params=[p for p in params if p.dim() < 2], lr=lrs[part], weight_decay=0.0, part=part)]
+    groups = [g for g in groups if g["params"]]
     for g in groups:
         g["base_lr"] = g["lr"]
     return torch.optim.AdamW(groups, betas=betas, eps=eps, fused=fused)
+
+
+def shard_fsdp(vlm, param_dtype=None):
+    """FSDP2: every transformer block of the vision tower and the LM is its own shard group, the rest
+    (embeddings, projector, head) the root's. Parameters, gradients and optimizer state are split
+    over ranks, so 7B full fine-tuning fits 8 x 80 GB. The root group is gathered for the whole
+    forward, which is what lets forward() use the output weight directly in the fused loss."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for m in list(vlm.modules()):
+        if type(m).__name__.endswith(("DecoderLayer", "EncoderLayer")):
+            fully_shard(m, mp_policy=mp)
+    fully_shard(vlm, mp_policy=mp)
+    return vlm
 
 
 def lr_factor(step, max_steps, warmup_steps, min_factor=0.0):
@@ -671,12 +688,13 @@ def lr_factor(step, max_steps, warmup_steps, min_factor=0.0):
     return min_factor + (1 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def save_checkpoint(path, vlm, optimizer, state):
+def save_checkpoint(path, vlm, optimizer_state, state, model_state=None):
     """The model directory (loadable on its own) plus train_state.pt: optimizer, step, RNG, data
-    position, config. One atomic directory swap for both, so model and state never disagree."""
+    position, config. One atomic directory swap for both, so model and state never disagree.
+    model_state: a full state dict gathered from FSDP shards (default: vlm's own)."""
     from safetensors.torch import save_file
-    sd = _state_dict_for_saving(vlm)
-    train_state = dict(state, optimizer=optimizer.state_dict(), rng_cpu=torch.get_rng_state(),
+    sd = _state_dict_for_saving(vlm, model_state)
+    train_state = dict(state, optimizer=optimizer_state, rng_cpu=torch.get_rng_state(),
                        rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     with _atomic_dir(path) as tmp:
         save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
@@ -687,7 +705,7 @@ def save_checkpoint(path, vlm, optimizer, state):
 
 def load_train_state(path):
     """train_state.pt with weights_only=True: tensors and plain containers only, nothing executable."""
-    return torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
+    return torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True, mmap=True)
 
 
 def restore_rng(state):

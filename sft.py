@@ -78,7 +78,8 @@ min_lr_ratio = 0.0
 device = "auto"            # 'auto' | 'cpu' | 'cuda'
 dtype = "auto"             # 'auto' (bfloat16 autocast on CUDA, float32 on CPU) | 'float32' | 'bfloat16'
 compile = False
-gradient_checkpointing = False
+gradient_checkpointing = False   # recompute activations in backward: less memory, ~30% more compute
+distributed = "ddp"        # under torchrun: 'ddp' (weights, grads and AdamW state fit one GPU) | 'fsdp' (FSDP2 shards them: 7B full fine-tuning)
 seed = 1337
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
@@ -167,19 +168,41 @@ def to_dev(batch):
     return {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 # optimizer ----------------------------------------------------------------------
-optimizer = M.configure_optimizer(vlm, {"vision": lr_vision, "projector": lr_projector, "lm": lr_lm}, weight_decay,
-                                  (beta1, beta2), fused=dev.type == "cuda")
+lrs = {"vision": lr_vision, "projector": lr_projector, "lm": lr_lm}
+unused = M.set_trainable(vlm, lrs)
+if unused:
+    log(f"frozen: {len(unused)} vision parameters the chosen feature layer never uses")
+fsdp = dist.ddp and distributed == "fsdp"
+if fsdp:  # FSDP2 casts to ptdtype itself (params in bf16, gradient reduction in fp32): no autocast
+    M.shard_fsdp(vlm, ptdtype if ptdtype != torch.float32 else None)
+    autocast = nullcontext()
+optimizer = M.configure_optimizer(vlm, lrs, weight_decay, (beta1, beta2), fused=dev.type == "cuda")
+if fsdp:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_optimizer_state_dict)
+    full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)
 start_step = 0
 if resume_state is not None:
-    optimizer.load_state_dict(resume_state["optimizer"])
+    if fsdp:
+        set_optimizer_state_dict(vlm, optimizer, resume_state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(resume_state["optimizer"])
     M.restore_rng(resume_state)
     start_step = resume_state["step"]
 trainable = [p for p in vlm.parameters() if p.requires_grad]
 raw = vlm
 if compile:
     vlm = torch.compile(vlm)
-if dist.ddp:
+if dist.ddp and not fsdp:
     vlm = torch.nn.parallel.DistributedDataParallel(vlm, device_ids=[dist.local_rank] if dev.type == "cuda" else None)
+
+
+def grad_sync(on):
+    """Context for one micro-batch: all-reduce gradients only on a step's last one."""
+    if fsdp:
+        raw.set_requires_gradient_sync(on)
+        return nullcontext()
+    return vlm.no_sync() if (dist.ddp and not on) else nullcontext()
 
 
 @torch.no_grad()
@@ -208,8 +231,15 @@ def log_json(**row):
 
 
 def checkpoint(step, val_loss):
-    if master and save_checkpoint:
-        M.save_checkpoint(out_dir, raw, optimizer, dict(step=step, val_loss=val_loss, config=json.dumps(config, default=str)))
+    if not save_checkpoint:
+        return
+    state = dict(step=step, val_loss=val_loss, config=json.dumps(config, default=str))
+    if fsdp:  # gather full (unsharded) states on CPU; a collective, so every rank takes part
+        msd, osd = get_model_state_dict(raw, options=full_state), get_optimizer_state_dict(raw, optimizer, options=full_state)
+        if master:
+            M.save_checkpoint(out_dir, raw, osd, state, model_state=msd)
+    elif master:
+        M.save_checkpoint(out_dir, raw, optimizer.state_dict(), state)
 
 
 if master and init_from != "resume" and os.path.exists(os.path.join(out_dir, "log.jsonl")):
@@ -242,8 +272,7 @@ for step in bar:
     n_tok = M.all_reduce_sum(sum((b["labels"][:, 1:] != D.IGNORE_INDEX).sum() for b in micro), dist)
     loss_sum = 0.0
     for i, b in enumerate(micro):
-        sync = nullcontext() if (not dist.ddp or i == grad_accum - 1) else vlm.no_sync()
-        with sync, autocast:
+        with grad_sync(i == grad_accum - 1), autocast:
             loss = vlm(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"], reduction="sum")
             # DDP averages gradients over ranks; scaling by world_size turns that average into the sum
             (loss * (dist.world_size / n_tok.item())).backward()
@@ -252,8 +281,9 @@ for step in bar:
         torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    train_loss = M.all_reduce_sum(loss_sum, dist).item() / n_tok.item()
-    tokens_seen += int(sum(b["attention_mask"].sum() for b in micro)) * dist.world_size
+    totals = M.all_reduce_sum([loss_sum, sum(b["attention_mask"].sum().item() for b in micro)], dist)
+    train_loss = totals[0].item() / n_tok.item()
+    tokens_seen += int(totals[1])
     tps = tokens_seen / (time.time() - t0)
     bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", tok_s=f"{tps:,.0f}")
     log_json(step=step + 1, loss=train_loss, lr=optimizer.param_groups[0]["lr"], tokens_per_s=round(tps))

@@ -205,7 +205,9 @@ def test_image_token_count_mismatch_is_an_error(tiny_tokenizer):
 
 def test_optimizer_parts_and_freezing(tiny_tokenizer):
     vlm = _tiny_vlm(tiny_tokenizer)
-    opt = M.configure_optimizer(vlm, {"vision": 0, "projector": 1e-3, "lm": 2e-5}, weight_decay=0.1)
+    lrs = {"vision": 0, "projector": 1e-3, "lm": 2e-5}
+    M.set_trainable(vlm, lrs)
+    opt = M.configure_optimizer(vlm, lrs, weight_decay=0.1)
     assert not any(p.requires_grad for p in vlm.vision.parameters())
     assert all(p.requires_grad for p in vlm.projector.parameters())
     lrs = {(g["part"], g["weight_decay"]) : g["lr"] for g in opt.param_groups}
@@ -243,7 +245,7 @@ def test_unused_vision_parameters_are_frozen(tiny_tokenizer):
     unused = M.unused_vision_parameters(vlm)
     assert unused and all(n.startswith(("vision.encoder.layers.1.", "vision.post_layernorm"))
                           for n in unused)
-    M.configure_optimizer(vlm, {"vision": 1e-3, "projector": 1e-3, "lm": 1e-3})
+    assert M.set_trainable(vlm, {"vision": 1e-3, "projector": 1e-3, "lm": 1e-3}) == sorted(unused)
     ids = torch.randint(0, 100, (1, 24))
     ids[0, 2:18] = vlm.image_token_id
     labels = ids.clone()

@@ -57,13 +57,15 @@ def test_resume_continues_exactly(shapes, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_torchrun_two_processes_match_one(shapes, tmp_path):
-    """Same global batch: 1 process x 2 accumulation steps == 2 ranks x 1 micro-batch (gloo on CPU)."""
-    common = shapes + TINY + ["--max_steps=3", "--global_batch_size=8", "--micro_batch_size=4", "--eval_interval=100",
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(shapes, tmp_path, distributed):
+    """Same global batch: 1 process x 4 accumulation steps == 2 ranks x 2 (gloo on CPU).
+    For FSDP2 the checkpoint is also gathered from the shards."""
+    common = shapes + TINY + ["--max_steps=3", "--global_batch_size=16", "--micro_batch_size=4", "--eval_interval=100",
                               "--val_data_path=None"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run(common + [f"--out_dir={one}"])
-    run(common + [f"--out_dir={two}"], nproc=2)
+    run(common + [f"--out_dir={two}", f"--distributed={distributed}"], nproc=2)
     la, lb = log(one), log(two)
     for ra, rb in zip(la, lb):
         assert abs(ra["loss"] - rb["loss"]) < 1e-5 * max(1, ra["loss"])
