@@ -56,6 +56,8 @@ cooccur_bias = 0.8      # chance to also place an object's partner when it is mi
 vocab_size = 1024       # BPE target; the world's text is small, so the real size may be lower
 short_answer_p = 0.5    # share of short-answer questions given LLaVA's "single word or phrase" suffix
 single_turn_p = 0.3     # share of scenes that also get a one-question record
+vision_steps = 300      # pretraining steps of the world's vision tower (0 = skip; sft.py then trains one from scratch)
+vision_patch_size = 16  # one patch per grid cell at the defaults
 # -----------------------------------------------------------------------------
 # nanoGPT's idiom: only the values above are config; the world constants below are not
 _config_keys = [k for k, v in globals().items()
@@ -671,6 +673,62 @@ def save_tokenizer(tok, path):
 
 # -----------------------------------------------------------------------------
 
+def pretrain_vision(scenes, image_dir, image_size, patch_size, grid, steps, out, seed=0, batch_size=128):
+    """The world's stand-in for a pretrained vision tower (LLaVA starts from OpenAI's CLIP): a tiny
+    transformers CLIPVisionModel trained to name the shape and colour in every grid cell from its
+    penultimate-layer patch features, the features LLaVA feeds its projector. A language model
+    trained from scratch next to a random vision tower takes thousands of steps to start reading the
+    image at all; with features that already separate objects it starts within a few hundred.
+    Saved with its image processor as a normal transformers checkpoint directory (`vision_path`)."""
+    import torch
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+    torch.manual_seed(seed)
+    proc = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    cfg = CLIPVisionConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=image_size, patch_size=patch_size)
+    model = CLIPVisionModel(cfg)
+    side = image_size // patch_size
+    if side % grid:
+        raise SystemExit(f"vision pretraining needs whole patches per cell: image_size/patch_size={side}, grid={grid}")
+    pixels = proc(images=[Image.open(os.path.join(image_dir, s['id'] + '.png')).convert('RGB') for s in scenes],
+                  return_tensors='pt')['pixel_values']
+    # per patch: the class of the object in its cell (0 = empty), for shape and for colour
+    k = side // grid
+    shape_y = torch.zeros(len(scenes), side, side, dtype=torch.long)
+    color_y = torch.zeros(len(scenes), side, side, dtype=torch.long)
+    for i, scene in enumerate(scenes):
+        for o in scene['objects']:
+            shape_y[i, o['row'] * k:(o['row'] + 1) * k, o['col'] * k:(o['col'] + 1) * k] = SHAPES.index(o['shape']) + 1
+            color_y[i, o['row'] * k:(o['row'] + 1) * k, o['col'] * k:(o['col'] + 1) * k] = COLOR_NAMES.index(o['color']) + 1
+    heads = torch.nn.Linear(cfg.hidden_size, 2 * (len(SHAPES) + 1))
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g['lr'] = 2e-3 * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = torch.randint(0, len(scenes), (batch_size,), generator=gen)
+        feats = model(pixels[idx], output_hidden_states=True).hidden_states[-2][:, 1:]  # drop CLS, as LLaVA
+        logits = heads(feats).view(batch_size, side * side, 2, len(SHAPES) + 1)
+        loss = (torch.nn.functional.cross_entropy(logits[:, :, 0].flatten(0, 1), shape_y[idx].flatten())
+                + torch.nn.functional.cross_entropy(logits[:, :, 1].flatten(0, 1), color_y[idx].flatten()))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        idx = torch.arange(min(len(scenes), 512))
+        logits = heads(model(pixels[idx], output_hidden_states=True).hidden_states[-2][:, 1:]).view(len(idx), -1, 2, len(SHAPES) + 1)
+        acc = ((logits[:, :, 0].argmax(-1) == shape_y[idx].flatten(1)).float().mean().item(),
+               (logits[:, :, 1].argmax(-1) == color_y[idx].flatten(1)).float().mean().item())
+    tmp = tempfile.mkdtemp(prefix='.vision.tmp-', dir=os.path.dirname(os.path.abspath(out)))
+    model.save_pretrained(tmp)
+    proc.save_pretrained(tmp)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return loss.item(), acc
+
+
 def main():
     from configurator import configure
     g = globals()
@@ -721,6 +779,11 @@ def main():
     tok_dir = os.path.join(out_dir, 'tokenizer')
     save_tokenizer(tokenizer, tok_dir)
     tokenizer = check_tokenizer(tok_dir, texts[:200] + texts[-50:])
+    if vision_steps:
+        t_vision = time.time()
+        loss, (shape_acc, color_acc) = pretrain_vision(scenes['train'], os.path.join(out_dir, 'images', 'train'), image_size,
+                                                       vision_patch_size, grid, vision_steps, os.path.join(out_dir, 'vision'), seed)
+        t_vision = time.time() - t_vision
 
     # summary: token counts as a training script would see them (chat template, one <image> token)
     rendered = [tokenizer.apply_chat_template(to_messages(r['conversations']), tokenize=False)
@@ -741,6 +804,9 @@ def main():
           + " (exist probes: " + ", ".join(f"{k} {probes[k]}" for k in ('present', 'partner', 'random')) + ")")
     print(f"  tokenizer: vocab {len(tokenizer)}, train conversation {sum(lengths) / len(lengths):.1f} tokens "
           f"on average (max {max(lengths)}, one per <image>)")
+    if vision_steps:
+        print(f"  vision/: tiny CLIP vision tower, {vision_steps} steps in {t_vision:.0f}s, per-cell shape/colour accuracy "
+              f"{100 * shape_acc:.1f}% / {100 * color_acc:.1f}% (train scenes)")
     print(f"  took {time.time() - t0:.1f}s (images {t_images:.1f}s)")
 
 

@@ -27,7 +27,7 @@ import model as M
 # defaults: train a small VLM from scratch on the shapes world, on CPU, in minutes
 # I/O
 out_dir = "out/sft"
-init_from = "scratch"      # 'scratch' (tiny model from the sizes below) | 'parts' (lm_path + vision_path) | 'resume' | a checkpoint dir (ours or llava-hf)
+init_from = "scratch"      # 'scratch' (LM built from the sizes below; vision tower from vision_path, or also from the sizes if None) | 'parts' (lm_path + vision_path) | 'resume' | a checkpoint dir (ours or llava-hf)
 eval_interval = 250        # steps between val-loss evaluations (and checkpoints)
 eval_batches = 8           # val micro-batches per evaluation (0 = the whole val set)
 log_interval = 10
@@ -39,18 +39,18 @@ wandb_run_name = "sft"
 data_path = "data/shapes/train.json"   # LLaVA conversation json/jsonl; several: "a.json:1.0,b.jsonl:0.5" (sample ratios)
 val_data_path = "data/shapes/val.json"  # None = no val loss
 image_root = "data/shapes/images"
-template = "vicuna_v1"     # 'plain' (stage 1) | 'vicuna_v1' (LLaVA-1.5) | 'chat' (the tokenizer's own chat template)
+template = "chat"          # 'plain' (LLaVA stage 1) | 'vicuna_v1' (LLaVA-1.5) | 'chat' (the tokenizer's own chat template)
 max_len = 512              # tokens; text is truncated, an image never is (too long -> error, or skip with skip_bad)
 skip_bad = False           # True: count and skip bad samples (missing/corrupt image, too long...) instead of stopping
 pad_to_square = True       # LLaVA-1.5: pad images to square with the processor's mean colour
 num_workers = 0            # DataLoader workers for image decoding (use 4-8 on GPU machines)
-# model: init_from='parts'
+# model: pretrained parts (init_from='parts': both; 'scratch': the vision tower only)
 lm_path = None             # e.g. 'lmsys/vicuna-7b-v1.5' or a local dir
-vision_path = None         # e.g. 'openai/clip-vit-large-patch14-336'
+vision_path = "data/shapes/vision"  # e.g. 'openai/clip-vit-large-patch14-336'; the shapes world ships a tiny pretrained one
 tokenizer_path = "data/shapes/tokenizer"  # scratch: the shapes tokenizer; parts: defaults to lm_path
 projector_type = "mlp2x_gelu"
 vision_feature_layer = -2  # LLaVA: penultimate layer
-# model: init_from='scratch' (a Llama-style LM and a CLIP-style vision tower built from configs)
+# model: the LM (and, with vision_path=None, the vision tower) built from these sizes for init_from='scratch'
 n_layer = 4
 n_head = 4
 n_embd = 128
@@ -58,16 +58,16 @@ vision_n_layer = 3
 vision_n_head = 4
 vision_n_embd = 96
 image_size = 48
-patch_size = 8
+patch_size = 16
 # optimization
 global_batch_size = 32     # sequences per optimizer step, summed over ranks and micro-batches
 micro_batch_size = 16      # sequences per forward pass per rank
 max_steps = 0              # 0: derive from epochs
 stop_at_step = 0           # >0: stop (with a checkpoint) after this step, e.g. to fit a job's time limit; resume later
 epochs = 1.0
-lr_vision = 1e-3           # per-part learning rates; 0 freezes the part
-lr_projector = 1e-3
-lr_lm = 1e-3
+lr_vision = 0.0            # per-part learning rates; 0 freezes the part (LLaVA keeps its pretrained vision tower frozen)
+lr_projector = 2e-3
+lr_lm = 2e-3
 weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.999
@@ -107,13 +107,14 @@ if init_from == "resume":
 elif init_from == "scratch":
     from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    vcfg = CLIPVisionConfig(hidden_size=vision_n_embd, intermediate_size=4 * vision_n_embd, num_hidden_layers=vision_n_layer,
-                            num_attention_heads=vision_n_head, image_size=image_size, patch_size=patch_size)
+    vision = vision_path or CLIPVisionConfig(hidden_size=vision_n_embd, intermediate_size=4 * vision_n_embd,
+                                             num_hidden_layers=vision_n_layer, num_attention_heads=vision_n_head,
+                                             image_size=image_size, patch_size=patch_size)
     tcfg = LlamaConfig(vocab_size=len(tok), hidden_size=n_embd, intermediate_size=4 * n_embd, num_hidden_layers=n_layer,
                        num_attention_heads=n_head, num_key_value_heads=n_head, max_position_embeddings=max(max_len, 512),
                        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id)
-    vlm = M.VLM.from_parts(lm=tcfg, vision=vcfg, tokenizer=tok, projector_type=projector_type,
+    vlm = M.VLM.from_parts(lm=tcfg, vision=vision, tokenizer=tok, projector_type=projector_type,
                            vision_feature_layer=vision_feature_layer, template=template)
 elif init_from == "parts":
     vlm = M.VLM.from_parts(lm=lm_path, vision=vision_path, tokenizer=tokenizer_path if tokenizer_path != "data/shapes/tokenizer" else None,

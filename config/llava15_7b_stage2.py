@@ -22,5 +22,6 @@ warmup_ratio = 0.03
 eval_interval = 1000
 num_workers = 8
 gradient_checkpointing = True
+distributed = "fsdp"          # 7B weights + grads + AdamW state (~112 GB in fp32) must be sharded over the 8 GPUs
 out_dir = "out/llava15-7b-stage2"
 wandb_run_name = "llava15-7b-stage2"

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny models built from transformers configs (no downloads), a tiny tokenizer."""
 import os
+import subprocess
 import sys
 
 import pytest
@@ -20,19 +21,44 @@ def tiny_configs(vocab_size=128, image_size=32, patch_size=8, tie=False):
     return vision, text
 
 
-@pytest.fixture
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer trained on a few sentences, with <image> and a Vicuna-style chat template."""
+def make_tokenizer(with_image=True):
+    """A byte-level BPE tokenizer trained on a few sentences (with or without the <image> token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    specials = ["<unk>", "<s>", "</s>", "<pad>"] + (["<image>"] if with_image else [])
     text = ["USER: Is there a red circle? ASSISTANT: Yes.", "A blue square is in the top left.",
             "Describe the image. There are two objects.", "What color is the ring? Green."] * 20
     tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=120, special_tokens=specials,
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                pad_token="<pad>", additional_special_tokens=["<image>"])
-    return t
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", additional_special_tokens=["<image>"] if with_image else [])
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tokenizer()
+
+
+def run_sft(args, nproc=1, timeout=600):
+    """Run sft.py in a subprocess (under torchrun when nproc > 1); fail with its output."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "sft.py", *args] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "sft.py", *args]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """A small shapes world; returns the sft.py arguments that point at it."""
+    d = tmp_path_factory.mktemp("shapes")
+    p = subprocess.run([sys.executable, "prepare_shapes.py", f"--out_dir={d}", "--n_train=200", "--n_val=20", "--n_test=10",
+                        "--vision_steps=100"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return [f"--data_path={d}/train.json", f"--val_data_path={d}/val.json", f"--image_root={d}/images",
+            f"--tokenizer_path={d}/tokenizer", f"--vision_path={d}/vision"]

@@ -126,6 +126,26 @@ def test_llava_hf_parity(tmp_path, tie):
     torch.testing.assert_close(got_loss, ref_loss, rtol=1e-5, atol=1e-6)
 
 
+def test_llava_hf_gradient_parity(tmp_path):
+    """Training signal, not just outputs: gradients of our fused loss reach every part exactly as
+    llava-hf's full-logits loss sends them (vision tower, projector, LM, head)."""
+    hf, d = _tiny_llava(tmp_path)
+    vlm = M.VLM.from_pretrained(d)
+    hf.train(); vlm.train()
+    ids, px = _inputs()
+    labels = ids.clone()
+    labels[:, :20] = -100
+    hf(input_ids=ids, pixel_values=px, labels=labels).loss.backward()
+    vlm(ids, px, labels=labels).backward()
+    theirs = {M._from_llava_key(n): p.grad for n, p in hf.named_parameters()}
+    checked = 0
+    for n, p in vlm.named_parameters():
+        if theirs.get(n) is not None:
+            torch.testing.assert_close(p.grad, theirs[n], rtol=1e-4, atol=1e-7)
+            checked += 1
+    assert checked > 40 and all(any(n.startswith(part) for n in theirs) for part in M.PARTS)
+
+
 def test_export_llava_hf_roundtrip(tmp_path):
     from transformers import LlavaForConditionalGeneration
     _, d = _tiny_llava(tmp_path)

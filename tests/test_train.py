@@ -1,36 +1,17 @@
 """sft.py end to end on a tiny shapes world: learning, exact resume, and 2-process torchrun == 1 process."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import run_sft as run
 
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--vision_n_layer=1", "--vision_n_head=2", "--vision_n_embd=32",
-        "--patch_size=16", "--max_len=256", "--eval_batches=2", "--num_workers=0", "--dtype=float32", "--device=cpu"]
-
-
-def run(args, nproc=1, timeout=600):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "sft.py", *args] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "sft.py", *args]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    d = tmp_path_factory.mktemp("shapes")
-    p = subprocess.run([sys.executable, "prepare_shapes.py", f"--out_dir={d}", "--n_train=200", "--n_val=20", "--n_test=10"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return [f"--data_path={d}/train.json", f"--val_data_path={d}/val.json", f"--image_root={d}/images",
-            f"--tokenizer_path={d}/tokenizer"]
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--max_len=256", "--eval_batches=2", "--num_workers=0",
+        "--dtype=float32", "--device=cpu"]
+# a vision tower from scratch and trained, so DDP / FSDP / resume cover all three parts
+SCRATCH_VISION = ["--vision_path=None", "--vision_n_layer=2", "--vision_n_head=2", "--vision_n_embd=32", "--lr_vision=1e-3"]
 
 
 def weights(out):
@@ -43,7 +24,7 @@ def log(out):
 
 
 def test_resume_continues_exactly(shapes, tmp_path):
-    common = shapes + TINY + ["--max_steps=6", "--global_batch_size=8", "--micro_batch_size=4", "--eval_interval=3"]
+    common = shapes + TINY + SCRATCH_VISION + ["--max_steps=6", "--global_batch_size=8", "--micro_batch_size=4", "--eval_interval=3"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     run(common + [f"--out_dir={full}"])
     run(common + [f"--out_dir={part}", "--stop_at_step=3"])
@@ -61,7 +42,7 @@ def test_resume_continues_exactly(shapes, tmp_path):
 def test_torchrun_two_processes_match_one(shapes, tmp_path, distributed):
     """Same global batch: 1 process x 4 accumulation steps == 2 ranks x 2 (gloo on CPU).
     For FSDP2 the checkpoint is also gathered from the shards."""
-    common = shapes + TINY + ["--max_steps=3", "--global_batch_size=16", "--micro_batch_size=4", "--eval_interval=100",
+    common = shapes + TINY + SCRATCH_VISION + ["--max_steps=3", "--global_batch_size=16", "--micro_batch_size=4", "--eval_interval=100",
                               "--val_data_path=None"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run(common + [f"--out_dir={one}"])
@@ -77,6 +58,6 @@ def test_torchrun_two_processes_match_one(shapes, tmp_path, distributed):
 def test_short_training_learns(shapes, tmp_path):
     out = str(tmp_path / "learn")
     run(shapes + TINY + ["--n_embd=64", "--max_steps=40", "--global_batch_size=16", "--micro_batch_size=16",
-                         "--eval_interval=40", "--lr_lm=1e-2", "--lr_projector=1e-2", "--lr_vision=1e-2", f"--out_dir={out}"])
+                         "--eval_interval=40", "--lr_lm=1e-2", "--lr_projector=1e-2", f"--out_dir={out}"])
     vals = [r["val_loss"] for r in log(out) if "val_loss" in r]
     assert vals[0] > 5.0 and vals[-1] < 0.5 * vals[0], vals

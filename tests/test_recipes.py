@@ -1,0 +1,50 @@
+"""The real LLaVA-1.5 recipes (config/llava15_7b_stage{1,2}.py), run end to end with tiny stand-ins
+for Vicuna-7B and CLIP ViT-L/14-336 saved on disk in the same formats: everything a lab's run does
+up to the size of the weights (hub-style loading, <image> token added to the tokenizer, freezing,
+the plain and vicuna_v1 templates, checkpoint hand-over from stage 1 to stage 2)."""
+import os
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_tokenizer, run_sft as run, tiny_configs
+
+
+def _save_tiny_hub_models(root, tokenizer):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, LlamaForCausalLM
+    v, t = tiny_configs(vocab_size=len(tokenizer), image_size=48, patch_size=16)
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(t)
+    lm.save_pretrained(root / "vicuna")
+    tokenizer.save_pretrained(root / "vicuna")
+    # openai/clip-vit-large-patch14-336 is a full CLIPModel checkpoint (text + vision) with its processor
+    clip = CLIPModel(CLIPConfig(vision_config=v.to_dict(), text_config=dict(hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=1, num_attention_heads=2, vocab_size=100), projection_dim=16))
+    clip.save_pretrained(root / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}).save_pretrained(root / "clip")
+    return lm, clip
+
+
+def test_llava15_stage1_then_stage2(shapes, tmp_path):
+    tokenizer = make_tokenizer(with_image=False)  # like Vicuna's: from_parts must add <image>
+    lm, clip = _save_tiny_hub_models(tmp_path, tokenizer)
+    small = ["--max_steps=2", "--global_batch_size=4", "--micro_batch_size=2", "--num_workers=0",
+             "--eval_interval=100", "--device=cpu", "--dtype=float32"]
+    s1, s2 = str(tmp_path / "stage1"), str(tmp_path / "stage2")
+    run(["config/llava15_7b_stage1.py", f"--lm_path={tmp_path / 'vicuna'}", f"--vision_path={tmp_path / 'clip'}",
+         f"--tokenizer_path={tmp_path / 'vicuna'}", *shapes[:3], f"--out_dir={s1}", *small])
+    w1 = load_file(os.path.join(s1, "model.safetensors"))
+    # stage 1 trains the projector only: vision tower and LM weights are the pretrained ones
+    vision = clip.vision_model.state_dict()
+    assert all(torch.equal(w1["vision." + k], v) for k, v in vision.items())
+    lm_sd = lm.state_dict()
+    for k, v in lm_sd.items():
+        if "embed_tokens" in k or "lm_head" in k:  # grown by the added <image> token, old rows unchanged
+            assert torch.equal(w1["lm." + k][:v.shape[0]], v), k
+        else:
+            assert torch.equal(w1["lm." + k], v), k
+    run(["config/llava15_7b_stage2.py", f"--init_from={s1}", *shapes[:3], f"--out_dir={s2}", *small])
+    w2 = load_file(os.path.join(s2, "model.safetensors"))
+    assert all(torch.equal(w2[k], w1[k]) for k in w1 if k.startswith("vision."))  # frozen in stage 2 too
+    assert not torch.equal(w2["projector.linear_1.weight"], w1["projector.linear_1.weight"])
+    assert not torch.equal(w2["lm.model.layers.0.mlp.up_proj.weight"], w1["lm.model.layers.0.mlp.up_proj.weight"])
