@@ -474,7 +474,10 @@ def qa_cot(scene, rng, style=None):
 QA_KINDS = {'describe': qa_describe, 'exist': qa_exist, 'count': qa_count, 'attribute': qa_attribute,
             'position': qa_position, 'mc': qa_mc, 'cot': qa_cot}
 # yes/no gets double weight: POPE-style probing is the main hallucination measure
-KIND_WEIGHTS = {'describe': 1, 'exist': 2, 'count': 1, 'attribute': 1, 'position': 1, 'mc': 1, 'cot': 1}
+# Short questions that need the model to find one object in the image (exist, attribute, position) are
+# weighted up: their answers are a token or two, so at equal counts the long descriptions and CoT
+# answers would dominate the loss and a small model would learn to look at the image much later.
+KIND_WEIGHTS = {'describe': 1, 'exist': 4, 'count': 1, 'attribute': 3, 'position': 2, 'mc': 1, 'cot': 1}
 
 
 def sample_qas(scene, rng, n):
@@ -506,12 +509,12 @@ def conversation_record(record_id, image, qas):
 
 
 def make_sft_records(scenes, split, rng):
-    """One 3-5 round conversation per scene, plus a single-question record for a share of scenes.
+    """One 4-8 round conversation per scene, plus a single-question record for a share of scenes.
     Returns (records, Counter of QA kinds)."""
     records, kinds = [], Counter()
     for scene in scenes:
         image = f"{split}/{scene['id']}.png"
-        qas = sample_qas(scene, rng, rng.randint(3, 5))
+        qas = sample_qas(scene, rng, rng.randint(4, 8))
         records.append(conversation_record(scene['id'], image, qas))
         if rng.random() < single_turn_p:
             single = sample_qas(scene, rng, 1)
