@@ -28,7 +28,7 @@ import model as M
 # I/O
 out_dir = "out/sft"
 init_from = "scratch"      # 'scratch' (LM built from the sizes below; vision tower from vision_path, or also from the sizes if None) | 'parts' (lm_path + vision_path) | 'resume' | a checkpoint dir (ours or llava-hf)
-eval_interval = 250        # steps between val-loss evaluations (and checkpoints)
+eval_interval = 200        # steps between val-loss evaluations (and checkpoints)
 eval_batches = 8           # val micro-batches per evaluation (0 = the whole val set)
 log_interval = 10
 save_checkpoint = True
@@ -47,7 +47,7 @@ num_workers = 0            # DataLoader workers for image decoding (use 4-8 on G
 # model: pretrained parts (init_from='parts': both; 'scratch': the vision tower only)
 lm_path = None             # e.g. 'lmsys/vicuna-7b-v1.5' or a local dir
 vision_path = "data/shapes/vision"  # e.g. 'openai/clip-vit-large-patch14-336'; the shapes world ships a tiny pretrained one
-tokenizer_path = "data/shapes/tokenizer"  # scratch: the shapes tokenizer; parts: defaults to lm_path
+tokenizer_path = None      # None: the LM's own (init_from='parts') or data/shapes/tokenizer ('scratch')
 projector_type = "mlp2x_gelu"
 vision_feature_layer = -2  # LLaVA: penultimate layer
 # model: the LM (and, with vision_path=None, the vision tower) built from these sizes for init_from='scratch'
@@ -64,10 +64,10 @@ global_batch_size = 32     # sequences per optimizer step, summed over ranks and
 micro_batch_size = 16      # sequences per forward pass per rank
 max_steps = 0              # 0: derive from epochs
 stop_at_step = 0           # >0: stop (with a checkpoint) after this step, e.g. to fit a job's time limit; resume later
-epochs = 1.0
+epochs = 2.5
 lr_vision = 0.0            # per-part learning rates; 0 freezes the part (LLaVA keeps its pretrained vision tower frozen)
-lr_projector = 2e-3
-lr_lm = 2e-3
+lr_projector = 3e-3
+lr_lm = 3e-3
 weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.999
@@ -106,7 +106,7 @@ if init_from == "resume":
     log(f"resuming from {out_dir} at step {resume_state['step']}")
 elif init_from == "scratch":
     from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    tok = AutoTokenizer.from_pretrained(tokenizer_path or "data/shapes/tokenizer")
     vision = vision_path or CLIPVisionConfig(hidden_size=vision_n_embd, intermediate_size=4 * vision_n_embd,
                                              num_hidden_layers=vision_n_layer, num_attention_heads=vision_n_head,
                                              image_size=image_size, patch_size=patch_size)
@@ -117,8 +117,8 @@ elif init_from == "scratch":
     vlm = M.VLM.from_parts(lm=tcfg, vision=vision, tokenizer=tok, projector_type=projector_type,
                            vision_feature_layer=vision_feature_layer, template=template)
 elif init_from == "parts":
-    vlm = M.VLM.from_parts(lm=lm_path, vision=vision_path, tokenizer=tokenizer_path if tokenizer_path != "data/shapes/tokenizer" else None,
-                           projector_type=projector_type, vision_feature_layer=vision_feature_layer, template=template)
+    vlm = M.VLM.from_parts(lm=lm_path, vision=vision_path, tokenizer=tokenizer_path, projector_type=projector_type,
+                           vision_feature_layer=vision_feature_layer, template=template)
 else:
     vlm = M.VLM.from_pretrained(init_from)
 vlm.config["template"] = template
