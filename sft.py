@@ -11,6 +11,7 @@ One GPU, LLaVA-1.5-7B stage 2 from a stage-1 checkpoint:
 Resume an interrupted run exactly where it stopped:
     python sft.py <same args> --init_from=resume
 """
+import functools
 import json
 import math
 import os
@@ -161,8 +162,10 @@ def step_batches(start):
 
 
 def loader(ds, batch_sampler):
+    # a partial, not a lambda: workers started with 'spawn' (macOS, Windows) must pickle it
     return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, num_workers=num_workers,
-                                       collate_fn=lambda b: D.collate(b, tok.pad_token_id), pin_memory=dev.type == "cuda")
+                                       collate_fn=functools.partial(D.collate, pad_id=tok.pad_token_id),
+                                       pin_memory=dev.type == "cuda")
 
 
 def to_dev(batch):
