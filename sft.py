@@ -214,6 +214,7 @@ def evaluate_val():
     """Token-weighted mean loss over (part of) the val set, summed over ranks."""
     vlm.eval()
     idx = val_idx if eval_batches == 0 else val_idx[:eval_batches * micro_batch_size * dist.world_size]
+    idx = idx[:len(idx) - len(idx) % dist.world_size]  # equal shares: FSDP ranks must run the same forwards
     mine = D.micro_batches(idx[dist.rank::dist.world_size], micro_batch_size)
     tot = torch.zeros(2, dtype=torch.float64)
     for batch in loader(val_ds, mine):

@@ -41,15 +41,18 @@ def test_resume_continues_exactly(shapes, tmp_path):
 @pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one(shapes, tmp_path, distributed):
     """Same global batch: 1 process x 4 accumulation steps == 2 ranks x 2 (gloo on CPU).
-    For FSDP2 the checkpoint is also gathered from the shards."""
-    common = shapes + TINY + SCRATCH_VISION + ["--max_steps=3", "--global_batch_size=16", "--micro_batch_size=4", "--eval_interval=100",
-                              "--val_data_path=None"]
+    For FSDP2 the checkpoint is also gathered from the shards, and val loss runs sharded."""
+    common = shapes + TINY + SCRATCH_VISION + ["--max_steps=3", "--global_batch_size=16", "--micro_batch_size=4",
+                                               "--eval_interval=3", "--eval_batches=0"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run(common + [f"--out_dir={one}"])
     run(common + [f"--out_dir={two}", f"--distributed={distributed}"], nproc=2)
-    la, lb = log(one), log(two)
+    la, lb = [r for r in log(one) if "loss" in r], [r for r in log(two) if "loss" in r]
+    assert len(la) == len(lb) == 3
     for ra, rb in zip(la, lb):
         assert abs(ra["loss"] - rb["loss"]) < 1e-5 * max(1, ra["loss"])
+    vals = [r["val_loss"] for r in log(two) if "val_loss" in r]
+    assert len(vals) == 2 and vals[-1] < vals[0]
     wa, wb = weights(one), weights(two)
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert worst < 1e-5, worst  # lr 1e-3: a mismatched gradient would move weights by ~1e-3
