@@ -5,8 +5,9 @@ Coloured shapes on a grid, sampled from a seed, rendered to small PNGs, with eac
 kept beside it. Because the truth of every image is known exactly, the world can say what is right
 and what is a hallucination without any human labels. From the scenes this script writes LLaVA-format
 SFT conversations (descriptions, yes/no, counting, attributes, positions, multiple choice, CoT), a
-held-out short-answer check file, and a byte-level BPE tokenizer with a Vicuna chat template, so a
-tiny VLM can be trained from scratch on a laptop CPU in minutes.
+held-out short-answer check file, a byte-level BPE tokenizer with a Vicuna chat template, and a tiny
+pretrained vision tower (the world's stand-in for OpenAI's CLIP), so a small VLM can be trained on a
+laptop CPU in minutes.
 
 Some shapes have a partner (circle-square, triangle-diamond, cross-ring) that usually appears with
 them (cooccur_bias). A model that learns this language prior says "yes" when asked about the partner
@@ -25,6 +26,7 @@ Output (out_dir):
                             {"question_id", "image", "text", "answer", "type", "scene_id"[, "probe"]}
     scenes.json             {"train": [scene, ...], "val": [...], "test": [...]}
     tokenizer/              transformers tokenizer (AutoTokenizer.from_pretrained) with chat template
+    vision/                 transformers CLIPVisionModel + image processor, pretrained on the scenes
 
 The world logic (scene sampling, rendering, question generators) is plain functions of
 (scene, random.Random), importable by tests and by later data builders (REVERIE rows, self-reward
