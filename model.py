@@ -362,12 +362,15 @@ class VLM(nn.Module):
         """Our checkpoint directory: config.json, model.safetensors, tokenizer and image-processor files.
         Written into a temporary directory next to `path`, then swapped in, so a crash never leaves a
         half-written checkpoint under the real name."""
-        from safetensors.torch import save_file
-        sd = _state_dict_for_saving(self)
         with _atomic_dir(path) as tmp:
-            save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-            _write_json(os.path.join(tmp, "config.json"), dict(self.config, model_type=CHECKPOINT_TYPE))
-            self._save_processors(tmp)
+            self._write(tmp)
+
+    def _write(self, d, state_dict=None):
+        """config.json, model.safetensors, tokenizer and image processor into directory d."""
+        from safetensors.torch import save_file
+        save_file(_state_dict_for_saving(self, state_dict), os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+        _write_json(os.path.join(d, "config.json"), dict(self.config, model_type=CHECKPOINT_TYPE))
+        self._save_processors(d)
 
     def save_llava_hf(self, path):
         """Export to the `LlavaForConditionalGeneration` layout (llava-hf/llava-1.5-7b-hf), so the model
@@ -692,14 +695,10 @@ def save_checkpoint(path, vlm, optimizer_state, state, model_state=None):
     """The model directory (loadable on its own) plus train_state.pt: optimizer, step, RNG, data
     position, config. One atomic directory swap for both, so model and state never disagree.
     model_state: a full state dict gathered from FSDP shards (default: vlm's own)."""
-    from safetensors.torch import save_file
-    sd = _state_dict_for_saving(vlm, model_state)
     train_state = dict(state, optimizer=optimizer_state, rng_cpu=torch.get_rng_state(),
                        rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     with _atomic_dir(path) as tmp:
-        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        _write_json(os.path.join(tmp, "config.json"), dict(vlm.config, model_type=CHECKPOINT_TYPE))
-        vlm._save_processors(tmp)
+        vlm._write(tmp, model_state)
         torch.save(train_state, os.path.join(tmp, "train_state.pt"))
 
 
