@@ -85,12 +85,20 @@ def _auto_chunk(n_rows, vocab, device):
     return max(1, min(n_rows, rows))
 
 
-def _chunk_grad(h, w, t, lse, logits, row_scale):
+def _chunk_grad(t, lse, logits, row_scale):
     """In place: logits -> (softmax - onehot) * row_scale, formed in fp32 (forming p - 1 in bf16
     loses everything as p -> 1). Returns the fp32 gradient of the chunk's logits."""
     p = logits.sub_(lse[:, None]).exp_()
     p[torch.arange(len(t), device=t.device), t] -= 1.0
     return p.mul_(row_scale[:, None] if torch.is_tensor(row_scale) else row_scale)
+
+
+def _backprop_chunk(g, h, weight, rows, grad_h, grad_w):
+    """The chunk's logit gradient g through logits = h @ weight.T: write dL/dh for `rows`, add dL/dW."""
+    if grad_h is not None:
+        grad_h[rows] = (g.to(weight.dtype) @ weight).to(grad_h.dtype)
+    if grad_w is not None:
+        grad_w += (g.T.to(h.dtype) @ h).float()
 
 
 class _LinearCEScalar(torch.autograd.Function):
@@ -108,11 +116,7 @@ class _LinearCEScalar(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if need_h or need_w:
-                g = _chunk_grad(h, weight, t, lse, logits, scale)
-                if need_h:
-                    grad_h[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
-                if need_w:
-                    grad_w += (g.T.to(h.dtype) @ h).float()
+                _backprop_chunk(_chunk_grad(t, lse, logits, scale), h, weight, slice(s, s + chunk), grad_h, grad_w)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return total * scale
 
@@ -148,11 +152,8 @@ class _LinearCENone(torch.autograd.Function):
         for s in range(0, hidden.shape[0], ctx.chunk):
             h, t = hidden[s:s + ctx.chunk], targets[s:s + ctx.chunk]
             logits = (h @ weight.T).float()
-            g = _chunk_grad(h, weight, t, lses[s:s + ctx.chunk], logits, grad_losses[s:s + ctx.chunk].float())
-            if need_h:
-                grad_h[s:s + ctx.chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_w:
-                grad_w += (g.T.to(h.dtype) @ h).float()
+            g = _chunk_grad(t, lses[s:s + ctx.chunk], logits, grad_losses[s:s + ctx.chunk].float())
+            _backprop_chunk(g, h, weight, slice(s, s + ctx.chunk), grad_h, grad_w)
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
 
 
