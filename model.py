@@ -74,6 +74,56 @@ def all_reduce_sum(x, dist):
 #   "none":       per-row losses may get any upstream gradient (DPO, per-sentence rewards), which
 #                 cannot be folded in after the fact: save only the per-row logsumexp and recompute
 #                 each chunk's logits in backward.
+#
+# Two implementations of the per-chunk row work, same math:
+#   "torch":  logits upcast to fp32, logsumexp, gather, exp: several passes over the chunk.
+#   "triton": our kernel below reads the chunk's logits in their own dtype (bf16 on a GPU), runs an
+#             online (running max, running sum) logsumexp in fp32 and overwrites the logits with their
+#             gradient in place: two reads and one write, no fp32 copy. The chunk's matmuls stay
+#             cuBLAS, which is already at peak for >= 1024-row chunks.
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # macOS / no triton: the torch path serves every call
+    triton = None
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels on CPU tensors (tests); read at import, as triton does
+
+if triton is not None:
+    @triton.jit
+    def _ce_rows_kernel(logits_ptr, stride, targets_ptr, lse_ptr, loss_ptr, row_scale_ptr, V,
+                        BLOCK_V: tl.constexpr, HAS_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                        HAS_ROW_SCALE: tl.constexpr):
+        """One program per row of a (n, V) logits chunk. Writes the row's logsumexp (unless given) and
+        loss = lse - logit[target]; if WRITE_GRAD, overwrites the row with (softmax - onehot), times
+        row_scale[row] if given. Every load is upcast to fp32 before any arithmetic."""
+        row = tl.program_id(0).to(tl.int64)
+        ptr = logits_ptr + row * stride
+        t = tl.load(targets_ptr + row)
+        if HAS_LSE:
+            lse = tl.load(lse_ptr + row)
+        else:  # online logsumexp: a running max m and the sum d of exp(x - m), rescaled when m grows
+            m = float("-inf")
+            d = 0.0
+            for off in range(0, V, BLOCK_V):
+                cols = off + tl.arange(0, BLOCK_V)
+                x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                m_new = tl.maximum(m, tl.max(x, axis=0))
+                d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+                m = m_new
+            lse = m + tl.log(d)
+            tl.store(lse_ptr + row, lse)
+        tl.store(loss_ptr + row, lse - tl.load(ptr + t).to(tl.float32))
+        if WRITE_GRAD:
+            s = 1.0
+            if HAS_ROW_SCALE:
+                s = tl.load(row_scale_ptr + row).to(tl.float32)
+            for off in range(0, V, BLOCK_V):
+                cols = off + tl.arange(0, BLOCK_V)
+                x = tl.load(ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse) * s
+                g = tl.where(cols == t, g - s, g)  # p - 1 at the target, formed in fp32 (in bf16 it is 0 as p -> 1)
+                tl.store(ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < V)
 
 
 def _auto_chunk(n_rows, vocab, device):
@@ -85,62 +135,88 @@ def _auto_chunk(n_rows, vocab, device):
     return max(1, min(n_rows, rows))
 
 
-def _chunk_grad(t, lse, logits, row_scale):
-    """In place: logits -> (softmax - onehot) * row_scale, formed in fp32 (forming p - 1 in bf16
-    loses everything as p -> 1). Returns the fp32 gradient of the chunk's logits."""
-    p = logits.sub_(lse[:, None]).exp_()
-    p[torch.arange(len(t), device=t.device), t] -= 1.0
-    return p.mul_(row_scale[:, None] if torch.is_tensor(row_scale) else row_scale)
+def _ce_rows_triton(logits, t, lse=None, row_scale=None, grad=True):
+    """Launch the kernel on a contiguous (n, V) chunk. Returns (loss, lse) in fp32; with grad, the
+    chunk now holds its gradient."""
+    n, V = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    has_lse = lse is not None
+    lse = lse if has_lse else torch.empty_like(loss)
+    block = min(triton.next_power_of_2(V), 8192 if logits.is_cuda else 1 << 16)  # the interpreter likes big blocks
+    _ce_rows_kernel[(n,)](logits, logits.stride(0), t, lse, loss, row_scale if row_scale is not None else loss,
+                          V, BLOCK_V=block, HAS_LSE=has_lse, WRITE_GRAD=grad,
+                          HAS_ROW_SCALE=row_scale is not None, num_warps=16 if logits.is_cuda else 1)
+    return loss, lse
+
+
+def _ce_chunk(h, weight, t, impl, lse=None, row_scale=None, grad=True):
+    """One chunk of rows: logits = h @ weight.T, then per-row loss and logsumexp (fp32) and, with grad,
+    the logits' gradient (softmax - onehot) [* row_scale]. Returns (loss, lse, grad_logits or None)."""
+    if impl == "triton":
+        logits = h @ weight.T  # the input dtype; the kernel reads it in fp32
+        loss, lse = _ce_rows_triton(logits, t, lse, row_scale, grad)
+        return loss, lse, logits if grad else None
+    logits = (h @ weight.T).float()
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)
+    loss = lse - logits.gather(1, t[:, None]).squeeze(1)
+    if not grad:
+        return loss, lse, None
+    p = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's fp32 logits become its gradient
+    p[torch.arange(len(t), device=t.device), t] -= 1.0  # in fp32: forming p - 1 in bf16 loses everything as p -> 1
+    return loss, lse, p.mul_(row_scale[:, None]) if row_scale is not None else p
 
 
 def _backprop_chunk(g, h, weight, rows, grad_h, grad_w):
-    """The chunk's logit gradient g through logits = h @ weight.T: write dL/dh for `rows`, add dL/dW."""
+    """The chunk's logit gradient g through logits = h @ weight.T: write dL/dh for `rows`, add dL/dW
+    (grad_w is fp32; the bf16 product is added into it without an fp32 copy of its own)."""
     if grad_h is not None:
         grad_h[rows] = (g.to(weight.dtype) @ weight).to(grad_h.dtype)
     if grad_w is not None:
-        grad_w += (g.T.to(h.dtype) @ h).float()
+        grad_w += g.T.to(h.dtype) @ h
 
 
 class _LinearCEScalar(torch.autograd.Function):
-    """mean/sum: gradients computed in forward, one pass over the rows."""
+    """mean/sum: gradients computed in forward, one pass over the rows. The logit gradient is kept
+    unscaled (it lies in [-1, 1]: 1/n would push it below fp16's range); dL/dW gets the scale in fp32
+    before it is stored in the weight's dtype, dL/dh gets it (with the upstream gradient) in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, scale, chunk):
+    def forward(ctx, hidden, weight, targets, scale, chunk, impl):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for s in range(0, hidden.shape[0], chunk):
             h, t = hidden[s:s + chunk], targets[s:s + chunk]
-            logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if need_h or need_w:
-                _backprop_chunk(_chunk_grad(t, lse, logits, scale), h, weight, slice(s, s + chunk), grad_h, grad_w)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
+            loss, _, g = _ce_chunk(h, weight, t, impl, grad=need_h or need_w)
+            total += loss.sum()
+            if g is not None:
+                _backprop_chunk(g, h, weight, slice(s, s + chunk), grad_h, grad_w)
+        ctx.save_for_backward(grad_h, grad_w.mul_(scale).to(weight.dtype) if need_w else None)
+        ctx.scale = scale
         return total * scale
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gh = (grad_h.float() * (grad_out.float() * ctx.scale)).to(grad_h.dtype) if grad_h is not None else None
         gw = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 class _LinearCENone(torch.autograd.Function):
     """none: per-row losses; backward recomputes each chunk's logits from the saved logsumexp."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, targets, chunk, impl):
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lses = torch.empty_like(losses)
         for s in range(0, hidden.shape[0], chunk):
-            logits = (hidden[s:s + chunk] @ weight.T).float()
-            lses[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            losses[s:s + chunk] = lses[s:s + chunk] - logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
+            losses[s:s + chunk], lses[s:s + chunk], _ = _ce_chunk(hidden[s:s + chunk], weight, targets[s:s + chunk],
+                                                                  impl, grad=False)
         ctx.save_for_backward(hidden, weight, targets, lses)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.impl = chunk, impl
         return losses
 
     @staticmethod
@@ -149,41 +225,61 @@ class _LinearCENone(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_losses = grad_losses.float().contiguous()
         for s in range(0, hidden.shape[0], ctx.chunk):
-            h, t = hidden[s:s + ctx.chunk], targets[s:s + ctx.chunk]
-            logits = (h @ weight.T).float()
-            g = _chunk_grad(t, lses[s:s + ctx.chunk], logits, grad_losses[s:s + ctx.chunk].float())
-            _backprop_chunk(g, h, weight, slice(s, s + ctx.chunk), grad_h, grad_w)
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
+            h, rows = hidden[s:s + ctx.chunk], slice(s, s + ctx.chunk)
+            _, _, g = _ce_chunk(h, weight, targets[rows], ctx.impl, lse=lses[rows], row_scale=grad_losses[rows])
+            _backprop_chunk(g, h, weight, rows, grad_h, grad_w)
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
+
+
+def _pick_impl(impl, device):
+    if impl == "auto":
+        return "triton" if triton is not None and device.type == "cuda" else "torch"
+    if impl == "triton":
+        if triton is None:
+            raise RuntimeError("impl='triton' needs the triton package (pip install triton)")
+        if device.type != "cuda" and not TRITON_INTERPRET:
+            raise RuntimeError("impl='triton' on CPU tensors runs only under Triton's interpreter: "
+                               "set TRITON_INTERPRET=1 before importing model.py")
+        return impl
+    if impl == "torch":
+        return impl
+    raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
 
 
 def fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="mean",
                                chunk_size=None, impl="auto"):
     """Cross-entropy of softmax(hidden @ weight.T) against targets, never holding the (N, V) logits.
 
-    hidden (N, H), weight (V, H), targets (N,) with ignore_index rows skipped. Accumulates in fp32.
-    reduction: "mean" (over non-ignored rows; 0.0 when every row is ignored, so an all-prompt
-    micro-batch adds nothing instead of a NaN), "sum", or "none" ((N,) fp32, 0 at ignored rows).
-    impl: "auto" | "torch" (chunked PyTorch; the Triton kernel slots in behind the same call).
+    hidden (N, H), weight (V, H), targets (N,) with ignore_index rows skipped; fp32, fp16 or bf16
+    inputs, fp32 accumulation. reduction: "mean" (over non-ignored rows; 0.0 when every row is
+    ignored, so an all-prompt micro-batch adds nothing instead of a NaN), "sum", or "none" ((N,)
+    fp32, 0 at ignored rows, any upstream gradient). chunk_size: rows per chunk (default: ~8M
+    logits per chunk, >= 1024 rows on a GPU). impl: "auto" (Triton kernel on CUDA when triton is
+    installed, else chunked PyTorch), "triton" or "torch" to force one.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if impl not in ("auto", "torch"):
-        raise ValueError(f"impl {impl!r} is not available (have: auto, torch)")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
         raise ValueError(f"shapes: hidden {tuple(hidden.shape)} weight {tuple(weight.shape)} targets {tuple(targets.shape)}")
+    impl = _pick_impl(impl, hidden.device)
     keep = targets != ignore_index
     idx = keep.nonzero().squeeze(1)
     n = idx.numel()
     h, t = hidden.index_select(0, idx), targets.index_select(0, idx)  # drop ignored rows before any matmul
+    if n and (t.min() < 0 or t.max() >= weight.shape[0]):  # the kernel would read out of bounds
+        raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index {ignore_index}; "
+                         f"got values in [{int(t.min())}, {int(t.max())}]")
     chunk = chunk_size or _auto_chunk(n, weight.shape[0], hidden.device)
+    weight = weight if impl == "torch" else weight.contiguous()
     if reduction == "none":
         out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        return out.index_put((idx,), _LinearCENone.apply(h, weight, t, chunk)) if n else out + 0.0 * hidden.sum(-1)
+        return out.index_put((idx,), _LinearCENone.apply(h, weight, t, chunk, impl)) if n else out + 0.0 * hidden.sum(-1)
     if n == 0:  # keep the graph connected (DDP needs every used parameter to get a gradient)
         return 0.0 * (hidden.sum() + weight.sum())
     scale = 1.0 / n if reduction == "mean" else 1.0
-    return _LinearCEScalar.apply(h, weight, t, scale, chunk)
+    return _LinearCEScalar.apply(h, weight, t, scale, chunk, impl)
 
 # -----------------------------------------------------------------------------
 # 3. the model
@@ -313,6 +409,18 @@ class VLM(nn.Module):
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         return fused_linear_cross_entropy(h[:, :-1][keep], w, targets[keep], reduction=reduction)
+
+    def token_logprobs(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
+        """log p(labels[:, t + 1] | tokens <= t) at every supervised position: (B, T - 1) fp32, 0 where
+        the label is IGNORE_INDEX, differentiable. DPO sums them per sequence, self-rewarding averages
+        them per sentence. The fused loss with reduction='none' does the work: only supervised rows
+        are projected, and backward recomputes their logits from a saved logsumexp per row."""
+        h = self.hidden_states(input_ids, pixel_values, attention_mask)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        lp = -fused_linear_cross_entropy(h[:, :-1][keep], self.lm.get_output_embeddings().weight, targets[keep],
+                                         reduction="none")
+        return torch.zeros(targets.shape, dtype=torch.float32, device=h.device).masked_scatter(keep, lp)
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=32, temperature=0.0,

@@ -9,6 +9,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
+if not torch.cuda.is_available():  # run model.py's Triton kernel on CPU tensors (read when model.py is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def tiny_configs(vocab_size=128, image_size=32, patch_size=8, tie=False):

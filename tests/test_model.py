@@ -1,84 +1,14 @@
-"""model.py: the fused loss against F.cross_entropy, llava-hf parity, checkpoints, optimizer groups."""
+"""model.py: llava-hf parity, checkpoints, optimizer groups, generation. (The fused loss: test_kernel.py.)"""
 import json
 import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import model as M
 from conftest import tiny_configs
 
 IMG = 127  # image-token id used with the tiny llava-hf models (last id of the 128 vocab)
-
-
-# ----------------------------------------------------------------------------- fused loss
-
-def _reference(hidden, weight, targets, reduction, upstream=None):
-    h = hidden.detach().clone().requires_grad_()
-    w = weight.detach().clone().requires_grad_()
-    logits = (h.float() @ w.float().T)
-    if reduction == "none":
-        loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
-        (loss * upstream).sum().backward()
-    else:
-        loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
-        loss.backward()
-    return loss.detach(), h.grad, w.grad
-
-
-def _ours(hidden, weight, targets, reduction, upstream=None, **kw):
-    h = hidden.detach().clone().requires_grad_()
-    w = weight.detach().clone().requires_grad_()
-    loss = M.fused_linear_cross_entropy(h, w, targets, reduction=reduction, **kw)
-    (loss * upstream).sum().backward() if reduction == "none" else loss.backward()
-    return loss.detach(), h.grad, w.grad
-
-
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("chunk", [None, 3])
-def test_fused_ce_matches_cross_entropy(reduction, chunk):
-    torch.manual_seed(0)
-    N, H, V = 37, 16, 101  # odd vocab, rows not a multiple of the chunk
-    hidden, weight = torch.randn(N, H), torch.randn(V, H) * 0.5
-    targets = torch.randint(0, V, (N,))
-    targets[::3] = -100  # ignored rows
-    up = torch.randn(N) if reduction == "none" else None
-    ref = _reference(hidden, weight, targets, reduction, up)
-    got = _ours(hidden, weight, targets, reduction, up, chunk_size=chunk)
-    for r, g in zip(ref, got):
-        torch.testing.assert_close(g.float(), r.float(), rtol=1e-5, atol=1e-6)
-    assert got[1][::3].abs().max() == 0  # ignored rows get no gradient
-
-
-def test_fused_ce_all_ignored_and_single_row():
-    hidden, weight = torch.randn(4, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
-    loss = M.fused_linear_cross_entropy(hidden, weight, torch.full((4,), -100))
-    loss.backward()
-    assert loss.item() == 0.0 and hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
-    t = torch.tensor([3])
-    ref = _reference(hidden[:1], weight, t, "mean")
-    got = _ours(hidden[:1], weight, t, "mean")
-    torch.testing.assert_close(got[0], ref[0]); torch.testing.assert_close(got[2], ref[2])
-
-
-def test_fused_ce_bf16_confident_target():
-    """p(target) -> 1 in bf16. The reference is what HF does in bf16: logits from a bf16 matmul, upcast,
-    F.cross_entropy in fp32. Forming the true-class gradient p - 1 in bf16 (a bug Liger-Kernel once
-    had) rounds p to 1 and zeroes it, which this comparison catches."""
-    torch.manual_seed(0)
-    weight = torch.randn(50, 16).bfloat16()
-    hidden = (weight[torch.randint(0, 50, (8,))].float() * 1.2 + 0.05 * torch.randn(8, 16)).bfloat16()
-    targets = (hidden.float() @ weight.float().T).argmax(-1)
-    h = hidden.clone().requires_grad_(); w = weight.clone().requires_grad_()
-    ref = F.cross_entropy((h @ w.T).float(), targets, reduction="sum")
-    ref.backward()
-    p_target = torch.softmax((hidden @ weight.T).float(), -1).gather(1, targets[:, None])
-    assert (p_target > 0.99).float().mean() > 0.5  # the regime where bf16 rounds p to 1
-    got = _ours(hidden, weight, targets, "sum")
-    torch.testing.assert_close(got[0], ref.detach(), rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(got[1], h.grad, rtol=2e-2, atol=1e-5)
-    torch.testing.assert_close(got[2], w.grad, rtol=2e-2, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- llava-hf parity
@@ -144,6 +74,31 @@ def test_llava_hf_gradient_parity(tmp_path):
             torch.testing.assert_close(p.grad, theirs[n], rtol=1e-4, atol=1e-7)
             checked += 1
     assert checked > 40 and all(any(n.startswith(part) for n in theirs) for part in M.PARTS)
+
+
+def test_token_logprobs_match_llava_hf(tmp_path):
+    """Per-token log-probs (what DPO and self-rewarding sum) equal log_softmax of llava-hf's logits at
+    the supervised positions, and a per-sequence weighting of them (as DPO applies) backpropagates
+    exactly as it does through llava-hf's full logits."""
+    hf, d = _tiny_llava(tmp_path)
+    vlm = M.VLM.from_pretrained(d)
+    ids, px = _inputs()
+    labels = ids.clone()
+    labels[0, :20] = -100
+    labels[1, :25] = -100
+    logits = hf(input_ids=ids, pixel_values=px).logits[:, :-1].float()
+    keep = labels[:, 1:] != -100
+    ref = torch.log_softmax(logits, -1).gather(2, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1) * keep
+    got = vlm.token_logprobs(ids, px, labels=labels)
+    assert got.shape == ref.shape and (got[~keep] == 0).all()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    weights = torch.tensor([0.7, -1.3])  # a different upstream gradient per sequence
+    (ref.sum(-1) * weights).sum().backward()
+    (got.sum(-1) * weights).sum().backward()
+    theirs = {M._from_llava_key(n): p.grad for n, p in hf.named_parameters()}
+    for n, p in vlm.named_parameters():
+        if theirs.get(n) is not None:
+            torch.testing.assert_close(p.grad, theirs[n], rtol=1e-4, atol=1e-6)
 
 
 def test_export_llava_hf_roundtrip(tmp_path):
