@@ -5,7 +5,8 @@ Coloured shapes on a grid, sampled from a seed, rendered to small PNGs, with eac
 kept beside it. Because the truth of every image is known exactly, the world can say what is right
 and what is a hallucination without any human labels. From the scenes this script writes LLaVA-format
 SFT conversations (descriptions, yes/no, counting, attributes, positions, multiple choice, CoT), a
-held-out short-answer check file, a byte-level BPE tokenizer with a Vicuna chat template, and a tiny
+held-out short-answer check file, evaluation sets in the real benchmarks' formats (POPE, multiple
+choice, VQA, CoT, CHAIR), a byte-level BPE tokenizer with a Vicuna chat template, and a tiny
 pretrained vision tower (the world's stand-in for OpenAI's CLIP), so a small VLM can be trained on a
 laptop CPU in minutes.
 
@@ -25,12 +26,20 @@ Output (out_dir):
     test.jsonl              held-out short-answer questions, one per line:
                             {"question_id", "image", "text", "answer", "type", "scene_id"[, "probe"]}
     scenes.json             {"train": [scene, ...], "val": [...], "test": [...]}
+    images/eval/, eval/     the evaluation sets, on n_eval held-out scenes of their own (eval/scenes.json,
+                            {"eval": [scene, ...]}); questions bare, evaluate.py adds the mode's prompt:
+      pope.jsonl            {"question_id", "image", "text", "label": yes|no, "category": random|popular|adversarial}
+      mc.jsonl              {"question_id", "image", "question", "options": [4], "answer": letter, "category"}
+      vqa.jsonl             {"question_id", "image", "question", "answers": [10], "answer", "category"}
+      cot.jsonl             {"question_id", "image", "question", "answer", "answers": [10], "rationale", "category"}
+      chair.jsonl           {"question_id", "image", "text", "objects": [shape, ...], "caption"}
+      synonyms.txt          CHAIR's synonym list: "canonical, synonym, ..." per shape
     tokenizer/              transformers tokenizer (AutoTokenizer.from_pretrained) with chat template
     vision/                 transformers CLIPVisionModel + image processor, pretrained on the scenes
 
 The world logic (scene sampling, rendering, question generators) is plain functions of
 (scene, random.Random), importable by tests and by later data builders (REVERIE rows, self-reward
-prompts, POPE/CHAIR/mc/vqa eval sets).
+prompts).
 """
 
 import json
@@ -60,6 +69,14 @@ short_answer_p = 0.5    # share of short-answer questions given LLaVA's "single 
 single_turn_p = 0.3     # share of scenes that also get a one-question record
 vision_steps = 300      # pretraining steps of the world's vision tower (0 = skip; sft.py then trains one from scratch)
 vision_patch_size = 16  # one patch per grid cell at the defaults
+# evaluation sets (eval/), on their own held-out scenes; sizes are questions per file, small enough
+# that a tiny CPU model runs the whole suite in minutes
+n_eval = 600            # eval scenes; POPE needs many: only ~1 in 5 has a shape whose partner is missing
+eval_pope = 200         # questions per POPE category (random, popular, adversarial), whole images
+eval_mc = 200
+eval_vqa = 300
+eval_cot = 200
+eval_chair = 100        # captions (one per scene)
 # -----------------------------------------------------------------------------
 # nanoGPT's idiom: only the values above are config; the world constants below are not
 _config_keys = [k for k, v in globals().items()
@@ -381,28 +398,41 @@ def mc_format(question, options, answer_index):
     return question + "\n" + "\n".join(lines) + MC_SUFFIX, letters[answer_index]
 
 
-def qa_mc(scene, rng, style=None):
-    """A colour, shape, count, position or 'which is there' question with 4 options."""
+def mc_question(scene, rng, kind=None):
+    """A colour, shape, position, count or 'which is there' ('exist') question with 4 options:
+    (kind, question, options, index of the right one). With a kind, only questions of that kind
+    (None if it has none here); without, the same draws qa_mc has always made."""
     objs = scene['objects']
     grid = scene.get('grid', 3)
     candidates = []
     for o in unique_by(objs, lambda o: o['shape']):
-        candidates.append((f"What color is the {o['shape']}?", o['color'], COLOR_NAMES))
+        candidates.append(('color', f"What color is the {o['shape']}?", o['color'], COLOR_NAMES))
     for o in unique_by(objs, lambda o: o['color']):
-        candidates.append((f"What shape is the {o['color']} object?", o['shape'], SHAPES))
+        candidates.append(('shape', f"What shape is the {o['color']} object?", o['shape'], SHAPES))
     for o in unique_by(objs, lambda o: (o['color'], o['shape'])):
         names = [position_name(r, c, grid) for r in range(grid) for c in range(grid)]
-        candidates.append((f"Where is the {o['color']} {o['shape']}?", position_name(o['row'], o['col'], grid), names))
+        candidates.append(('position', f"Where is the {o['color']} {o['shape']}?",
+                           position_name(o['row'], o['col'], grid), names))
     counts = [str(i) for i in range(0, max(len(objs), 3) + 2)]
-    candidates.append(("How many objects are there?", str(len(objs)), counts))
+    candidates.append(('count', "How many objects are there?", str(len(objs)), counts))
     absent = [s for s in SHAPES if all(o['shape'] != s for o in objs)]
     if len(absent) >= 3:  # exactly one option is present
         present = rng.choice(objs)['shape']
-        candidates.append(("Which of these shapes is in the image?", present, [present] + absent))
-    question, right, pool = rng.choice(candidates)
+        candidates.append(('exist', "Which of these shapes is in the image?", present, [present] + absent))
+    if kind is not None:
+        candidates = [c for c in candidates if c[0] == kind]
+        if not candidates:
+            return None
+    kind, question, right, pool = rng.choice(candidates)
     options = [right] + rng.sample([p for p in pool if p != right], 3)
     rng.shuffle(options)
-    return mc_format(question, options, options.index(right))
+    return kind, question, options, options.index(right)
+
+
+def qa_mc(scene, rng, style=None):
+    """A multiple-choice question in LLaVA's prompt form (mc_question)."""
+    _, question, options, i = mc_question(scene, rng)
+    return mc_format(question, options, i)
 
 
 def cot_format(question, rationale, short):
@@ -410,11 +440,16 @@ def cot_format(question, rationale, short):
     return question + COT_SUFFIX, f"{rationale}\n{COT_ANSWER} {short}"
 
 
-def qa_cot(scene, rng, style=None):
-    """Two-step questions with a rationale that lists the relevant objects, then the short answer."""
+COT_KINDS = ['line_color', 'compare', 'neighbor']
+
+
+def cot_question(scene, rng, kind=None):
+    """Two-step questions with a rationale that lists the relevant objects: (kind, question, rationale,
+    short answer). kind picks one of COT_KINDS (a 'neighbor' with no unique object next to a cell
+    becomes a 'line_color'); without it, the same draws qa_cot has always made."""
     objs = scene['objects']
     grid = scene.get('grid', 3)
-    kind = rng.choice(['line_color', 'compare', 'neighbor'])
+    kind = kind or rng.choice(COT_KINDS)
 
     if kind == 'neighbor':  # 'What color is the object to the right of the red circle?'
         uniq = unique_by(objs, lambda o: (o['color'], o['shape']))
@@ -436,7 +471,7 @@ def qa_cot(scene, rng, style=None):
             else:
                 rationale, short = f"{lead}, {where}, there is nothing.", 'nothing'
             rationale = f"The {o['color']} {o['shape']} is {position_phrase(o['row'], o['col'], grid)}. " + rationale
-            return cot_format(f"What color is the object {rel} the {o['color']} {o['shape']}?", rationale, short)
+            return kind, f"What color is the object {rel} the {o['color']} {o['shape']}?", rationale, short
         kind = 'line_color'  # no unique object with a neighbouring cell: ask another kind
 
     if kind == 'compare':  # 'Are there more circles than squares?'
@@ -451,7 +486,7 @@ def qa_cot(scene, rng, style=None):
             rationale, short = f"{counted}, so there are more {PLURALS[a]}.", 'yes'
         else:
             rationale, short = f"{counted}, so there are not more {PLURALS[a]} than {PLURALS[b]}.", 'no'
-        return cot_format(f"Are there more {PLURALS[a]} than {PLURALS[b]}?", rationale, short)
+        return kind, f"Are there more {PLURALS[a]} than {PLURALS[b]}?", rationale, short
 
     # 'line_color': 'How many red objects are in the top row?'; mostly a line with objects in it
     axis = rng.choice(['row', 'col'])
@@ -469,7 +504,13 @@ def qa_cot(scene, rng, style=None):
         verdict = f"None of them is {color}." if k == 0 else (
             f"One of them is {color}." if k == 1 else f"{number_word(k).capitalize()} of them are {color}.")
         rationale = f"The {name} has {join_and(a_phrase(o) for o in line)}. {verdict}"
-    return cot_format(f"How many {color} objects are in the {name}?", rationale, str(k))
+    return kind, f"How many {color} objects are in the {name}?", rationale, str(k)
+
+
+def qa_cot(scene, rng, style=None):
+    """A CoT question in LLaVA-Reasoner's form (cot_question)."""
+    _, question, rationale, short = cot_question(scene, rng)
+    return cot_format(question, rationale, short)
 
 
 # the generators of training QAs, by kind; each is (scene, rng) -> (question, answer) or None
@@ -556,6 +597,179 @@ def make_test_questions(scene, rng):
     if by_pair:
         add(ask_where(scene, rng.choice(by_pair)), 'position')
     return rows
+
+
+# -----------------------------------------------------------------------------
+# Evaluation sets, in the real benchmarks' formats (evaluate.py reads them). Questions are bare: the
+# evaluator appends the mode's prompt (LLaVA's short-answer or letter suffix, the CoT suffix), as
+# LLaVA's own eval files leave it to the evaluator. Each builder takes the held-out eval scenes and
+# its own rng, and returns rows with question_id 0.. and 'image' relative to out_dir/images.
+
+POPE_CATEGORIES = ['random', 'popular', 'adversarial']
+VQA_CATEGORIES = ['exist', 'count', 'color', 'shape', 'position']
+MC_CATEGORIES = ['color', 'shape', 'position', 'count', 'exist']
+CHAIR_PROMPT = "Describe the image in detail."  # one of DESCRIBE_PROMPTS, the wording SFT trains on
+# CHAIR's synonym list: words a model might use for each shape, singular and plural. Single words
+# only, each under one shape, so a word-level matcher never counts one mention twice.
+SYNONYMS = {'circle': ['circles', 'disc', 'discs', 'disk', 'disks', 'dot', 'dots', 'ball', 'balls'],
+            'square': ['squares', 'box', 'boxes', 'rectangle', 'rectangles', 'block', 'blocks'],
+            'triangle': ['triangles', 'pyramid', 'pyramids', 'wedge', 'wedges'],
+            'diamond': ['diamonds', 'rhombus', 'rhombi', 'rhombuses', 'lozenge', 'lozenges'],
+            'cross': ['crosses', 'plus', 'pluses'],
+            'ring': ['rings', 'hoop', 'hoops', 'donut', 'donuts', 'doughnut', 'doughnuts', 'annulus', 'loop', 'loops']}
+
+
+def eval_image(scene):
+    return f"eval/{scene['id']}.png"
+
+
+def present_shapes(scene):
+    """The scene's shapes, deduplicated, in SHAPES order."""
+    return [s for s in SHAPES if any(o['shape'] == s for o in scene['objects'])]
+
+
+def shape_popularity(scenes):
+    """Shapes by how many scenes contain them, most first (ties in SHAPES order): POPE's 'popular'
+    ranking, from the training scenes."""
+    n = Counter(s for scene in scenes for s in present_shapes(scene))
+    return sorted(SHAPES, key=lambda s: (-n[s], SHAPES.index(s)))
+
+
+def pope_probes(scene, rng, popularity):
+    """POPE's objects for one image: k present shapes (the 'yes' questions, shared by the three
+    categories, as in POPE) and, per category, k absent ones. k is the number of present shapes whose
+    co-occurrence partner is absent (at most 3, POPE's count): the adversarial negatives are exactly
+    those partners, the objects the world's cooccur_bias makes tempting. None when there are none, so
+    every POPE image carries all three categories and only the negatives differ between them.
+    random: uniform over the absent shapes; popular: the absent shapes first in `popularity`."""
+    present = present_shapes(scene)
+    absent = [s for s in SHAPES if s not in present]
+    partners = [s for s in absent if PARTNER[s] in present]
+    k = min(3, len(partners))
+    if k == 0:
+        return None
+    negatives = {'random': rng.sample(absent, k), 'popular': [s for s in popularity if s in absent][:k],
+                 'adversarial': rng.sample(partners, k)}
+    return rng.sample(present, k), negatives
+
+
+def make_pope(scenes, rng, n, popularity):
+    """POPE rows {question_id, image, text, label, category}: images taken in order (those with a
+    missing partner) until each category has at least n questions; per image and category, yes and
+    no alternate, so each category is exactly balanced."""
+    picked = []
+    for scene in scenes:
+        if 2 * sum(len(pos) for _, pos, _ in picked) >= n:
+            break
+        probes = pope_probes(scene, rng, popularity)
+        if probes:
+            picked.append((scene, *probes))
+    rows = []
+    for category in POPE_CATEGORIES:
+        for scene, positives, negatives in picked:
+            for shape in (s for pair in zip(positives, negatives[category]) for s in pair):
+                q, label = ask_exist(scene, shape, style='short')  # the label is recomputed from the scene
+                rows.append({'question_id': len(rows), 'image': eval_image(scene), 'text': q.removesuffix(SHORT_SUFFIX),
+                             'label': label, 'category': category})
+    return rows
+
+
+def human_answers(short):
+    """VQA's 10 'human' answers for a world with exact truth: the canonical answer, and for a number
+    its word too (5 + 5: either earns full credit under VQA's min(#matches / 3, 1))."""
+    if short.isdigit():
+        return [short] * 5 + [number_word(int(short))] * 5
+    return [short] * 10
+
+
+def vqa_question(scene, rng, category):
+    """(question, short answer) of a VQA_CATEGORIES category, from the training generators so the
+    wording is the one the model learnt; None where the category does not apply to the scene."""
+    objs = scene['objects']
+    if category == 'exist':  # 50/50 yes/no, half of them with a colour
+        qa = qa_exist(scene, rng, 'short')
+    elif category == 'count':
+        qa = qa_count(scene, rng, 'short')
+    elif category == 'color':
+        uniq = unique_by(objs, lambda o: o['shape'])
+        qa = ask_color(scene, rng.choice(uniq)['shape']) if uniq else None
+    elif category == 'shape':
+        uniq = unique_by(objs, lambda o: o['color'])
+        qa = ask_shape(scene, rng.choice(uniq)['color']) if uniq else None
+    elif category == 'position':  # 'Where is the red circle?' / 'What is in the top left?'
+        qa = qa_position(scene, rng, 'short')
+    else:
+        raise ValueError(f"unknown vqa category {category!r}")
+    return None if qa is None else (qa[0].removesuffix(SHORT_SUFFIX), qa[1])
+
+
+def cycle_rows(scenes, n, categories, ask):
+    """n rows whose categories take turns; the scenes are visited in turn (round again if needed) and a
+    scene where ask(scene, category) gives None, or a question already asked of it, is passed over.
+    Stops short of n only if the scenes run out of questions."""
+    rows, seen = [], set()
+    for step in range(20 * n if scenes else 0):
+        if len(rows) == n:
+            break
+        scene = scenes[step % len(scenes)]
+        category = categories[len(rows) % len(categories)]
+        row = ask(scene, category)
+        if row is None or (scene['id'], row['question']) in seen:
+            continue
+        seen.add((scene['id'], row['question']))
+        rows.append({'question_id': len(rows), 'image': eval_image(scene), **row, 'category': category})
+    return rows
+
+
+def make_mc(scenes, rng, n):
+    """Multiple choice {question_id, image, question, options, answer (letter), category}, the
+    categories of mc_question in turn."""
+    def ask(scene, category):
+        mc = mc_question(scene, rng, category)
+        if mc is None:
+            return None
+        return {'question': mc[1], 'options': mc[2], 'answer': 'ABCDE'[mc[3]]}
+    return cycle_rows(scenes, n, MC_CATEGORIES, ask)
+
+
+def make_vqa(scenes, rng, n):
+    """Short answer {question_id, image, question, answers (10), answer, category}."""
+    def ask(scene, category):
+        qa = vqa_question(scene, rng, category)
+        if qa is None:
+            return None
+        return {'question': qa[0], 'answers': human_answers(qa[1]), 'answer': qa[1]}
+    return cycle_rows(scenes, n, VQA_CATEGORIES, ask)
+
+
+def make_cot(scenes, rng, n):
+    """Multi-step questions {question_id, image, question, answer, answers, category (a COT_KINDS
+    kind), rationale}: the rationale is the gold chain in the training form, ending in a line
+    '### Answer: <answer>'. A 'neighbor' that falls back to another kind is passed over, so the
+    kinds stay balanced."""
+    def ask(scene, category):
+        kind, question, rationale, short = cot_question(scene, rng, category)
+        if kind != category:
+            return None
+        return {'question': question, 'answer': short, 'answers': human_answers(short),
+                'rationale': cot_format(question, rationale, short)[1]}
+    return cycle_rows(scenes, n, COT_KINDS, ask)
+
+
+def make_chair(scenes, n):
+    """Captioning for CHAIR {question_id, image, text, objects, caption}: the first n scenes, the
+    shapes truly there (deduplicated, in order of mention) and the true description."""
+    rows = []
+    for scene in scenes[:n]:
+        objects = list(dict.fromkeys(o['shape'] for o in scene['objects']))
+        rows.append({'question_id': len(rows), 'image': eval_image(scene), 'text': CHAIR_PROMPT,
+                     'objects': objects, 'caption': describe(scene)})
+    return rows
+
+
+def synonyms_text():
+    """CHAIR's synonyms.txt: one line per object, the canonical name first, comma separated."""
+    return "".join(", ".join([s] + SYNONYMS[s]) + "\n" for s in SHAPES)
 
 
 # -----------------------------------------------------------------------------
@@ -771,6 +985,25 @@ def main():
             test_rows.append({'question_id': len(test_rows), 'image': f"test/{scene['id']}.png",
                               **row, 'scene_id': scene['id']})
 
+    # evaluation sets: scenes of their own (own seed stream, ids 'eval_...'), not in scenes.json, and
+    # each file its own question stream, so none of this changes a byte of the files above
+    eval_scenes = sample_scenes('eval', n_eval, seed, grid, max_objects, cooccur_bias)
+    os.makedirs(os.path.join(out_dir, 'images', 'eval'), exist_ok=True)
+    for scene in eval_scenes:
+        img = render_scene(scene, image_size, render_rng(seed, scene['id']))
+        img.save(os.path.join(out_dir, 'images', 'eval', scene['id'] + '.png'), format='PNG')
+    popularity = shape_popularity(scenes['train'])
+    eval_rows = {
+        'pope': make_pope(eval_scenes, random.Random(f"{seed}:eval:pope"), eval_pope, popularity),
+        'mc': make_mc(eval_scenes, random.Random(f"{seed}:eval:mc"), eval_mc),
+        'vqa': make_vqa(eval_scenes, random.Random(f"{seed}:eval:vqa"), eval_vqa),
+        'cot': make_cot(eval_scenes, random.Random(f"{seed}:eval:cot"), eval_cot),
+        'chair': make_chair(eval_scenes, eval_chair),
+    }
+    # the same scene graph (with other jitter) can come up in train: a small world has few 1-2 object scenes
+    train_graphs = {json.dumps(s['objects']) for s in scenes['train'] + scenes['val']}
+    n_seen = sum(json.dumps(s['objects']) in train_graphs for s in eval_scenes)
+
     # tokenizer: all the text the world produces, plus the chat template's own words
     texts = [t['value'] for split in records for r in records[split] for t in r['conversations']]
     texts += [r['text'] for r in test_rows] + [r['answer'] for r in test_rows]
@@ -781,6 +1014,12 @@ def main():
     write_json(os.path.join(out_dir, 'val.json'), records['val'])
     write_jsonl(os.path.join(out_dir, 'test.jsonl'), test_rows)
     write_json(os.path.join(out_dir, 'scenes.json'), scenes)
+    eval_dir = os.path.join(out_dir, 'eval')
+    os.makedirs(eval_dir, exist_ok=True)
+    write_json(os.path.join(eval_dir, 'scenes.json'), {'eval': eval_scenes})
+    for name, rows in eval_rows.items():
+        write_jsonl(os.path.join(eval_dir, f'{name}.jsonl'), rows)
+    write_atomic(os.path.join(eval_dir, 'synonyms.txt'), lambda f: f.write(synonyms_text()))
     tok_dir = os.path.join(out_dir, 'tokenizer')
     save_tokenizer(tokenizer, tok_dir)
     tokenizer = check_tokenizer(tok_dir, texts[:200] + texts[-50:])
@@ -807,6 +1046,18 @@ def main():
     print(f"  test.jsonl: {len(test_rows)} questions: "
           + ", ".join(f"{k} {types[k]}" for k in ('exist', 'color', 'shape', 'count', 'position'))
           + " (exist probes: " + ", ".join(f"{k} {probes[k]}" for k in ('present', 'partner', 'random')) + ")")
+    print(f"  eval/: {len(eval_scenes)} held-out scenes (images/eval/, eval/scenes.json), {n_seen} with a scene graph "
+          f"also in train/val")
+    pope = eval_rows['pope']
+    print(f"  eval/pope.jsonl: {len(pope)} questions on {len({r['image'] for r in pope})} images, "
+          + ", ".join(f"{c} {sum(r['category'] == c for r in pope)}" for c in POPE_CATEGORIES)
+          + f", yes {sum(r['label'] == 'yes' for r in pope)}; popular order {', '.join(popularity)}")
+    for name, cats in (('mc', MC_CATEGORIES), ('vqa', VQA_CATEGORIES), ('cot', COT_KINDS)):
+        n = Counter(r['category'] for r in eval_rows[name])
+        print(f"  eval/{name}.jsonl: {len(eval_rows[name])} questions: " + ", ".join(f"{c} {n[c]}" for c in cats))
+    chair = eval_rows['chair']
+    print(f"  eval/chair.jsonl: {len(chair)} captions, {sum(len(r['objects']) for r in chair) / max(1, len(chair)):.2f} "
+          f"shapes per image; eval/synonyms.txt: {len(SHAPES)} objects, {sum(map(len, SYNONYMS.values()))} synonyms")
     print(f"  tokenizer: vocab {len(tokenizer)}, train conversation {sum(lengths) / len(lengths):.1f} tokens "
           f"on average (max {max(lengths)}, one per <image>)")
     if vision_steps:

@@ -29,6 +29,9 @@ LINES = {'top row': ('row', 0), 'middle row': ('row', 1), 'bottom row': ('row', 
 SINGULAR = {'circles': 'circle', 'squares': 'square', 'triangles': 'triangle', 'diamonds': 'diamond',
             'crosses': 'cross', 'rings': 'ring'}
 SMALL = ['--n_train=50', '--n_val=10', '--n_test=20', '--vision_steps=5']
+EVAL_FILES = ['pope.jsonl', 'mc.jsonl', 'vqa.jsonl', 'cot.jsonl', 'chair.jsonl', 'synonyms.txt', 'scenes.json']
+NUMBERS = {'zero': '0', 'one': '1', 'two': '2', 'three': '3', 'four': '4', 'five': '5', 'six': '6', 'seven': '7',
+           'eight': '8', 'nine': '9', 'ten': '10'}
 
 
 def run_script(out_dir, *args):
@@ -155,8 +158,10 @@ def test_determinism_same_seed(built):
     a, b = built
     for name in ['train.json', 'val.json', 'test.jsonl', 'scenes.json', 'tokenizer/tokenizer.json']:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    for name in EVAL_FILES:
+        assert (a / 'eval' / name).read_bytes() == (b / 'eval' / name).read_bytes(), name
     images = sorted(p.relative_to(a) for p in (a / 'images').rglob('*.png'))
-    assert len(images) == 50 + 10 + 20
+    assert len(images) == 50 + 10 + 20 + ps.n_eval
     for rel in images:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
@@ -443,3 +448,184 @@ def test_vision_pretraining_learns_cells(tmp_path):
                                                      batch_size=64)
     assert shape_acc > 0.9 and color_acc > 0.9, (shape_acc, color_acc)
     assert os.path.isfile(tmp_path / 'v' / 'config.json') and os.path.isfile(tmp_path / 'v' / 'preprocessor_config.json')
+
+
+# -----------------------------------------------------------------------------
+# evaluation sets (eval/): formats, truth against the scene graphs, POPE's negative rules
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope='module')
+def eval_set(built):
+    """(out_dir, eval scenes by id, train scenes, {name: rows}) of the first same-seed run (default eval sizes)."""
+    out = built[0]
+    scenes = {s['id']: s for s in json.loads((out / 'eval' / 'scenes.json').read_text())['eval']}
+    train = json.loads((out / 'scenes.json').read_text())['train']
+    rows = {name: read_jsonl(out / 'eval' / f'{name}.jsonl') for name in ('pope', 'mc', 'vqa', 'cot', 'chair')}
+    return out, scenes, train, rows
+
+
+def scene_of(scenes, row):
+    assert re.fullmatch(r'eval/eval_\d{6}\.png', row['image']), row['image']
+    return scenes[row['image'][len('eval/'):-len('.png')]]
+
+
+def shapes_in(scene):
+    return {o['shape'] for o in scene['objects']}
+
+
+FIELDS = {'pope': {'question_id': int, 'image': str, 'text': str, 'label': str, 'category': str},
+          'mc': {'question_id': int, 'image': str, 'question': str, 'options': list, 'answer': str, 'category': str},
+          'vqa': {'question_id': int, 'image': str, 'question': str, 'answers': list, 'answer': str, 'category': str},
+          'cot': {'question_id': int, 'image': str, 'question': str, 'answer': str, 'answers': list, 'rationale': str,
+                  'category': str},
+          'chair': {'question_id': int, 'image': str, 'text': str, 'objects': list, 'caption': str}}
+
+
+def test_eval_fields_and_sizes(eval_set):
+    out, scenes, _, rows = eval_set
+    sizes = {'pope': 3 * ps.eval_pope, 'mc': ps.eval_mc, 'vqa': ps.eval_vqa, 'cot': ps.eval_cot, 'chair': ps.eval_chair}
+    for name, fields in FIELDS.items():
+        if name == 'pope':  # whole images, so a category can pass its size by an image's questions
+            assert 3 * ps.eval_pope <= len(rows[name]) < 3 * (ps.eval_pope + 6)
+        else:
+            assert len(rows[name]) == sizes[name], name
+        assert [r['question_id'] for r in rows[name]] == list(range(len(rows[name])))
+        for r in rows[name]:
+            assert set(r) == set(fields), (name, r)
+            assert all(isinstance(r[k], t) and not isinstance(r[k], bool) for k, t in fields.items()), (name, r)
+            assert (out / 'images' / r['image']).is_file()
+            scene_of(scenes, r)
+            for k in ('text', 'question'):  # bare questions: the evaluator adds the mode's prompt
+                assert k not in r or ('<image>' not in r[k] and '\n' not in r[k] and r[k].endswith(('?', '.'))), r
+            for k in ('answers', 'options', 'objects'):
+                assert k not in r or all(isinstance(x, str) for x in r[k]), r
+
+
+def test_eval_scenes_held_out(eval_set):
+    out, scenes, _, _ = eval_set
+    split = json.loads((out / 'scenes.json').read_text())
+    assert set(split) == {'train', 'val', 'test'}  # scenes.json as before; eval scenes live in eval/scenes.json
+    seen = {s['id'] for v in split.values() for s in v}
+    assert len(scenes) == ps.n_eval and not seen & set(scenes)
+    assert all(sid.startswith('eval_') for sid in scenes)
+    assert list(scenes.values()) == ps.sample_scenes('eval', ps.n_eval, ps.seed)  # its own seed stream
+    assert list(scenes.values())[:len(split['train'])] != split['train']
+    train_images = {p.read_bytes() for p in (out / 'images' / 'train').glob('*.png')}
+    assert not any((out / 'images' / 'eval' / f'{sid}.png').read_bytes() in train_images for sid in list(scenes)[:100])
+
+
+def test_eval_pope(eval_set):
+    _, scenes, train, rows = eval_set
+    freq = Counter(s for sc in train for s in shapes_in(sc))
+    by = {}  # (category, image) -> {'yes': [...], 'no': [...]}
+    for r in rows['pope']:
+        m = re.fullmatch(r"Is there a (\w+) in the image\?", r['text'])
+        assert m and m[1] in ps.SHAPES and r['label'] in ('yes', 'no')
+        assert r['category'] in ('random', 'popular', 'adversarial')
+        scene = scene_of(scenes, r)
+        assert (m[1] in shapes_in(scene)) == (r['label'] == 'yes')  # positives present, negatives absent
+        by.setdefault((r['category'], r['image']), {'yes': [], 'no': []})[r['label']].append(m[1])
+    cats = Counter(r['category'] for r in rows['pope'])
+    assert len(set(cats.values())) == 1 and set(cats) == {'random', 'popular', 'adversarial'}
+    for cat in cats:
+        assert sum(r['label'] == 'yes' for r in rows['pope'] if r['category'] == cat) == cats[cat] // 2
+    images = {cat: {img for c, img in by if c == cat} for cat in cats}
+    assert images['random'] == images['popular'] == images['adversarial']
+    for (cat, img), qs in by.items():
+        scene = scene_of(scenes, {'image': img})
+        present = shapes_in(scene)
+        absent = set(ps.SHAPES) - present
+        assert len(qs['yes']) == len(qs['no']) == len(set(qs['no'])) == len(set(qs['yes'])) <= 3
+        assert qs['yes'] == by['random', img]['yes']  # the same positives in every category, as in POPE
+        if cat == 'adversarial':  # exactly the missing partners of present shapes
+            assert set(qs['no']) == {s for s in absent if ps.PARTNER[s] in present}
+        if cat == 'popular':  # the absent shapes most frequent in the training scenes
+            rest = absent - set(qs['no'])
+            assert not rest or min(freq[s] for s in qs['no']) >= max(freq[s] for s in rest)
+
+
+def test_pope_probes_unit():
+    o = lambda s, r, c: {'shape': s, 'color': 'red', 'row': r, 'col': c}  # noqa: E731
+    scene = {'id': 'x', 'grid': 3, 'objects': [o('circle', 0, 0), o('triangle', 1, 1), o('diamond', 2, 2)]}
+    popularity = ['circle', 'ring', 'cross', 'square', 'triangle', 'diamond']
+    for i in range(10):
+        positives, negatives = ps.pope_probes(scene, random.Random(i), popularity)
+        assert len(positives) == 1 and positives[0] in {'circle', 'triangle', 'diamond'}
+        assert negatives['adversarial'] == ['square'] and negatives['popular'] == ['ring']
+        assert negatives['random'][0] in {'square', 'cross', 'ring'}
+    paired = {'id': 'y', 'grid': 3, 'objects': [o('circle', 0, 0), o('square', 1, 1)]}
+    assert ps.pope_probes(paired, random.Random(0), popularity) is None  # no tempting partner: not a POPE image
+
+
+def test_eval_mc(eval_set):
+    _, scenes, _, rows = eval_set
+    categories = ('color', 'shape', 'position', 'count', 'exist')
+    assert Counter(r['category'] for r in rows['mc']) == {c: ps.eval_mc // 5 for c in categories}
+    for r in rows['mc']:
+        scene, options = scene_of(scenes, r), r['options']
+        assert 2 <= len(options) <= 5 and len(set(options)) == len(options)
+        assert r['answer'] in 'ABCDE'[:len(options)] and len(r['answer']) == 1
+        chosen = options['ABCDE'.index(r['answer'])]
+        if r['question'] == "Which of these shapes is in the image?":
+            assert r['category'] == 'exist' and [x for x in options if x in shapes_in(scene)] == [chosen]
+        else:
+            assert chosen == truth(scene, r['question'])
+
+
+def test_eval_vqa(eval_set):
+    _, scenes, _, rows = eval_set
+    starts = {'exist': ('Is there',), 'count': ('How many',), 'color': ('What color',), 'shape': ('What shape',),
+              'position': ('Where is', 'What is')}
+    assert Counter(r['category'] for r in rows['vqa']) == {c: ps.eval_vqa // 5 for c in starts}
+    exist = Counter()
+    for r in rows['vqa']:
+        assert r['question'].startswith(starts[r['category']])
+        assert r['answer'] == truth(scene_of(scenes, r), r['question'])
+        assert len(r['answers']) == 10 and all(NUMBERS.get(a, a) == r['answer'] for a in r['answers'])
+        assert r['answers'].count(r['answer']) >= 3  # the canonical answer alone earns full VQA credit
+        if r['category'] == 'exist':
+            exist[r['answer']] += 1
+    assert 0.3 < exist['yes'] / sum(exist.values()) < 0.7
+
+
+def test_eval_cot(eval_set):
+    _, scenes, _, rows = eval_set
+    kinds = Counter(r['category'] for r in rows['cot'])
+    assert set(kinds) == {'line_color', 'compare', 'neighbor'} and max(kinds.values()) - min(kinds.values()) <= 1
+    for r in rows['cot']:
+        assert r['answer'] == truth(scene_of(scenes, r), r['question'])
+        assert len(r['answers']) == 10 and all(NUMBERS.get(a, a) == r['answer'] for a in r['answers'])
+        *steps, last = r['rationale'].split('\n')
+        assert steps and steps[0] and last == f"### Answer: {r['answer']}"
+        # the same form as the training CoT answers
+        assert r['rationale'] == ps.cot_format(r['question'], '\n'.join(steps), r['answer'])[1]
+
+
+def test_eval_chair(eval_set):
+    out, scenes, _, rows = eval_set
+    lines = (out / 'eval' / 'synonyms.txt').read_text().splitlines()
+    to_canonical = {}
+    for line in lines:
+        words = line.split(', ')
+        assert all(w and w == w.strip().lower() for w in words), line
+        for w in words:
+            assert w not in to_canonical, w  # every word names one object only
+            to_canonical[w] = words[0]
+    assert [line.split(', ')[0] for line in lines] == ps.SHAPES
+    assert all(to_canonical[w] == SINGULAR[w] for w in SINGULAR)  # plurals as the world writes them
+    for r in rows['chair']:
+        scene = scene_of(scenes, r)
+        assert r['text'] in ps.DESCRIBE_PROMPTS
+        assert len(r['objects']) == len(set(r['objects'])) and set(r['objects']) == shapes_in(scene)
+        check_description(scene, r['caption'])
+        named = re.findall(r"A \w+ (\w+) is", r['caption'])
+        assert len(named) == len(scene['objects']) and {to_canonical[w] for w in named} == set(r['objects'])
+    assert len({r['image'] for r in rows['chair']}) == len(rows['chair'])
+
+
+def test_human_answers():
+    assert ps.human_answers('2') == ['2'] * 5 + ['two'] * 5
+    assert ps.human_answers('red') == ['red'] * 10
