@@ -1,22 +1,41 @@
 """
-Evaluate a checkpoint: generate answers to benchmark questions, score them, print a table and
-write predictions.jsonl + metrics.json (atomically) under out_dir.
+Evaluate a checkpoint on benchmarks: generate answers, score them by each benchmark's published rule
+(data.py section 6), print one table, write predictions and metrics.json (atomically) under out_dir.
 
-Held-out short-answer questions of the shapes world (after `python prepare_shapes.py` and `python sft.py`):
+The shapes suite, held-out scenes (after `python prepare_shapes.py` and `python sft.py`): POPE,
+multiple choice, VQA, CoT and CHAIR in one call, one table:
     python evaluate.py
-Any checkpoint (ours or llava-hf) on a question file in the same format:
-    python evaluate.py --init_from=out/sft --data_path=data/shapes/test.jsonl
-Several GPUs (questions are sharded over ranks and gathered):
+One benchmark, any checkpoint (ours or llava-hf), question files in LLaVA's formats:
+    python evaluate.py --task=pope --init_from=out/sft --data_path=pope/llava_pope_test.jsonl --image_root=pope/val2014
+    python evaluate.py --task=mc --data_path=scienceqa/llava_test_CQM-A.json --image_root=scienceqa/images/test
+Score answers generated elsewhere (LLaVA answer files: question_id + text), no model loaded:
+    python evaluate.py --task=pope --data_path=Q.jsonl --predictions=answers.jsonl --out_dir=D
+    python evaluate.py --predictions=out/sft/eval      # re-score a shapes run's <task>_predictions.jsonl
+Several GPUs (questions are sharded over ranks, gathered, scored on rank 0):
     torchrun --standalone --nproc_per_node=8 evaluate.py --init_from=...
 
-Task 'short': LLaVA-style question files, one JSON object a line: question_id, image (relative to
-image_root), text (the prompt), answer (gold short answer), type (a category to break accuracy down
-by). Score: exact match after lower-casing and stripping punctuation and articles.
+Question files (JSONL, one object a line; image paths relative to image_root; details and the
+prompt rules in data.benchmark_question):
+  pope   question_id, image, text, label yes|no, category random|popular|adversarial (optional)
+  mc     question_id, image (optional), question, options [..], answer (letter), category (optional);
+         or ScienceQA as LLaVA ships it (.json list: id, image?, conversations [human, gpt 'The answer is X.'])
+  vqa    question_id, image, question (or text), answers [..] (or answer), category (optional)
+  cot    like mc (with options) or vqa (without); the CoT suffix is appended
+  chair  question_id (or image_id), image, text (optional prompt), objects [true objects]; + synonyms_path
+  shapes shapes_dir/{pope,mc,vqa,cot,chair}.jsonl and synonyms.txt, all of the above
+('short', the old name of the short-answer task, runs vqa.)
+
+Written to out_dir:
+  predictions.jsonl  LLaVA's answer format (question_id, prompt, text) + the gold fields + the verdict
+                     (shapes: <task>_predictions.jsonl, one per task)
+  metrics.json       {split: {metric: fraction, ..., n}} with a split per category ('all' if none),
+                     POPE's 'average' of its splits, 'overall' for the others (shapes: {task: {...}})
+  run.json           what was run: config, files, timing
 """
 import json
 import os
-import re
 import time
+from collections import Counter
 
 import torch
 from tqdm import tqdm
@@ -25,83 +44,147 @@ import data as D
 import model as M
 
 # -----------------------------------------------------------------------------
-init_from = "out/sft"
-task = "short"
-data_path = "data/shapes/test.jsonl"
+init_from = "out/sft"      # checkpoint dir, ours or llava-hf
+task = "shapes"            # pope | mc | vqa | cot | chair | shapes (all five on the shapes world's eval sets)
+data_path = ""             # the question file (not used by shapes)
+shapes_dir = "data/shapes/eval"
 image_root = "data/shapes/images"
-out_dir = ""               # '' = <init_from>/eval
+synonyms_path = ""         # CHAIR's synonyms.txt; '' = synonyms.txt beside the question file
+predictions = ""           # score this answer file (shapes: a directory of <task>_predictions.jsonl) instead of generating
+out_dir = ""               # '' = <init_from>/eval, or <predictions>_scored when scoring a file
 batch_size = 32
-max_new_tokens = 16
-show = 8                   # print this many question / answer / truth examples
+max_new_tokens = 0         # 0 = the task's default (MAX_NEW below)
+temperature = 0.0          # 0 = greedy, as LLaVA's evals
+show = 3                   # print this many question / answer / truth examples per task
 device = "auto"
-dtype = "auto"
+dtype = "auto"             # auto = bfloat16 on CUDA, float32 elsewhere; or float32 | bfloat16 | float16
 seed = 1337
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 config = configure(globals())
 # -----------------------------------------------------------------------------
+# short answers and letters need few tokens; a reasoning chain or a detailed caption needs room
+MAX_NEW = dict(pope=16, mc=16, vqa=16, cot=256, chair=128)
+if task == "short":
+    task = "vqa"
+if task not in D.BENCHMARKS + ("shapes",):
+    raise ValueError(f"task must be one of {D.BENCHMARKS + ('shapes',)}, got {task!r}")
+
+# the runs: (task, question file, answer file to score or None)
+if task == "shapes":
+    if not os.path.isdir(shapes_dir):
+        raise FileNotFoundError(f"{shapes_dir}: no shapes eval sets; run `python prepare_shapes.py` first")
+    runs = [(t, os.path.join(shapes_dir, f"{t}.jsonl"),
+             os.path.join(predictions, f"{t}_predictions.jsonl") if predictions else None) for t in D.BENCHMARKS]
+    synonyms_path = synonyms_path or os.path.join(shapes_dir, "synonyms.txt")
+else:
+    if not data_path:
+        raise ValueError(f"task {task!r} needs --data_path=<question file>")
+    runs = [(task, data_path, predictions or None)]
+    synonyms_path = synonyms_path or os.path.join(os.path.dirname(data_path), "synonyms.txt")
+# every file is read and checked before a model is loaded: a bad record costs seconds, not a model load
+questions = {t: D.read_benchmark(path, t) for t, path, _ in runs}
+synonyms = D.read_synonyms(synonyms_path) if "chair" in questions else None
+if predictions:
+    rows = {t: D.attach_answers(questions[t], D.read_answers(answers), answers) for t, _, answers in runs}
+    master, elapsed, n_generated = int(os.environ.get("RANK", 0)) == 0, 0.0, 0
+    out_dir = out_dir or os.path.splitext(predictions.rstrip("/"))[0] + "_scored"
+else:
+    for t, path, _ in runs:
+        for q in questions[t]:
+            if q["image"] is not None and not os.path.isfile(os.path.join(image_root, q["image"])):
+                raise D.DataError(f"{path}: question_id {q['question_id']!r}: image not found: "
+                                  f"{os.path.join(image_root, q['image'])}", "missing image")
+    dist = M.init_distributed(seed, None if device == "auto" else device)
+    dev, master = dist.device, dist.master
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    vlm = M.VLM.from_pretrained(init_from, dtype=getattr(torch, dtype)).to(dev).eval()
+    tok, template, eos = vlm.tokenizer, vlm.config["template"], vlm.tokenizer.eos_token_id
+    out_dir = out_dir or os.path.join(init_from, "eval")
+
+    def generate(t, qs):
+        """This rank's share of the questions answered, gathered from every rank, in file order."""
+        mine = [dict(q, _i=i) for i, q in enumerate(qs)][dist.rank::dist.world_size]
+        done = []
+        bar = tqdm(total=len(mine), disable=not master, unit="question", desc=t)
+        for i in range(0, len(mine), batch_size):
+            batch = mine[i:i + batch_size]
+            # LLaVA's eval scripts put the image first: '<image>\n' + question
+            prompts = [D.build_prompt(("<image>\n" if q["image"] else "") + q["prompt"], tok, template,
+                                      vlm.image_token_id, vlm.num_image_tokens, n_images=int(q["image"] is not None))
+                       for q in batch]
+            ids, mask = D.collate_prompts(prompts, tok.pad_token_id)
+            images = [D.process_image(D.load_image(os.path.join(image_root, q["image"])), vlm.image_processor,
+                                      vlm.config["pad_to_square"]) for q in batch if q["image"]]
+            px = torch.stack(images).to(dev) if images else None  # rows without an image simply have no image tokens
+            toks, _ = vlm.generate(ids.to(dev), px, mask.to(dev), max_new_tokens=max_new_tokens or MAX_NEW[t],
+                                   temperature=temperature, eos_token_id=eos)
+            for q, out in zip(batch, toks.tolist()):
+                out = out[:out.index(eos)] if eos in out else out
+                done.append(dict(q, text=tok.decode(out, skip_special_tokens=True).strip()))
+            bar.update(len(batch))
+        bar.close()
+        if dist.ddp:
+            parts = [None] * dist.world_size
+            torch.distributed.all_gather_object(parts, done)
+            done = [r for part in parts for r in part]
+        return [{k: v for k, v in r.items() if k != "_i"} for r in sorted(done, key=lambda r: r["_i"])]
+
+    t0 = time.time()
+    rows = {t: generate(t, questions[t]) for t in questions}
+    elapsed, n_generated = time.time() - t0, sum(len(r) for r in rows.values())
 
 
-def normalize(text):
-    """Lower case, first line, no punctuation or articles: 'Yes.' == 'yes', 'A red circle.' == 'red circle'."""
-    text = text.strip().split("\n")[0].lower()
-    text = re.sub(r"[^\w\s]", " ", text)
-    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+def write_atomic(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
-dist = M.init_distributed(seed, None if device == "auto" else device)
-dev = dist.device
-if dtype == "auto":
-    dtype = "bfloat16" if dev.type == "cuda" else "float32"
-vlm = M.VLM.from_pretrained(init_from, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]).to(dev).eval()
-tok, template = vlm.tokenizer, vlm.config["template"]
-out_dir = out_dir or os.path.join(init_from, "eval")
+if master:
+    metrics, preds = {}, {}
+    for t, rs in rows.items():
+        metrics[t] = D.score(t, rs, synonyms)
+        # LLaVA's answer format first (question_id, prompt, text), then the gold fields and the verdict
+        preds[t] = [{"question_id": r["question_id"], "prompt": r["prompt"], "text": r["text"], **r,
+                     **D.judge(t, r, synonyms)} for r in rs]
+    for t, ps in preds.items():
+        print(f"\n{t}\n  {'question':48s} {'answer':28s} {'read as':14s} truth")
+        for p in ps[:show]:
+            truth = p["objects"] if t == "chair" else p.get("label") or p.get("answer") or Counter(p["answers"]).most_common(1)[0][0]
+            read_as = p["hallucinated"] if t == "chair" else p["pred"]
+            print(f"  {p['prompt'].splitlines()[0][:48]:48s} {p['text'].replace(chr(10), ' ')[:28]:28s} "
+                  f"{str(read_as)[:14]:14s} {str(truth)[:30]}")
+    # one table: a row per task and split, a column per metric any of them has
+    columns = [("n", "n"), ("accuracy", "acc"), ("precision", "prec"), ("recall", "recall"), ("f1", "f1"),
+               ("yes_ratio", "yes"), ("no_letter", "no_letter"), ("missing_marker", "no_marker"),
+               ("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("avg_len", "words")]
+    columns = [(k, h) for k, h in columns if any(k in m for splits in metrics.values() for m in splits.values())]
+    print(f"\n{'task':6s} {'split':12s}" + "".join(f" {h:>9s}" for _, h in columns))
+    for t, splits in metrics.items():
+        for split, m in splits.items():
+            cells = ["" if k not in m else str(m[k]) if k == "n" else f"{m[k]:.1f}" if k == "avg_len"
+                     else f"{100 * m[k]:.1f}" for k, _ in columns]
+            print(f"{t:6s} {split:12s}" + "".join(f" {c:>9s}" for c in cells))
+    print("(percentages, except n and words per caption)")
+    if n_generated:
+        print(f"{n_generated} questions answered in {elapsed:.1f}s ({n_generated / elapsed:.1f} questions/s)")
 
-with open(data_path) as f:
-    questions = [json.loads(line) for line in f if line.strip()]
-mine = questions[dist.rank::dist.world_size]
-results = []
-t0 = time.time()
-for i in tqdm(range(0, len(mine), batch_size), disable=not dist.master, unit="batch", desc=task):
-    qs = mine[i:i + batch_size]
-    prompts = [D.build_prompt(q["text"] if "<image>" in q["text"] else "<image>\n" + q["text"], tok, template,
-                              vlm.image_token_id, vlm.num_image_tokens) for q in qs]
-    ids, mask = D.collate_prompts(prompts, tok.pad_token_id)
-    px = torch.stack([D.process_image(D.load_image(os.path.join(image_root, q["image"])), vlm.image_processor,
-                                      vlm.config["pad_to_square"]) for q in qs])
-    toks, _ = vlm.generate(ids.to(dev), px.to(dev), mask.to(dev), max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id)
-    for q, t in zip(qs, toks.tolist()):
-        t = t[:t.index(tok.eos_token_id)] if tok.eos_token_id in t else t
-        text = tok.decode(t, skip_special_tokens=True).strip()
-        results.append(dict(question_id=q["question_id"], prompt=q["text"], text=text, answer=q.get("answer"),
-                            type=q.get("type", "all"), correct=normalize(text) == normalize(str(q.get("answer", "")))))
-if dist.ddp:
-    gathered = [None] * dist.world_size
-    torch.distributed.all_gather_object(gathered, results)
-    results = sorted((r for part in gathered for r in part), key=lambda r: str(r["question_id"]))
-
-if dist.master:
-    elapsed = time.time() - t0
-    types = sorted({r["type"] for r in results})
-    metrics = {t: dict(accuracy=sum(r["correct"] for r in results if r["type"] == t) / sum(r["type"] == t for r in results),
-                       n=sum(r["type"] == t for r in results)) for t in types}
-    metrics["all"] = dict(accuracy=sum(r["correct"] for r in results) / len(results), n=len(results))
-    print(f"\n{'question':60s} {'answer':18s} truth")
-    for r in results[:show]:
-        print(f"{r['prompt'].split(chr(10))[0][:60]:60s} {r['text'][:18]:18s} {r['answer']}")
-    print(f"\n{'type':12s} {'n':>6s} {'accuracy':>9s}")
-    for t, m in metrics.items():
-        print(f"{t:12s} {m['n']:6d} {100 * m['accuracy']:8.1f}%")
-    print(f"{len(results)} questions in {elapsed:.1f}s ({len(results) / elapsed:.1f} questions/s)")
     os.makedirs(out_dir, exist_ok=True)
-    for name, rows in (("predictions.jsonl", results), ("metrics.json", None)):
-        tmp = os.path.join(out_dir, name + ".tmp")
-        with open(tmp, "w") as f:
-            if rows is None:
-                json.dump(dict(task=task, init_from=init_from, data_path=data_path, metrics=metrics), f, indent=2)
-            else:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, os.path.join(out_dir, name))
-    print(f"wrote {out_dir}/predictions.jsonl and metrics.json")
-if dist.ddp:
+    names = {t: f"{t}_predictions.jsonl" if task == "shapes" else "predictions.jsonl" for t in preds}
+    for t, ps in preds.items():
+        write_atomic(os.path.join(out_dir, names[t]), "".join(json.dumps(p) + "\n" for p in ps))
+    # metrics.json holds the splits themselves (one task) or {task: splits} (shapes): nothing else, so
+    # a reader can take every entry as a split; what was run goes to run.json
+    write_atomic(os.path.join(out_dir, "metrics.json"), json.dumps(metrics if task == "shapes" else metrics[task], indent=2))
+    write_atomic(os.path.join(out_dir, "run.json"), json.dumps(dict(
+        config=config, task=task, files={t: dict(questions=path, answers=answers) for t, path, answers in runs},
+        synonyms=synonyms_path if synonyms else None, init_from=None if predictions else init_from,
+        seconds=round(elapsed, 2), questions=sum(len(r) for r in rows.values())), indent=2))
+    print(f"wrote {out_dir}/metrics.json, run.json and " + ", ".join(sorted(set(names.values()))))
+if not predictions and dist.ddp:
     torch.distributed.destroy_process_group()

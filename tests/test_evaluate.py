@@ -1,0 +1,254 @@
+"""evaluate.py as a subprocess: score-only mode on hand-made answer files (metrics worked out by hand,
+the same cases as test_scoring.py), errors that name the file and question, and model mode end to end
+on a tiny llava-hf model (one process and torchrun with 2)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, make_tokenizer, tiny_configs
+
+OPTS = ["red", "green", "blue", "white"]
+# (question, answer text) per task; expected metrics in the tests below
+SUITE = {
+    "pope": [  # random: TP TN FP TP; popular: TN TP FP FN
+        (dict(text="Is there a dog in the image?", label="yes", category="random"), "Yes, there is a dog in the image."),
+        (dict(text="Is there a cat in the image?", label="no", category="random"), "No, there is not a cat."),
+        (dict(text="Is there a car in the image?", label="no", category="random"), "I don't see a car."),
+        (dict(text="Is there a cup in the image?", label="yes", category="random"), ""),
+        (dict(text="Is there a bus in the image?", label="no", category="popular"), "There is no bus. Yes"),
+        (dict(text="Is there a dog in the image?", label="yes", category="popular"), "Yes."),
+        (dict(text="Is there a man in the image?", label="no", category="popular"), "NO"),
+        (dict(text="Is there a cow in the image?", label="yes", category="popular"), "no"),
+    ],
+    "mc": [
+        (dict(question="What color is the ring?", options=OPTS, answer="B", category="color"), "B"),
+        (dict(question="What color is the cross?", options=OPTS, answer="B", category="color"), "The answer is C."),
+        (dict(question="What color is the dot?", options=OPTS, answer="A", category="shape"), "a"),
+        (dict(question="Which color is warm?", options=OPTS, answer="A", category="shape", image=None), "There is a circle."),
+    ],
+    "vqa": [
+        (dict(question="How many circles?", answers=["2"] * 5 + ["two"] * 5, category="count"), "Two"),
+        (dict(question="How many squares?", answers=["3"] + ["4"] * 9, category="count"), "3"),
+        (dict(text="What is in the top left?", answer="red circle"), "The red circle."),
+    ],
+    "cot": [
+        (dict(question="How many red objects are in the top row?", answer="2"), "Two circles...\n### Answer: 3\nWait.\n### Answer: two"),
+        (dict(question="How many blue objects?", answer="2"), "The answer is 2."),
+        (dict(question="What color is left of the ring?", options=OPTS[:3], answer="B"), "It is green.\n### Answer: (B)"),
+        (dict(question="What color is the dot?", options=OPTS[:3], answer="C"), "### Answer: A"),
+    ],
+    "chair": [
+        (dict(objects=["person", "dog"]), "A man walks two puppies."),
+        (dict(objects=["hot dog"]), "A hot dog next to teddy bears and a cat."),
+        (dict(objects=["cat", "car"], text="Describe the image."), "There is a kitten and another kitten."),
+        (dict(objects=["automobile"]), "An empty street."),
+    ],
+}
+SYNONYMS = "dog, puppy, doggy\nhot dog\nteddy bear, teddybear\nperson, man, people, child, children\ncat, kitten\ncar, automobile\n"
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def make_suite(d, tasks=SUITE):
+    """Question files (shapes_dir layout), answer files (a shapes out_dir), images, synonyms."""
+    os.makedirs(d / "images", exist_ok=True)
+    os.makedirs(d / "answers", exist_ok=True)
+    for i in range(4):
+        Image.new("RGB", (32, 32), ((60 * i) % 256, 200, 40 * i)).save(d / "images" / f"img{i}.png")
+    for task, items in tasks.items():
+        qs = []
+        for j, (q, _) in enumerate(items):
+            q = dict(dict(question_id=100 * (list(SUITE).index(task) + 1) + j, image=f"img{j % 4}.png"), **q)
+            if q["image"] is None:  # a text-only question
+                del q["image"]
+            qs.append(q)
+        write_jsonl(d / f"{task}.jsonl", qs)
+        write_jsonl(d / "answers" / f"{task}_predictions.jsonl",
+                    [dict(question_id=q["question_id"], text=a) for q, (_, a) in zip(qs, items)])
+    (d / "synonyms.txt").write_text(SYNONYMS)
+    return d
+
+
+def run(args, ok=True, nproc=1, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "evaluate.py", *args] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "evaluate.py", *args]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert (p.returncode == 0) == ok, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f] if str(path).endswith(".jsonl") else json.load(f)
+
+
+def check_expected(m):
+    """The hand-worked figures of SUITE (see tests/test_scoring.py for the arithmetic)."""
+    pope = m["pope"]
+    assert list(pope) == ["random", "popular", "average"]
+    assert pope["random"]["accuracy"] == 0.75 and pope["random"]["precision"] == pytest.approx(2 / 3)
+    assert pope["random"]["recall"] == 1.0 and pope["random"]["f1"] == pytest.approx(0.8) and pope["random"]["yes_ratio"] == 0.75
+    assert pope["popular"] == dict(accuracy=0.5, precision=0.5, recall=0.5, f1=0.5, yes_ratio=0.5, n=4)
+    assert pope["average"]["f1"] == pytest.approx(0.65) and pope["average"]["precision"] == pytest.approx(7 / 12)
+    assert pope["average"]["n"] == 8
+    assert m["mc"] == {"color": dict(accuracy=0.5, no_letter=0.0, n=2), "shape": dict(accuracy=0.5, no_letter=0.5, n=2),
+                       "overall": dict(accuracy=0.5, no_letter=0.25, n=4)}
+    # vqa: count (1 + .3)/2 (the official 10-answer rule: 1 match of 10 is .3); 'all' 1; overall 2.3/3
+    assert m["vqa"]["count"]["accuracy"] == pytest.approx(0.65) and m["vqa"]["all"] == dict(accuracy=1.0, n=1)
+    assert m["vqa"]["overall"]["accuracy"] == pytest.approx(2.3 / 3)
+    assert m["cot"] == {"all": dict(accuracy=0.5, missing_marker=0.25, n=4)}
+    c = m["chair"]["all"]
+    assert c["chair_s"] == 0.25 and c["chair_i"] == pytest.approx(2 / 7) and c["recall"] == pytest.approx(4 / 6)
+    assert c["avg_len"] == 6.25 and c["n"] == 4
+
+
+def test_score_only_pope_reviewer_interface(tmp_path):
+    """python evaluate.py --task=pope --data_path=Q --predictions=A --out_dir=D: no model; D/metrics.json
+    holds the splits (by 'category') and 'average' at its top level, fractions in [0, 1]."""
+    d = make_suite(tmp_path, {"pope": SUITE["pope"]})
+    out = tmp_path / "D"
+    p = run(["--task=pope", f"--data_path={d}/pope.jsonl", f"--predictions={d}/answers/pope_predictions.jsonl",
+             f"--out_dir={out}", "--init_from=/nonexistent"])  # no model is loaded
+    m = read(out / "metrics.json")
+    assert set(m) == {"random", "popular", "average"}
+    for split in m.values():
+        assert all(0 <= split[k] <= 1 for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"))
+    assert m["random"]["f1"] == pytest.approx(0.8) and m["average"]["accuracy"] == pytest.approx(0.625)
+    preds = read(out / "predictions.jsonl")
+    assert len(preds) == 8 and list(preds[0])[:3] == ["question_id", "prompt", "text"]
+    assert preds[2]["text"] == "I don't see a car." and preds[2]["pred"] == "yes" and preds[2]["label"] == "no"
+    assert preds[0]["prompt"].endswith("\nAnswer the question using a single word or phrase.")
+    assert read(out / "run.json")["init_from"] is None
+    assert "random" in p.stdout and "average" in p.stdout
+
+
+def test_score_only_shapes_suite(tmp_path):
+    """The shapes task re-scores a directory of <task>_predictions.jsonl: every rule, one metrics.json."""
+    d = make_suite(tmp_path)
+    out = tmp_path / "scored"
+    p = run(["--task=shapes", f"--shapes_dir={d}", f"--predictions={d}/answers", f"--out_dir={out}"])
+    m = read(out / "metrics.json")
+    assert list(m) == ["pope", "mc", "vqa", "cot", "chair"]
+    check_expected(m)
+    for task, items in SUITE.items():
+        preds = read(out / f"{task}_predictions.jsonl")
+        assert [r["text"] for r in preds] == [a for _, a in items]
+    chair = read(out / "chair_predictions.jsonl")
+    assert chair[1]["hallucinated"] == ["teddy bear", "cat"] and chair[2]["prompt"] == "Describe the image."
+    assert chair[0]["prompt"] == "Describe the image in detail."
+    cot = read(out / "cot_predictions.jsonl")
+    assert cot[1]["missing_marker"] and cot[0]["prompt"].endswith("Generate a reason first and then output a short answer.")
+    header = next(line for line in p.stdout.splitlines() if line.startswith("task"))
+    assert "CHAIR_s" in header and "no_marker" in header and "f1" in header
+
+
+def test_score_only_scienceqa(tmp_path):
+    """LLaVA's ScienceQA file (.json list of conversations): gold from 'The answer is X.', IMG split."""
+    def problem(i, image, options, gold):
+        return dict(id=str(i), **({"image": image} if image else {}), conversations=[
+            {"from": "human", "value": f"Context: N/A\nQuestion: Q{i}?\nOptions: {options}" + ("\n<image>" if image else "")},
+            {"from": "gpt", "value": f"The answer is {gold}."}])
+    (tmp_path / "sqa.json").write_text(json.dumps([problem(1, "1/image.png", "(A) x (B) y", "B"),
+                                                   problem(2, "2/image.png", "(A) x (B) y (C) z", "A"),
+                                                   problem(3, None, "(A) x (B) y", "A")]))
+    write_jsonl(tmp_path / "answers.jsonl", [dict(question_id="1", text="B"), dict(question_id="2", text="C"),
+                                             dict(question_id="3", text="The answer is A.")])
+    run(["--task=mc", f"--data_path={tmp_path}/sqa.json", f"--predictions={tmp_path}/answers.jsonl"])
+    m = read(tmp_path / "answers_scored" / "metrics.json")  # default out_dir beside the answer file
+    # img: 1 right of 2; no_img 1 of 1; overall 2/3
+    assert m["img"]["accuracy"] == 0.5 and m["no_img"]["accuracy"] == 1.0 and m["overall"]["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_errors_name_file_and_question(tmp_path):
+    d = make_suite(tmp_path, {"pope": SUITE["pope"]})
+    answers = d / "answers" / "pope_predictions.jsonl"
+    lines = answers.read_text().splitlines()
+    answers.write_text("\n".join(lines[:2] + lines[3:]) + "\n")  # question 102 unanswered
+    p = run(["--task=pope", f"--data_path={d}/pope.jsonl", f"--predictions={answers}"], ok=False)
+    assert f"{answers}: no answer for question_id 102" in p.stderr
+    answers.write_text(lines[0] + "\n{not json\n")
+    p = run(["--task=pope", f"--data_path={d}/pope.jsonl", f"--predictions={answers}"], ok=False)
+    assert f"{answers}: line 2: invalid JSON" in p.stderr
+    os.remove(d / "images" / "img1.png")  # model mode: checked before any model is loaded
+    p = run(["--task=pope", f"--data_path={d}/pope.jsonl", f"--image_root={d}/images", "--init_from=/nonexistent"], ok=False)
+    assert "pope.jsonl: question_id 101: image not found" in p.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    """A tiny random VLM exported in the llava-hf layout, with tokenizer and image processor."""
+    import model as M
+    tok = make_tokenizer()
+    v, t = tiny_configs(vocab_size=len(tok))
+    torch.manual_seed(0)
+    d = str(tmp_path_factory.mktemp("llava") / "llava")
+    M.VLM.from_parts(lm=t, vision=v, tokenizer=tok).save_llava_hf(d)
+    return d
+
+
+def test_model_mode_shapes_suite(tmp_path, tiny_llava):
+    """Every task generated by the model (batches of 3: left padding; one mc question without an
+    image), then scored: one prediction per question, every split in metrics.json."""
+    d = make_suite(tmp_path)
+    out = tmp_path / "eval"
+    p = run(["--task=shapes", f"--shapes_dir={d}", f"--image_root={d}/images", f"--init_from={tiny_llava}",
+             f"--out_dir={out}", "--batch_size=3", "--max_new_tokens=6", "--device=cpu"])
+    m = read(out / "metrics.json")
+    assert {t: list(s) for t, s in m.items()} == {"pope": ["random", "popular", "average"],
+                                                  "mc": ["color", "shape", "overall"],
+                                                  "vqa": ["all", "count", "overall"], "cot": ["all"], "chair": ["all"]}
+    assert set(m["pope"]["random"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio", "n"}
+    assert set(m["chair"]["all"]) == {"chair_s", "chair_i", "recall", "avg_len", "n"}
+    for task, items in SUITE.items():
+        preds = read(out / f"{task}_predictions.jsonl")
+        assert [r["question_id"] for r in preds] == [100 * (list(SUITE).index(task) + 1) + j for j in range(len(items))]
+        assert all(isinstance(r["text"], str) for r in preds)
+    assert read(out / "run.json")["init_from"] == tiny_llava
+    assert "questions/s" in p.stdout + p.stderr
+
+
+def test_torchrun_two_ranks_match_one(tmp_path, tiny_llava):
+    """Questions sharded over 2 ranks (gloo) and gathered back in file order give the answers of one
+    process (batch size 1, so every question is computed alone either way)."""
+    d = make_suite(tmp_path, {"pope": SUITE["pope"]})
+    common = ["--task=pope", f"--data_path={d}/pope.jsonl", f"--image_root={d}/images", f"--init_from={tiny_llava}",
+              "--batch_size=1", "--max_new_tokens=4", "--device=cpu"]
+    run(common + [f"--out_dir={tmp_path}/one"])
+    run(common + [f"--out_dir={tmp_path}/two"], nproc=2)
+    one, two = read(tmp_path / "one" / "predictions.jsonl"), read(tmp_path / "two" / "predictions.jsonl")
+    assert [r["question_id"] for r in two] == [r["question_id"] for r in one] == list(range(100, 108))
+    assert [r["text"] for r in two] == [r["text"] for r in one]
+    assert read(tmp_path / "two" / "metrics.json") == read(tmp_path / "one" / "metrics.json")
+
+
+def test_shapes_eval_sets_with_oracle_answers_score_perfectly(tmp_path):
+    """prepare_shapes.py's eval sets read as evaluate.py expects: their own gold answers (the true
+    caption, the gold CoT chain, the label as a sentence) score 100%, and CHAIR finds no hallucination."""
+    world = tmp_path / "shapes"
+    p = subprocess.run([sys.executable, "prepare_shapes.py", f"--out_dir={world}", "--n_train=50", "--n_val=5",
+                        "--n_test=5", "--vision_steps=0", "--n_eval=150", "--eval_pope=20", "--eval_mc=20",
+                        "--eval_vqa=20", "--eval_cot=20", "--eval_chair=20"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    oracle = dict(pope=lambda r: r["label"].capitalize() + ".", mc=lambda r: f"The answer is {r['answer']}.",
+                  vqa=lambda r: r["answer"].capitalize(), cot=lambda r: r["rationale"], chair=lambda r: r["caption"])
+    os.makedirs(tmp_path / "oracle")
+    for task, answer in oracle.items():
+        write_jsonl(tmp_path / "oracle" / f"{task}_predictions.jsonl",
+                    [dict(question_id=r["question_id"], text=answer(r)) for r in read(world / "eval" / f"{task}.jsonl")])
+    run([f"--shapes_dir={world}/eval", f"--predictions={tmp_path}/oracle", f"--out_dir={tmp_path}/out"])
+    m = read(tmp_path / "out" / "metrics.json")
+    assert list(m["pope"]) == ["random", "popular", "adversarial", "average"]
+    for task in ("pope", "mc", "vqa", "cot"):
+        assert all(s["accuracy"] == 1.0 for s in m[task].values()), (task, m[task])
+    assert m["pope"]["average"]["f1"] == 1.0 and m["cot"]["overall"]["missing_marker"] == 0.0
+    assert m["chair"]["all"]["chair_s"] == 0.0 and m["chair"]["all"]["chair_i"] == 0.0 and m["chair"]["all"]["recall"] == 1.0
