@@ -669,7 +669,9 @@ def benchmark_question(rec, task):
     if task == "pope":
         label = rec.get("label")
         if not isinstance(label, str) or label.strip().lower() not in ("yes", "no"):
-            raise DataError(f"'label' must be 'yes' or 'no', got {label!r:.40}", "malformed record")
+            raise DataError(f"'label' must be 'yes' or 'no', got {label!r:.40} (LLaVA's llava_pope_test.jsonl has no "
+                            f"labels: eval_pope.py takes them from POPE's coco_pope_<category>.json, in order)",
+                            "malformed record")
         return dict(q, prompt=with_suffix(text_field("text", "question"), SHORT_SUFFIX), label=label.strip().lower())
     if task == "mc" and "conversations" in rec:  # ScienceQA, LLaVA's llava_test_CQM-A.json
         check_conversations(rec["conversations"])
