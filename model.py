@@ -127,9 +127,9 @@ if triton is not None:
 
 
 def _auto_chunk(n_rows, vocab, device):
-    # Bound a chunk's fp32 logits to ~32 MB on CPU (cache-friendly, low peak memory). On a GPU keep
+    # Bound a chunk's fp32 logits to ~64 MB on CPU (low peak memory), but keep >= 256 rows. On a GPU keep
     # >= 512 rows so each chunk's matmul stays compute-bound instead of re-reading W per tiny chunk.
-    rows = max(1, (1 << 23) // vocab)
+    rows = max(256, (1 << 24) // vocab)  # fewer than ~256 rows re-read grad_W per chunk (measured: 2x slower at 32 rows)
     if device.type == "cuda":
         rows = max(rows, 1024)
     return max(1, min(n_rows, rows))

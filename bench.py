@@ -1,0 +1,316 @@
+"""
+Speed and memory, side by side against the obvious alternative, in one run. Prints tables and writes JSON.
+
+    python bench.py                       # everything this machine can run (a few minutes on 2 CPU cores)
+    python bench.py --which=loss          # one section: loss | sft | gen | all
+    python bench.py --device=cuda         # on a GPU: adds our Triton kernel, liger-kernel and
+                                          # cut-cross-entropy (when installed) at 7B-like shapes
+
+Sections:
+  loss  the LM head + cross-entropy, forward + backward: naive (full logits, F.cross_entropy) vs our
+        fused_linear_cross_entropy, at several (tokens, hidden, vocab).
+  sft   one training step (forward, backward, AdamW) of a small VLM with a 32k vocabulary on a batch
+        with LLaVA's token mix (image + prompt positions unsupervised, a minority of answer tokens):
+        our VLM vs transformers' LlavaForConditionalGeneration with its own loss, same weights.
+  gen   greedy generation, tokens/s: ours vs LlavaForConditionalGeneration.generate, batched and batch 1.
+
+How memory is measured. On CPU every case runs in a fresh process: after its inputs are built, the
+process's peak-RSS mark is reset (Linux: write 5 to /proc/self/clear_refs) and the case's peak is
+VmHWM afterwards minus the RSS before it, i.e. what the operation itself added at its worst moment,
+as the OS saw it. On CUDA: torch.cuda.max_memory_allocated minus the memory allocated before.
+Times: the median of `repeats` runs after one warm-up run.
+"""
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+which = "all"            # loss | sft | gen | all
+device = "auto"          # auto | cpu | cuda
+out = "bench.json"       # results (written atomically)
+repeats = 3              # timed runs per case (median), after one warm-up
+threads = 0              # torch CPU threads; 0 = torch's default
+# (tokens, hidden, vocab) for the loss section; CPU sizes fit 24 GiB and run in minutes
+loss_shapes_cpu = [(8192, 256, 32000), (16384, 128, 32000), (4096, 128, 128256)]
+loss_shapes_cuda = [(8192, 4096, 32000), (16384, 4096, 32000), (8192, 4096, 128256), (16384, 4096, 128256)]
+# the small VLM for sft/gen: a Llama LM with a 32k vocabulary and a CLIP tower
+lm_layers, lm_hidden, lm_vocab = 4, 256, 32000
+image_size, patch_size = 96, 8       # -> 144 image tokens
+sft_batch, sft_seq, sft_answer = 8, 512, 64  # per sample: 144 image + prompt, the last 64 tokens supervised
+gen_batch, gen_prompt, gen_new = 16, 32, 32  # prompt = image tokens + gen_prompt text tokens
+case = ""                # internal: run one case in this process and print its JSON (the parent sets it)
+# -----------------------------------------------------------------------------
+from configurator import configure  # noqa: E402
+configure(globals())
+# -----------------------------------------------------------------------------
+
+if threads:
+    torch.set_num_threads(threads)
+dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+cuda = dev.type == "cuda"
+GiB = 1024 ** 3
+
+
+def rss_now():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak():
+    """Start a fresh peak measurement: returns the baseline in bytes."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (peak RSS) to the current RSS, Linux >= 4.0
+    except OSError:
+        pass  # then the peak below is the process's peak so far (an upper bound)
+    return rss_now()
+
+
+def peak():
+    if cuda:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(fn):
+    """(peak extra bytes of the first call, median seconds of `repeats` more calls)."""
+    base = reset_peak()
+    fn()
+    mem = peak() - base
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return mem, statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- the cases (run in a child)
+
+def loss_case(impl, N, H, V):
+    import model as M
+    dt = torch.bfloat16 if cuda else torch.float32
+    g = torch.Generator(device=dev).manual_seed(0)
+    hidden = (torch.randn(N, H, device=dev, generator=g) * 0.5).to(dt).requires_grad_()
+    weight = (torch.randn(V, H, device=dev, generator=g) * 0.02).to(dt).requires_grad_()
+    targets = torch.randint(0, V, (N,), device=dev, generator=g)
+    if impl == "naive":  # what HF does: full logits in the model dtype, upcast, F.cross_entropy
+        loss_fn = lambda: F.cross_entropy((hidden @ weight.T).float(), targets)  # noqa: E731
+    elif impl == "liger":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        loss_fn = lambda: liger_fused_linear_cross_entropy(hidden, weight, targets)  # noqa: E731
+    elif impl == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+        loss_fn = lambda: linear_cross_entropy(hidden, weight, targets)  # noqa: E731
+    else:
+        loss_fn = lambda: M.fused_linear_cross_entropy(hidden, weight, targets, impl=impl)  # noqa: E731
+
+    def step():
+        hidden.grad = weight.grad = None
+        loss_fn().backward()
+    mem, sec = measure(step)
+    return dict(mem=mem, sec=sec, tflops=6 * N * H * V / sec / 1e12)
+
+
+def small_vlm(tmp):
+    """A LlavaForConditionalGeneration with random weights saved as llava-hf, and our VLM loaded from it."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    import model as M
+    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=image_size, patch_size=patch_size)
+    text = LlamaConfig(vocab_size=lm_vocab, hidden_size=lm_hidden, intermediate_size=4 * lm_hidden,
+                       num_hidden_layers=lm_layers, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=2048, pad_token_id=0, eos_token_id=2)
+    n_img = (image_size // patch_size) ** 2
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=lm_vocab - 1, image_seq_length=n_img)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(cfg).save_pretrained(tmp)
+    dt = torch.bfloat16 if cuda else torch.float32
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=dt).to(dev)
+    ours = M.VLM.from_pretrained(tmp, dtype=dt).to(dev)
+    return hf, ours, n_img
+
+
+def llava_batch(B, T, n_img, n_answer, seed=0):
+    """input_ids with the image tokens first (as LLaVA puts <image> at the start of the first turn),
+    then prompt text; labels supervise only the last n_answer tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, lm_vocab - 1, (B, T), generator=g)
+    ids[:, 1:1 + n_img] = lm_vocab - 1
+    labels = torch.full_like(ids, -100)
+    labels[:, T - n_answer:] = ids[:, T - n_answer:]
+    px = torch.randn(B, 3, image_size, image_size, generator=g)
+    return ids.to(dev), px.to(dev, torch.bfloat16 if cuda else torch.float32), labels.to(dev)
+
+
+def sft_case(impl):
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, ours, n_img = small_vlm(tmp)
+    model = hf if impl == "llava-hf" else ours
+    del hf, ours
+    model.train()
+    ids, px, labels = llava_batch(sft_batch, sft_seq, n_img, sft_answer)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    if impl == "llava-hf":
+        loss_fn = lambda: model(input_ids=ids, pixel_values=px, labels=labels).loss  # noqa: E731
+    else:
+        loss_fn = lambda: model(ids, px, labels=labels)  # noqa: E731
+
+    def step():
+        loss_fn().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()  # AdamW's state exists from here on, for both: the measured step is a steady-state one
+    mem, sec = measure(step)
+    return dict(mem=mem, sec=sec, tok_s=sft_batch * sft_seq / sec)
+
+
+def gen_case(impl, B):
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, ours, n_img = small_vlm(tmp)
+    hf.eval(); ours.eval()
+    ids, px, _ = llava_batch(B, 1 + n_img + gen_prompt, n_img, 0, seed=1)
+    mask = torch.ones_like(ids)
+    if impl == "llava-hf":
+        from transformers import GenerationConfig
+        gc = GenerationConfig(max_new_tokens=gen_new, min_new_tokens=gen_new, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+        fn = lambda: hf.generate(input_ids=ids, pixel_values=px, attention_mask=mask, generation_config=gc)  # noqa: E731
+    else:
+        fn = lambda: ours.generate(ids, px, mask, max_new_tokens=gen_new)  # noqa: E731
+    with torch.no_grad():
+        mem, sec = measure(fn)
+    return dict(mem=mem, sec=sec, tok_s=B * gen_new / sec)
+
+
+if case:  # child: run one case, print its JSON as the last line
+    name, *args = json.loads(case)
+    fn = dict(loss=loss_case, sft=sft_case, gen=gen_case)[name]
+    print(json.dumps(fn(*args)))
+    sys.exit(0)
+
+
+# ----------------------------------------------------------------------------- the parent: run cases, report
+
+def run_case(*args):
+    """Each case in its own process (honest peak memory); returns its dict, or dict(error=...)."""
+    cmd = [sys.executable, os.path.abspath(__file__), f"--case={json.dumps(args)}", f"--device={dev.type}",
+           f"--repeats={repeats}", f"--threads={threads}"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        return dict(error=(r.stderr.strip().splitlines() or ["?"])[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def available(module):
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def gpu_peak_tflops():
+    """Dense bf16 tensor-core peak of known GPUs (vendor datasheets), for the TFLOP/s share; None if unknown."""
+    name = torch.cuda.get_device_name()
+    for key, tf in (("H200", 989), ("H100", 989), ("A100", 312), ("L40S", 362), ("A10", 125), ("4090", 165)):
+        if key in name:
+            return tf
+    return None
+
+
+def fmt_mem(b):
+    return f"{b / GiB:.2f} GiB" if b >= GiB / 4 else f"{b / 2 ** 20:.0f} MiB"
+
+
+results = dict(device=torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
+               torch=torch.__version__)
+t_start = time.time()
+
+if which in ("loss", "all"):
+    impls = ["naive", "torch"] + (["triton"] + [m for m, mod in (("liger", "liger_kernel"), ("cce", "cut_cross_entropy"))
+                                                if available(mod)] if cuda else [])
+    rows = []
+    print(f"\nloss forward+backward ({'bf16' if cuda else 'fp32'}), each case in its own process")
+    print(f"{'tokens':>7s} {'hidden':>6s} {'vocab':>7s} {'impl':>7s} {'peak mem':>10s} {'time':>9s} {'TFLOP/s':>8s}"
+          f" {'mem/naive':>9s} {'time/naive':>10s}")
+    for N, H, V in (loss_shapes_cuda if cuda else loss_shapes_cpu):
+        naive = None
+        for impl in impls:
+            r = run_case("loss", impl, N, H, V)
+            r.update(tokens=N, hidden=H, vocab=V, impl=impl)
+            if "error" in r:
+                print(f"{N:7d} {H:6d} {V:7d} {impl:>7s}  error: {r['error'][:80]}")
+                rows.append(r)
+                continue
+            naive = r if impl == "naive" else naive
+            if naive and impl != "naive":
+                r.update(mem_ratio=r["mem"] / naive["mem"], time_ratio=r["sec"] / naive["sec"])
+            if cuda and gpu_peak_tflops():
+                r["peak_share"] = r["tflops"] / gpu_peak_tflops()
+            print(f"{N:7d} {H:6d} {V:7d} {impl:>7s} {fmt_mem(r['mem']):>10s} {1e3 * r['sec']:7.0f}ms {r['tflops']:8.2f}"
+                  + (f" {r['mem_ratio']:9.3f} {r['time_ratio']:10.2f}" if "mem_ratio" in r else ""))
+            rows.append(r)
+    results["loss"] = rows
+
+if which in ("sft", "all"):
+    n_img = (image_size // patch_size) ** 2
+    print(f"\nSFT step (fwd+bwd+AdamW), {lm_layers}-layer {lm_hidden}-wide LM, vocab {lm_vocab}, batch {sft_batch} x "
+          f"{sft_seq} tokens: {n_img} image + {sft_seq - n_img - sft_answer} prompt + {sft_answer} supervised")
+    rows = {impl: run_case("sft", impl) for impl in ("llava-hf", "ours")}
+    print(f"{'model':>9s} {'peak mem':>10s} {'step':>8s} {'tokens/s':>9s}")
+    for impl, r in rows.items():
+        print(f"{impl:>9s} " + (f"{fmt_mem(r['mem']):>10s} {1e3 * r['sec']:6.0f}ms {r['tok_s']:9.0f}" if "error" not in r
+                                else f"error: {r['error'][:80]}"))
+    if all("error" not in r for r in rows.values()):
+        a, b = rows["ours"], rows["llava-hf"]
+        rows["ratio"] = dict(tok_s=a["tok_s"] / b["tok_s"], mem=a["mem"] / b["mem"])
+        print(f"ours / llava-hf: {rows['ratio']['tok_s']:.2f}x tokens/s, {rows['ratio']['mem']:.2f}x peak memory")
+    results["sft"] = rows
+
+if which in ("gen", "all"):
+    print(f"\ngreedy generation, {gen_new} new tokens after {(image_size // patch_size) ** 2} image + {gen_prompt} text tokens")
+    rows = []
+    print(f"{'model':>9s} {'batch':>5s} {'peak mem':>10s} {'time':>8s} {'tokens/s':>9s}")
+    for B in (1, gen_batch):
+        for impl in ("llava-hf", "ours"):
+            r = run_case("gen", impl, B)
+            r.update(impl=impl, batch=B)
+            rows.append(r)
+            print(f"{impl:>9s} {B:5d} " + (f"{fmt_mem(r['mem']):>10s} {1e3 * r['sec']:6.0f}ms {r['tok_s']:9.0f}"
+                                           if "error" not in r else f"error: {r['error'][:80]}"))
+    ok = {(r["impl"], r["batch"]): r for r in rows if "error" not in r}
+    for B in (1, gen_batch):
+        if ("ours", B) in ok and ("llava-hf", B) in ok:
+            print(f"batch {B}: ours / llava-hf = {ok['ours', B]['tok_s'] / ok['llava-hf', B]['tok_s']:.2f}x tokens/s")
+    if ("ours", 1) in ok and ("ours", gen_batch) in ok:
+        print(f"ours: batch {gen_batch} / batch 1 = {ok['ours', gen_batch]['tok_s'] / ok['ours', 1]['tok_s']:.2f}x tokens/s")
+    results["gen"] = rows
+
+results["seconds"] = time.time() - t_start
+tmp = out + ".tmp"
+with open(tmp, "w") as f:
+    json.dump(results, f, indent=2)
+os.replace(tmp, out)
+print(f"\n{results['seconds']:.0f}s; wrote {out}")
