@@ -309,8 +309,6 @@ if which in ("gen", "all"):
     results["gen"] = rows
 
 results["seconds"] = time.time() - t_start
-tmp = out + ".tmp"
-with open(tmp, "w") as f:
-    json.dump(results, f, indent=2)
-os.replace(tmp, out)
+from data import write_atomic  # noqa: E402
+write_atomic(out, json.dumps(results, indent=2))
 print(f"\n{results['seconds']:.0f}s; wrote {out}")

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import re
+import tempfile
 import warnings
 from collections import Counter
 from functools import lru_cache
@@ -209,6 +210,20 @@ def image_paths(record, image_root=None):
     """Full paths of a record's images: image_root, else the record's _image_root, else as written."""
     root = image_root if image_root is not None else record.get("_image_root", "")
     return [p if os.path.isabs(p) else os.path.join(root, p) for p in record_images(record)]
+
+def write_atomic(path, text):
+    """Write text to a temp file beside path, then os.replace: readers never see half a file, and a
+    crash leaves the previous file intact (results and metrics files of every stage script)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
 
 # -----------------------------------------------------------------------------
 # 2. templates: conversation -> segments (text or a token id, supervised or not) -> ids, labels

@@ -138,13 +138,6 @@ else:
     elapsed, n_generated = time.time() - t0, sum(len(r) for r in rows.values())
 
 
-def write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 if master:
     metrics, preds = {}, {}
     for t, rs in rows.items():
@@ -177,11 +170,11 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
     names = {t: f"{t}_predictions.jsonl" if task == "shapes" else "predictions.jsonl" for t in preds}
     for t, ps in preds.items():
-        write_atomic(os.path.join(out_dir, names[t]), "".join(json.dumps(p) + "\n" for p in ps))
+        D.write_atomic(os.path.join(out_dir, names[t]), "".join(json.dumps(p) + "\n" for p in ps))
     # metrics.json holds the splits themselves (one task) or {task: splits} (shapes): nothing else, so
     # a reader can take every entry as a split; what was run goes to run.json
-    write_atomic(os.path.join(out_dir, "metrics.json"), json.dumps(metrics if task == "shapes" else metrics[task], indent=2))
-    write_atomic(os.path.join(out_dir, "run.json"), json.dumps(dict(
+    D.write_atomic(os.path.join(out_dir, "metrics.json"), json.dumps(metrics if task == "shapes" else metrics[task], indent=2))
+    D.write_atomic(os.path.join(out_dir, "run.json"), json.dumps(dict(
         config=config, task=task, files={t: dict(questions=path, answers=answers) for t, path, answers in runs},
         synonyms=synonyms_path if synonyms else None, init_from=None if predictions else init_from,
         seconds=round(elapsed, 2), questions=sum(len(r) for r in rows.values())), indent=2))
