@@ -198,7 +198,7 @@ def gen_case(impl, B):
                               pad_token_id=0)
         fn = lambda: hf.generate(input_ids=ids, pixel_values=px, attention_mask=mask, generation_config=gc)  # noqa: E731
     else:
-        fn = lambda: ours.generate(ids, px, mask, max_new_tokens=gen_new)  # noqa: E731
+        fn = lambda: ours.generate(ids, px, mask, max_new_tokens=gen_new, eos_token_id=[])  # noqa: E731  (no early stop, as gc)
     with torch.no_grad():
         mem, sec = measure(fn)
     return dict(mem=mem, sec=sec, tok_s=B * gen_new / sec)

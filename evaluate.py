@@ -6,7 +6,7 @@ The shapes suite, held-out scenes (after `python prepare_shapes.py` and `python 
 multiple choice, VQA, CoT and CHAIR in one call, one table:
     python evaluate.py
 One benchmark, any checkpoint (ours or llava-hf), question files in LLaVA's formats:
-    python evaluate.py --task=pope --init_from=out/sft --data_path=pope/llava_pope_test.jsonl --image_root=pope/val2014
+    python evaluate.py --task=pope --init_from=llava-1.5-7b-hf --data_path=pope/llava_pope_test.jsonl --image_root=pope/val2014
     python evaluate.py --task=mc --data_path=scienceqa/llava_test_CQM-A.json --image_root=scienceqa/images/test
 Score answers generated elsewhere (LLaVA answer files: question_id + text), no model loaded:
     python evaluate.py --task=pope --data_path=Q.jsonl --predictions=answers.jsonl --out_dir=D
@@ -16,7 +16,8 @@ Several GPUs (questions are sharded over ranks, gathered, scored on rank 0):
 
 Question files (JSONL, one object a line; image paths relative to image_root; details and the
 prompt rules in data.benchmark_question):
-  pope   question_id, image, text, label yes|no, category random|popular|adversarial (optional)
+  pope   question_id, image, text, label yes|no, category random|popular|adversarial (optional);
+         or LLaVA's llava_pope_test.jsonl (no label) + POPE's coco/coco_pope_<category>.json (the labels)
   mc     question_id, image (optional), question, options [..], answer (letter), category (optional);
          or ScienceQA as LLaVA ships it (.json list: id, image?, conversations [human, gpt 'The answer is X.'])
   vqa    question_id, image, question (or text), answers [..] (or answer), category (optional)
@@ -50,11 +51,14 @@ data_path = ""             # the question file (not used by shapes)
 shapes_dir = "data/shapes/eval"
 image_root = "data/shapes/images"
 synonyms_path = ""         # CHAIR's synonyms.txt; '' = synonyms.txt beside the question file
+pope_annotation_dir = ""   # POPE questions without labels (LLaVA's llava_pope_test.jsonl) take them from
+                           # <dir>/coco_pope_<category>.json; '' = coco/ beside the question file (LLaVA's layout)
 predictions = ""           # score this answer file (shapes: a directory of <task>_predictions.jsonl) instead of generating
 out_dir = ""               # '' = <init_from>/eval, or <predictions>_scored when scoring a file
 batch_size = 32
 max_new_tokens = 0         # 0 = the task's default (MAX_NEW below)
 temperature = 0.0          # 0 = greedy, as LLaVA's evals
+top_p = 1.0                # nucleus sampling when temperature > 0
 show = 3                   # print this many question / answer / truth examples per task
 device = "auto"
 dtype = "auto"             # auto = bfloat16 on CUDA, float32 elsewhere; or float32 | bfloat16 | float16
@@ -83,7 +87,7 @@ else:
     runs = [(task, data_path, predictions or None)]
     synonyms_path = synonyms_path or os.path.join(os.path.dirname(data_path), "synonyms.txt")
 # every file is read and checked before a model is loaded: a bad record costs seconds, not a model load
-questions = {t: D.read_benchmark(path, t) for t, path, _ in runs}
+questions = {t: D.read_benchmark(path, t, pope_annotation_dir or None) for t, path, _ in runs}
 synonyms = D.read_synonyms(synonyms_path) if "chair" in questions else None
 if predictions:
     rows = {t: D.attach_answers(questions[t], D.read_answers(answers), answers) for t, _, answers in runs}
@@ -102,7 +106,8 @@ else:
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     vlm = M.VLM.from_pretrained(init_from, dtype=getattr(torch, dtype)).to(dev).eval()
-    tok, template, eos = vlm.tokenizer, vlm.config["template"], vlm.tokenizer.eos_token_id
+    tok, template = vlm.tokenizer, vlm.config["template"]
+    rng = torch.Generator(dev).manual_seed(seed + dist.rank)  # sampling only; each rank draws its own
     out_dir = out_dir or os.path.join(init_from, "eval")
 
     def generate(t, qs):
@@ -120,11 +125,9 @@ else:
             images = [D.process_image(D.load_image(os.path.join(image_root, q["image"])), vlm.image_processor,
                                       vlm.config["pad_to_square"]) for q in batch if q["image"]]
             px = torch.stack(images).to(dev) if images else None  # rows without an image simply have no image tokens
-            toks, _ = vlm.generate(ids.to(dev), px, mask.to(dev), max_new_tokens=max_new_tokens or MAX_NEW[t],
-                                   temperature=temperature, eos_token_id=eos)
-            for q, out in zip(batch, toks.tolist()):
-                out = out[:out.index(eos)] if eos in out else out
-                done.append(dict(q, text=tok.decode(out, skip_special_tokens=True).strip()))
+            gen = vlm.generate(ids.to(dev), px, mask.to(dev), max_new_tokens=max_new_tokens or MAX_NEW[t],
+                               temperature=temperature, top_p=top_p, generator=rng)
+            done += [dict(q, text=text.strip()) for q, text in zip(batch, gen.text)]
             bar.update(len(batch))
         bar.close()
         if dist.ddp:

@@ -323,6 +323,20 @@ def _as_config(c):
     return AutoConfig.for_model(c.pop("model_type"), **c)
 
 
+# what VLM.generate returns (see its docstring)
+Generation = namedtuple("Generation", "tokens logprobs lengths finish text")
+
+
+def stop_string_in_tail(tokenizer, ids, stop_strings):
+    """Whether a stop string ends in the text of the newest token of `ids` (non-special ids, oldest first),
+    given that generation checks after every token (so none ended earlier). Only the tail that can hold
+    such a string is decoded, not the whole row every step: a character is at most 4 tokens (byte-level
+    BPE and byte fallback split UTF-8 into bytes), plus one token whose leading space a decoder may drop."""
+    window = 4 * max(map(len, stop_strings)) + 1
+    tail = tokenizer.decode(ids[-window:], skip_special_tokens=True)
+    return any(s in tail for s in stop_strings)
+
+
 class VLM(nn.Module):
     """vision (transformers vision model) + projector (ours) + lm (transformers causal LM).
 
@@ -424,25 +438,50 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=32, temperature=0.0,
-                 top_p=1.0, eos_token_id=None, generator=None):
-        """Batched generation from LEFT-padded prompts with the LM's KV cache. Greedy when temperature
-        is 0. Returns (tokens (B, n) with eos_token_id after a row ends, logprobs (B, n) of the chosen tokens)."""
+                 top_p=1.0, eos_token_id=None, stop_token_ids=(), stop_strings=(), tokenizer=None, generator=None):
+        """Batched generation from LEFT-padded prompts, with the LM's own KV cache: one prefill forward
+        over the prompt embeddings (image features written in), then one token per forward.
+
+        Greedy when temperature is 0, else sampling from softmax(logits / temperature), restricted to the
+        nucleus of mass top_p when top_p < 1. A row ends at an end-of-sequence id (eos_token_id: an id or
+        a list of them; None = the tokenizer's), at one of stop_token_ids, when its new text contains one
+        of stop_strings (self-rewarding stops at the end of each sentence), or after max_new_tokens. The
+        token that ends a row is kept, so a caller can continue from exactly these tokens.
+
+        Returns a Generation: tokens (B, n) new ids (after a row's length: padding), logprobs (B, n) fp32
+        log p(token) under the model's own distribution (temperature 1, no nucleus; 0 after a row's
+        length), lengths (B,), finish per row ('eos' | 'stop' | 'length'), and text per row (the row's
+        tokens decoded without special tokens; None when no tokenizer is given or attached)."""
         from transformers import DynamicCache
-        B = input_ids.shape[0]
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        if eos_token_id is None:
+            eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        stop_ids = list(stop_token_ids)
+        stop_strings = [stop_strings] if isinstance(stop_strings, str) else [s for s in stop_strings if s]
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer (pass tokenizer= or attach one to the model)")
+        special = set(getattr(tokenizer, "all_special_ids", ()))
+        B, dev = input_ids.shape[0], input_ids.device
+        end_ids = torch.tensor(eos_ids + stop_ids, dtype=torch.long, device=dev)
+        fill = (eos_ids + stop_ids + [0])[0]
+
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
-        emb = self.embed(input_ids, pixel_values)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: every row's first real token is position 0
         cache = DynamicCache(config=self.lm.config)
         base, w = self.lm.base_model, self.lm.get_output_embeddings().weight
-        h = base(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
+        h = base(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=mask, position_ids=pos,
+                 past_key_values=cache, use_cache=True).last_hidden_state
         pos = pos[:, -1:]
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        toks, lps = [], []
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        lengths = torch.zeros(B, dtype=torch.long, device=dev)
+        finish = ["length"] * B
+        toks, lps, seen = [], [], [[] for _ in range(B)]  # seen: each row's ids, kept only for stop strings
         for _ in range(max_new_tokens):
             logp = torch.log_softmax((h[:, -1] @ w.T).float(), dim=-1)
             if temperature > 0:
                 probs = torch.softmax(logp / temperature, dim=-1)
-                if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+                if top_p < 1.0:  # nucleus: the smallest set of most likely tokens whose mass reaches top_p
                     sp, si = probs.sort(dim=-1, descending=True)
                     drop = sp.cumsum(-1) - sp > top_p
                     probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
@@ -450,19 +489,34 @@ class VLM(nn.Module):
             else:
                 nxt = logp.argmax(-1)
             lp = logp.gather(1, nxt[:, None]).squeeze(1)
-            if eos_token_id is not None:
-                nxt = nxt.masked_fill(done, eos_token_id)
-                lp = lp.masked_fill(done, 0.0)
+            nxt, lp = nxt.masked_fill(done, fill), lp.masked_fill(done, 0.0)
             toks.append(nxt); lps.append(lp)
-            if eos_token_id is not None:
-                done |= nxt == eos_token_id
+            lengths += ~done
+            hit = (nxt[:, None] == end_ids).any(-1) & ~done
+            if stop_strings or hit.any():  # per-row bookkeeping only when something may have ended
+                new, hit_l, done_l = nxt.tolist(), hit.tolist(), done.tolist()
+                for b in range(B):
+                    if done_l[b]:
+                        continue
+                    if hit_l[b]:
+                        finish[b] = "eos" if new[b] in eos_ids else "stop"
+                    elif stop_strings and new[b] not in special:
+                        seen[b].append(new[b])
+                        if stop_string_in_tail(tokenizer, seen[b], stop_strings):
+                            finish[b], hit[b] = "stop", True
+                done |= hit
                 if done.all():
                     break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos + 1
             h = base(inputs_embeds=self.lm.get_input_embeddings()(nxt[:, None]), attention_mask=mask, position_ids=pos,
                      past_key_values=cache, use_cache=True).last_hidden_state
-        return torch.stack(toks, 1), torch.stack(lps, 1)
+        tokens = torch.stack(toks, 1) if toks else input_ids.new_zeros(B, 0)
+        logprobs = torch.stack(lps, 1) if lps else torch.zeros(B, 0, device=dev)
+        text = None
+        if tokenizer is not None:
+            text = [tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(tokens.tolist(), lengths.tolist())]
+        return Generation(tokens, logprobs, lengths, finish, text)
 
     # -------------------------------------------------------------------------
     # 4. saving and loading

@@ -1,6 +1,7 @@
 """model.py: llava-hf parity, checkpoints, optimizer groups, generation. (The fused loss: test_kernel.py.)"""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -193,25 +194,149 @@ def test_optimizer_parts_and_freezing(tiny_tokenizer):
             assert (id(p) in no_decay) == (p.dim() < 2), n
 
 
-def test_generate_greedy_matches_full_recompute(tiny_tokenizer):
-    """Greedy with the KV cache (batched, left-padded) equals argmax of full forwards, row by row."""
-    vlm = _tiny_vlm(tiny_tokenizer).eval()
-    img = vlm.image_token_id
-    rows = [[1] + [img] * 16 + [5, 6, 7, 8], [1] + [img] * 16 + [9, 10]]
+# ----------------------------------------------------------------------------- generation
+
+def _left_padded(rows, pad=0):
     T = max(map(len, rows))
-    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
-    px = torch.randn(2, 3, 32, 32)
-    toks, lps = vlm.generate(ids, px, mask, max_new_tokens=6)
+    return ids, mask
+
+
+def _prompt_rows(img, n_img=16):
+    return [[1] + [img] * n_img + [5, 6, 7, 8], [1] + [img] * n_img + [9, 10], [1, 11] + [img] * n_img + [12, 13, 14, 15, 16]]
+
+
+def test_generate_greedy_matches_full_recompute(tiny_tokenizer):
+    """Greedy with the KV cache (batched, left-padded) equals argmax of full forwards without a cache,
+    row by row, and the returned log-probs are those of the full forward."""
+    vlm = _tiny_vlm(tiny_tokenizer).eval()
+    rows = _prompt_rows(vlm.image_token_id)
+    ids, mask = _left_padded(rows)
+    px = torch.randn(3, 3, 32, 32)
+    g = vlm.generate(ids, px, mask, max_new_tokens=6, eos_token_id=[])
+    assert g.tokens.shape == (3, 6) and g.lengths.tolist() == [6, 6, 6] and g.finish == ["length"] * 3
     for b, r in enumerate(rows):
         seq = torch.tensor([r])
         for step in range(6):
             with torch.no_grad():
                 logits = vlm(seq, px[b:b + 1])[0, -1]
             nxt = logits.argmax()
-            assert nxt == toks[b, step]
-            torch.testing.assert_close(lps[b, step], torch.log_softmax(logits, -1)[nxt], rtol=1e-4, atol=1e-4)
+            assert nxt == g.tokens[b, step]
+            torch.testing.assert_close(g.logprobs[b, step], torch.log_softmax(logits, -1)[nxt], rtol=1e-4, atol=1e-4)
             seq = torch.cat([seq, nxt.view(1, 1)], 1)
+        assert g.text[b] == tiny_tokenizer.decode(g.tokens[b].tolist(), skip_special_tokens=True)
+
+
+def test_generate_batched_equals_one_by_one(tiny_tokenizer):
+    """Left padding is invisible: each row of a padded batch generates what it generates alone, also
+    when rows stop at different steps (an end id that only some rows produce)."""
+    vlm = _tiny_vlm(tiny_tokenizer).eval()
+    rows = _prompt_rows(vlm.image_token_id)
+    px = torch.randn(3, 3, 32, 32)
+    free = vlm.generate(*_left_padded(rows)[:1], px, _left_padded(rows)[1], max_new_tokens=10, eos_token_id=[])
+    end = free.tokens[0, 3].item()  # row 0 ends at step 4 at the latest; the others wherever `end` first shows up
+    batched = vlm.generate(*_left_padded(rows)[:1], px, _left_padded(rows)[1], max_new_tokens=10, eos_token_id=end)
+    assert batched.finish[0] == "eos" and batched.lengths[0] <= 4
+    for b, r in enumerate(rows):
+        alone = vlm.generate(torch.tensor([r]), px[b:b + 1], max_new_tokens=10, eos_token_id=end)
+        n = alone.lengths[0]
+        assert batched.lengths[b] == n and batched.finish[b] == alone.finish[0]
+        assert torch.equal(batched.tokens[b, :n], alone.tokens[0, :n])
+        torch.testing.assert_close(batched.logprobs[b, :n], alone.logprobs[0, :n], rtol=1e-4, atol=1e-5)
+        assert batched.text[b] == alone.text[0]
+        assert (batched.logprobs[b, n:] == 0).all() and (batched.tokens[b, n:] == end).all()  # padding after the end
+
+
+def test_generate_greedy_equals_llava_hf_generate(tmp_path):
+    """Our greedy tokens equal transformers' LlavaForConditionalGeneration.generate on the same weights,
+    batched with left padding."""
+    from transformers import GenerationConfig
+    hf, d = _tiny_llava(tmp_path)
+    vlm = M.VLM.from_pretrained(d).eval()
+    ids, mask = _left_padded(_prompt_rows(IMG))
+    px = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    gc = GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, pixel_values=px, attention_mask=mask, generation_config=gc)[:, ids.shape[1]:]
+    got = vlm.generate(ids, px, mask, max_new_tokens=12)
+    assert torch.equal(got.tokens, ref), (got.tokens, ref)
+
+
+def test_generate_stop_token_ids_and_strings(tiny_tokenizer):
+    """A row ends at the first stop token id, or at the first token whose text completes a stop string;
+    the ending token is kept, the text is that of the kept tokens, finish says why."""
+    vlm = _tiny_vlm(tiny_tokenizer).eval()
+    with torch.no_grad():  # a peaked LM head, so greedy text is varied words rather than one repeated id
+        vlm.lm.get_output_embeddings().weight.mul_(8)
+    rows = _prompt_rows(vlm.image_token_id)
+    ids, mask = _left_padded(rows)
+    px = torch.randn(3, 3, 32, 32)
+    free = vlm.generate(ids, px, mask, max_new_tokens=16, eos_token_id=[])
+    toks = free.tokens.tolist()
+    # stop token id: the 6th token of row 1
+    stop = toks[1][5]
+    g = vlm.generate(ids, px, mask, max_new_tokens=16, eos_token_id=[], stop_token_ids=[stop])
+    for b in range(3):
+        n = toks[b].index(stop) + 1 if stop in toks[b] else 16
+        assert g.lengths[b] == n and g.finish[b] == ("stop" if stop in toks[b] else "length")
+        assert g.tokens[b, :n].tolist() == toks[b][:n]
+    # stop string: the first two letters in a row that follow a row's first 3 characters
+    dec = lambda r: tiny_tokenizer.decode(r, skip_special_tokens=True)  # noqa: E731
+    s = next(m.group() for t in free.text for m in [re.search(r"[a-zA-Z]{2}", t[3:])] if m)
+    g = vlm.generate(ids, px, mask, max_new_tokens=16, eos_token_id=[], stop_strings=["no such text", s])
+    assert "stop" in g.finish
+    for b in range(3):
+        n = next((k for k in range(1, 17) if s in dec(toks[b][:k])), 16)  # the shortest prefix holding s
+        assert g.lengths[b] == n and g.tokens[b, :n].tolist() == toks[b][:n]
+        assert g.text[b] == dec(toks[b][:n]) and g.finish[b] == ("stop" if s in g.text[b] else "length")
+    vlm.tokenizer = None
+    with pytest.raises(ValueError, match="tokenizer"):
+        vlm.generate(ids, px, mask, max_new_tokens=2, stop_strings=["."])
+
+
+def test_stop_string_in_tail_equals_decoding_everything(tiny_tokenizer):
+    """Decoding only the tail finds a stop string at the same token as decoding the whole text would,
+    with multi-byte characters split over byte tokens (byte-level BPE) on both sides of the string."""
+    text = "Le café coûte 3€. Ça va? 猫 est là… fin. ok"
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text)  # some characters really are several tokens
+    for stops in (["."], ["€."], ["là…"], ["? 猫"], ["va", "zz"], ["ûte 3"], ["Ça va? 猫 est"]):
+        first = next(k for k in range(1, len(ids) + 1) if any(s in tiny_tokenizer.decode(ids[:k]) for s in stops))
+        found = [k for k in range(1, len(ids) + 1) if M.stop_string_in_tail(tiny_tokenizer, ids[:k], stops)]
+        assert found[0] == first, stops
+
+
+def test_generate_sampling_distribution(tiny_tokenizer):
+    """Temperature and top-p sample from the right distribution: one new token for 4000 copies of a
+    prompt; frequencies match softmax(logits / T), and top-p never leaves the nucleus."""
+    vlm = _tiny_vlm(tiny_tokenizer).eval()
+    with torch.no_grad():
+        vlm.lm.get_output_embeddings().weight.mul_(6)
+    r = _prompt_rows(vlm.image_token_id)[0]
+    px = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        logits = vlm(torch.tensor([r]), px)[0, -1]
+    N = 4000
+    ids, pxs = torch.tensor([r]).expand(N, -1), px.expand(N, -1, -1, -1)
+    for T in (0.7, 1.5):
+        g = vlm.generate(ids, pxs, max_new_tokens=1, temperature=T, eos_token_id=[],
+                         generator=torch.Generator().manual_seed(0))
+        freq = torch.bincount(g.tokens[:, 0], minlength=logits.numel()).float() / N
+        assert (freq - torch.softmax(logits / T, -1)).abs().max() < 0.03
+        # log-probs are the model's own (temperature 1), whatever was sampled
+        torch.testing.assert_close(g.logprobs[:, 0], torch.log_softmax(logits, -1)[g.tokens[:, 0]], rtol=1e-4, atol=1e-4)
+    p = torch.softmax(logits, -1)
+    sp, si = p.sort(descending=True)
+    nucleus = set(si[:int((sp.cumsum(0) < 0.6).sum()) + 1].tolist())  # the fewest top tokens with mass >= 0.6
+    g = vlm.generate(ids, pxs, max_new_tokens=1, temperature=1.0, top_p=0.6, eos_token_id=[],
+                     generator=torch.Generator().manual_seed(0))
+    assert set(g.tokens[:, 0].tolist()) == nucleus
+    g2 = vlm.generate(ids[:8], pxs[:8], max_new_tokens=5, temperature=1.0, eos_token_id=[],
+                      generator=torch.Generator().manual_seed(1))
+    g3 = vlm.generate(ids[:8], pxs[:8], max_new_tokens=5, temperature=1.0, eos_token_id=[],
+                      generator=torch.Generator().manual_seed(1))
+    assert torch.equal(g2.tokens, g3.tokens)  # a seeded generator reproduces a sample
 
 
 def test_unused_vision_parameters_are_frozen(tiny_tokenizer):
