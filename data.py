@@ -100,32 +100,35 @@ def split_ratio(item):
 
 
 def read_json_file(path):
-    """The raw objects of a .json (a list) or .jsonl (one object per line) file."""
+    """The raw objects of a .json (a list) or .jsonl (one object per line) file. A .json file holding one
+    object per line is read as JSON lines too: POPE ships its coco_pope_*.json files that way."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: data file not found", "missing file")
+    if not path.endswith((".json", ".jsonl")):
+        raise DataError(f"{path}: unknown data file type (expected .json or .jsonl)", "invalid json")
     with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a BOM from Windows editors
         text = f.read()
-    if path.endswith(".jsonl"):
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno} (record {len(records)}): invalid JSON: "
-                                f"{e.msg} at column {e.colno}", "invalid json") from None
-        return records
-    if not path.endswith(".json"):
-        raise DataError(f"{path}: unknown data file type (expected .json or .jsonl)", "invalid json")
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: line {e.lineno} column {e.colno}: invalid JSON: {e.msg}",
-                        "invalid json") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of records, got a {type(records).__name__} "
-                        f"(use .jsonl for one object per line)", "invalid json")
+    if path.endswith(".json"):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # 'Extra data': more than one value, i.e. JSON lines, read below
+                raise DataError(f"{path}: line {e.lineno} column {e.colno}: invalid JSON: {e.msg}",
+                                "invalid json") from None
+        else:
+            if not isinstance(records, list):
+                raise DataError(f"{path}: expected a JSON list of records, got a {type(records).__name__} "
+                                f"(use .jsonl for one object per line)", "invalid json")
+            return records
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {lineno} (record {len(records)}): invalid JSON: "
+                            f"{e.msg} at column {e.colno}", "invalid json") from None
     return records
 
 
@@ -684,9 +687,7 @@ def benchmark_question(rec, task):
     if task == "pope":
         label = rec.get("label")
         if not isinstance(label, str) or label.strip().lower() not in ("yes", "no"):
-            raise DataError(f"'label' must be 'yes' or 'no', got {label!r:.40} (LLaVA's llava_pope_test.jsonl has no "
-                            f"labels: eval_pope.py takes them from POPE's coco_pope_<category>.json, in order)",
-                            "malformed record")
+            raise DataError(f"'label' must be 'yes' or 'no', got {label!r:.40}", "malformed record")
         return dict(q, prompt=with_suffix(text_field("text", "question"), SHORT_SUFFIX), label=label.strip().lower())
     if task == "mc" and "conversations" in rec:  # ScienceQA, LLaVA's llava_test_CQM-A.json
         check_conversations(rec["conversations"])
@@ -733,11 +734,49 @@ def benchmark_question(rec, task):
     return dict(q, prompt=prompt, objects=objects)
 
 
-def read_benchmark(path, task):
+def pope_labels(records, path, annotation_dir):
+    """LLaVA's POPE layout: llava_pope_test.jsonl has question_id, image, text and category but no label;
+    eval_pope.py takes the labels from POPE's coco_pope_<category>.json in its --annotation-dir, the
+    i-th line of a category's file for the i-th question of that category. The same here, and each pair
+    must show the same image and question (the short-answer suffix aside), so files in another order are
+    an error naming both, not a silently shifted score. Returns the records, 'label' added where missing."""
+    records, todo = list(records), {}
+    for i, r in enumerate(records):
+        if isinstance(r, dict) and r.get("label") is None:
+            todo.setdefault(r.get("category"), []).append(i)
+    for category, idx in todo.items():
+        if category is None:
+            raise DataError(f"{path}: record {idx[0]}: no 'label', and no 'category' to find it under", "malformed record")
+        label_file = os.path.join(annotation_dir, f"coco_pope_{category}.json")
+        if not os.path.isfile(label_file):
+            raise DataError(f"{path}: record {idx[0]} has no 'label' and {label_file} (POPE's labels for the "
+                            f"{category!r} questions) does not exist; point pope_annotation_dir at the folder of "
+                            f"coco_pope_<category>.json files", "missing file")
+        labels = read_json_file(label_file)
+        if len(labels) != len(idx):
+            raise DataError(f"{label_file}: {len(labels)} lines for the {len(idx)} {category!r} questions "
+                            f"of {path}", "malformed record")
+        for line, (i, lab) in enumerate(zip(idx, labels), 1):
+            q, lab = records[i], lab if isinstance(lab, dict) else {}
+            same = lambda r: (r.get("image"), with_suffix(str(r.get("text", "")).strip(), SHORT_SUFFIX))  # noqa: E731
+            if same(lab) != same(q):
+                raise DataError(f"{label_file}: line {line} ({lab.get('image')!r}, {lab.get('text')!r:.60}) is not "
+                                f"{path}: record {i} ({q.get('image')!r}, {q.get('text')!r:.60}): the label file "
+                                f"must list the {category!r} questions in the question file's order", "malformed record")
+            records[i] = dict(q, label=lab.get("label"))
+    return records
+
+
+def read_benchmark(path, task, pope_annotation_dir=None):
     """All questions of a benchmark file (.jsonl, or a .json list such as ScienceQA's), checked up
-    front: a bad record or a repeated question_id is a DataError naming the file and record."""
+    front: a bad record or a repeated question_id is a DataError naming the file and record. POPE
+    questions without labels take them from pope_annotation_dir (see pope_labels; None = the 'coco'
+    folder beside the question file, where LLaVA's eval layout keeps them)."""
+    records = read_json_file(path)
+    if task == "pope" and any(isinstance(r, dict) and r.get("label") is None for r in records):
+        records = pope_labels(records, path, pope_annotation_dir or os.path.join(os.path.dirname(path), "coco"))
     questions, seen = [], {}
-    for i, rec in enumerate(read_json_file(path)):
+    for i, rec in enumerate(records):
         try:
             q = benchmark_question(rec, task)
         except DataError as e:

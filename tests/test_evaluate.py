@@ -91,15 +91,19 @@ def read(path):
         return [json.loads(line) for line in f] if str(path).endswith(".jsonl") else json.load(f)
 
 
-def check_expected(m):
-    """The hand-worked figures of SUITE (see tests/test_scoring.py for the arithmetic)."""
-    pope = m["pope"]
+def check_expected_pope(pope):
+    """The hand-worked POPE figures of SUITE (see tests/test_scoring.py for the arithmetic)."""
     assert list(pope) == ["random", "popular", "average"]
     assert pope["random"]["accuracy"] == 0.75 and pope["random"]["precision"] == pytest.approx(2 / 3)
     assert pope["random"]["recall"] == 1.0 and pope["random"]["f1"] == pytest.approx(0.8) and pope["random"]["yes_ratio"] == 0.75
     assert pope["popular"] == dict(accuracy=0.5, precision=0.5, recall=0.5, f1=0.5, yes_ratio=0.5, n=4)
     assert pope["average"]["f1"] == pytest.approx(0.65) and pope["average"]["precision"] == pytest.approx(7 / 12)
     assert pope["average"]["n"] == 8
+
+
+def check_expected(m):
+    """The hand-worked figures of SUITE (see tests/test_scoring.py for the arithmetic)."""
+    check_expected_pope(m["pope"])
     assert m["mc"] == {"color": dict(accuracy=0.5, no_letter=0.0, n=2), "shape": dict(accuracy=0.5, no_letter=0.5, n=2),
                        "overall": dict(accuracy=0.5, no_letter=0.25, n=4)}
     # vqa: count (1 + .3)/2 (the official 10-answer rule: 1 match of 10 is .3); 'all' 1; overall 2.3/3
@@ -149,6 +153,47 @@ def test_score_only_shapes_suite(tmp_path):
     assert cot[1]["missing_marker"] and cot[0]["prompt"].endswith("Generate a reason first and then output a short answer.")
     header = next(line for line in p.stdout.splitlines() if line.startswith("task"))
     assert "CHAIR_s" in header and "no_marker" in header and "f1" in header
+
+
+def llava_pope_layout(d):
+    """SUITE's POPE questions laid out as LLaVA ships POPE: llava_pope_test.jsonl (question_id, image,
+    text, category; no label; the suffix already in some texts) and POPE's coco/coco_pope_<category>.json
+    (JSON lines despite the name, question_id from 1 per file, the labels)."""
+    make_suite(d, {"pope": SUITE["pope"]})
+    qs = read(d / "pope.jsonl")
+    os.makedirs(d / "coco")
+    for category in ("random", "popular"):
+        write_jsonl(d / "coco" / f"coco_pope_{category}.json",
+                    [dict(question_id=i + 1, image=q["image"], text=q["text"], label=q["label"])
+                     for i, q in enumerate(q for q in qs if q["category"] == category)])
+    for i, q in enumerate(qs):
+        del q["label"]
+        if i % 2:
+            q["text"] += "\nAnswer the question using a single word or phrase."
+    write_jsonl(d / "llava_pope_test.jsonl", qs)
+    return d
+
+
+def test_score_only_pope_llava_layout(tmp_path):
+    """llava_pope_test.jsonl + coco/coco_pope_<category>.json, as LLaVA's eval_pope.py reads them: the
+    labels are found beside the question file and the figures are those of the labelled file."""
+    d = llava_pope_layout(tmp_path)
+    run(["--task=pope", f"--data_path={d}/llava_pope_test.jsonl", f"--predictions={d}/answers/pope_predictions.jsonl",
+         f"--out_dir={d}/D"])
+    m = read(d / "D" / "metrics.json")
+    check_expected_pope(m)
+    assert [r["label"] for r in read(d / "D" / "predictions.jsonl")] == [q["label"] for q, _ in SUITE["pope"]]
+    # the labels elsewhere: pope_annotation_dir; in another order: an error naming both files
+    os.rename(d / "coco", d / "labels")
+    p = run(["--task=pope", f"--data_path={d}/llava_pope_test.jsonl", f"--predictions={d}/answers/pope_predictions.jsonl"],
+            ok=False)
+    assert "coco_pope_random.json (POPE's labels for the 'random' questions) does not exist" in p.stderr
+    lines = (d / "labels" / "coco_pope_popular.json").read_text().splitlines()
+    (d / "labels" / "coco_pope_popular.json").write_text("\n".join([lines[1], lines[0]] + lines[2:]) + "\n")
+    p = run(["--task=pope", f"--data_path={d}/llava_pope_test.jsonl", f"--predictions={d}/answers/pope_predictions.jsonl",
+             f"--pope_annotation_dir={d}/labels"], ok=False)
+    assert "coco_pope_popular.json: line 1 ('img1.png', 'Is there a dog in the image?') is not " in p.stderr
+    assert "llava_pope_test.jsonl: record 4 ('img0.png', 'Is there a bus in the image?')" in p.stderr
 
 
 def test_score_only_scienceqa(tmp_path):
@@ -214,6 +259,20 @@ def test_model_mode_shapes_suite(tmp_path, tiny_llava):
         assert all(isinstance(r["text"], str) for r in preds)
     assert read(out / "run.json")["init_from"] == tiny_llava
     assert "questions/s" in p.stdout + p.stderr
+
+
+def test_model_mode_llava_hf_with_llava_pope_files(tmp_path, tiny_llava):
+    """What a GPU user runs: init_from = a llava-hf directory, LLaVA's POPE files as shipped. The answers
+    it writes, re-scored without a model, give the same metrics."""
+    d = llava_pope_layout(tmp_path)
+    run(["--task=pope", f"--data_path={d}/llava_pope_test.jsonl", f"--image_root={d}/images", f"--init_from={tiny_llava}",
+         f"--out_dir={d}/gen", "--batch_size=4", "--max_new_tokens=4", "--device=cpu"])
+    preds = read(d / "gen" / "predictions.jsonl")
+    assert [r["label"] for r in preds] == [q["label"] for q, _ in SUITE["pope"]]
+    assert all(r["prompt"].count("Answer the question using a single word or phrase.") == 1 for r in preds)
+    run(["--task=pope", f"--data_path={d}/llava_pope_test.jsonl", f"--predictions={d}/gen/predictions.jsonl",
+         f"--out_dir={d}/rescored"])
+    assert read(d / "rescored" / "metrics.json") == read(d / "gen" / "metrics.json")
 
 
 def test_torchrun_two_ranks_match_one(tmp_path, tiny_llava):
