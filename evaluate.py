@@ -45,7 +45,7 @@ import data as D
 import model as M
 
 # -----------------------------------------------------------------------------
-init_from = "out/sft"      # checkpoint dir, ours or llava-hf
+init_from = "out/sft"      # checkpoint dir, ours or llava-hf, or a hub id (llava-hf/llava-1.5-7b-hf)
 task = "shapes"            # pope | mc | vqa | cot | chair | shapes (all five on the shapes world's eval sets)
 data_path = ""             # the question file (not used by shapes)
 shapes_dir = "data/shapes/eval"
@@ -54,7 +54,7 @@ synonyms_path = ""         # CHAIR's synonyms.txt; '' = synonyms.txt beside the 
 pope_annotation_dir = ""   # POPE questions without labels (LLaVA's llava_pope_test.jsonl) take them from
                            # <dir>/coco_pope_<category>.json; '' = coco/ beside the question file (LLaVA's layout)
 predictions = ""           # score this answer file (shapes: a directory of <task>_predictions.jsonl) instead of generating
-out_dir = ""               # '' = <init_from>/eval, or <predictions>_scored when scoring a file
+out_dir = ""               # '' = <init_from>/eval (a hub id: out/eval/<org>--<name>), or <predictions>_scored
 batch_size = 32
 max_new_tokens = 0         # 0 = the task's default (MAX_NEW below)
 temperature = 0.0          # 0 = greedy, as LLaVA's evals
@@ -108,7 +108,9 @@ else:
     vlm = M.VLM.from_pretrained(init_from, dtype=getattr(torch, dtype)).to(dev).eval()
     tok, template = vlm.tokenizer, vlm.config["template"]
     rng = torch.Generator(dev).manual_seed(seed + dist.rank)  # sampling only; each rank draws its own
-    out_dir = out_dir or os.path.join(init_from, "eval")
+    # beside a local checkpoint; for a hub id (never a folder named like it: that would shadow the id)
+    out_dir = out_dir or (os.path.join(init_from, "eval") if os.path.isdir(init_from)
+                          else os.path.join("out", "eval", init_from.replace("/", "--")))
 
     def generate(t, qs):
         """This rank's share of the questions answered, gathered from every rank, in file order."""

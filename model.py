@@ -493,7 +493,7 @@ class VLM(nn.Module):
             toks.append(nxt); lps.append(lp)
             lengths += ~done
             hit = (nxt[:, None] == end_ids).any(-1) & ~done
-            if stop_strings or hit.any():  # per-row bookkeeping only when something may have ended
+            if stop_strings or (len(end_ids) and hit.any()):  # per-row work only when a row may have ended
                 new, hit_l, done_l = nxt.tolist(), hit.tolist(), done.tolist()
                 for b in range(B):
                     if done_l[b]:
@@ -566,8 +566,10 @@ class VLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=None, attn_implementation="sdpa"):
         """Loads our checkpoint directory or a llava-hf (LlavaForConditionalGeneration) directory, with
-        its tokenizer and image processor. Weights come from safetensors only: pickled .bin weights can
-        run arbitrary code when loaded, so they are refused."""
+        its tokenizer and image processor; a hub id (llava-hf/llava-1.5-7b-hf) is fetched into, or found
+        in, the Hugging Face cache first. Weights come from safetensors only: pickled .bin weights can
+        run arbitrary code when loaded, so they are refused (and never fetched)."""
+        path = _checkpoint_dir(path)
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{path}: no config.json (not a checkpoint directory)")
@@ -704,6 +706,19 @@ def _config_from_llava(raw):
                 vision_feature_layer=c.vision_feature_layer,
                 vision_feature_select_strategy=c.vision_feature_select_strategy,
                 image_token_id=c.image_token_id, template="vicuna_v1", pad_to_square=True)
+
+
+def _checkpoint_dir(path):
+    """A directory as it is; 'org/name' that is not one on disk is a hub id: its config, safetensors,
+    tokenizer and processor files from the Hugging Face cache, downloaded if they are not there yet."""
+    if os.path.isdir(path) or os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
+        return path
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:  # offline, no such repo, no access: say which and keep the path in the message
+        raise FileNotFoundError(f"{path}: not a directory, and not fetched as a hub model id: "
+                                f"{type(e).__name__}: {e}") from None
 
 
 def _load_safetensors_dir(path):

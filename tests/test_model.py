@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -160,6 +161,26 @@ def test_save_load_identical(tmp_path, tiny_tokenizer):
         assert torch.equal(vlm(ids, px), vlm2(ids, px))
     assert vlm2.tokenizer.encode("Is there a red circle?") == tiny_tokenizer.encode("Is there a red circle?")
     assert vlm2.image_processor.crop_size["height"] == 32
+
+
+def test_hub_id_loads_from_the_hf_cache(tmp_path):
+    """init_from='org/name' (not a directory here) is a hub id: read from the Hugging Face cache, as a
+    downloaded llava-hf/llava-1.5-7b-hf would be (offline here, so only the cache can answer)."""
+    import subprocess
+    import sys
+    hf, d = _tiny_llava(tmp_path)
+    snap = tmp_path / "hub" / "models--llava-hf--tiny-llava" / "snapshots" / ("0" * 40)
+    shutil.copytree(d, snap)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("0" * 40)
+    code = ("import model as M, sys; v = M.VLM.from_pretrained('llava-hf/tiny-llava'); print(v.image_token_id)\n"
+            "try: M.VLM.from_pretrained('llava-hf/not-cached')\nexcept FileNotFoundError as e: print(e)")
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=dict(env, PYTHONPATH=M.__file__.rsplit("/", 1)[0]),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = p.stdout.splitlines()
+    assert out[0] == str(IMG) and out[1].startswith("llava-hf/not-cached: not a directory, and not fetched as a hub model id")
 
 
 def test_refuses_pickled_weights(tmp_path, tiny_tokenizer):
