@@ -3,6 +3,7 @@ Speed and memory, side by side against the obvious alternative, in one run. Prin
 
     python bench.py                       # everything this machine can run (a few minutes on 2 CPU cores)
     python bench.py --which=loss          # one section: loss | sft | gen | all
+    python bench.py --rounds=3            # each case 3 times, in turn with its rival (a shared machine's noise)
     python bench.py --device=cuda         # on a GPU: adds our Triton kernel, liger-kernel and
                                           # cut-cross-entropy (when installed) at 7B-like shapes
 
@@ -37,6 +38,8 @@ which = "all"            # loss | sft | gen | all
 device = "auto"          # auto | cpu | cuda
 out = "bench.json"       # results (written atomically)
 repeats = 3              # timed runs per case (median), after one warm-up
+rounds = 1               # run every case of a section this many times, in turn (A B A B ...): on a shared
+                         # machine a slow spell then hits both sides alike; reported time = median of rounds
 threads = 0              # torch CPU threads; 0 = torch's default
 # (tokens, hidden, vocab) for the loss section; CPU sizes fit 24 GiB and run in minutes
 loss_shapes_cpu = [(8192, 256, 32000), (16384, 128, 32000), (4096, 128, 128256)]
@@ -223,6 +226,24 @@ def run_case(*args):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def run_rounds(cases):
+    """{case: result} for each case (a tuple of run_case arguments), every case run `rounds` times in turn;
+    a result's time is the median over its rounds, rates (tok_s, tflops) rescaled to it."""
+    runs = {c: [] for c in cases}
+    for _ in range(rounds):
+        for c in cases:
+            runs[c].append(run_case(*c))
+    out = {}
+    for c, rs in runs.items():
+        bad = [r for r in rs if "error" in r]
+        if bad:
+            out[c] = bad[0]
+            continue
+        sec = statistics.median(r["sec"] for r in rs)
+        out[c] = dict(rs[0], sec=sec, round_secs=[r["sec"] for r in rs], **{k: rs[0][k] * rs[0]["sec"] / sec for k in ("tok_s", "tflops") if k in rs[0]})
+    return out
+
+
 def available(module):
     try:
         __import__(module)
@@ -257,8 +278,9 @@ if which in ("loss", "all"):
           f" {'mem/naive':>9s} {'time/naive':>10s}")
     for N, H, V in (loss_shapes_cuda if cuda else loss_shapes_cpu):
         naive = None
+        done = run_rounds([("loss", impl, N, H, V) for impl in impls])
         for impl in impls:
-            r = run_case("loss", impl, N, H, V)
+            r = done["loss", impl, N, H, V]
             r.update(tokens=N, hidden=H, vocab=V, impl=impl)
             if "error" in r:
                 print(f"{N:7d} {H:6d} {V:7d} {impl:>7s}  error: {r['error'][:80]}")
@@ -278,7 +300,7 @@ if which in ("sft", "all"):
     n_img = (image_size // patch_size) ** 2
     print(f"\nSFT step (fwd+bwd+AdamW), {lm_layers}-layer {lm_hidden}-wide LM, vocab {lm_vocab}, batch {sft_batch} x "
           f"{sft_seq} tokens: {n_img} image + {sft_seq - n_img - sft_answer} prompt + {sft_answer} supervised")
-    rows = {impl: run_case("sft", impl) for impl in ("llava-hf", "ours")}
+    rows = {c[1]: r for c, r in run_rounds([("sft", "llava-hf"), ("sft", "ours")]).items()}
     print(f"{'model':>9s} {'peak mem':>10s} {'step':>8s} {'tokens/s':>9s}")
     for impl, r in rows.items():
         print(f"{impl:>9s} " + (f"{fmt_mem(r['mem']):>10s} {1e3 * r['sec']:6.0f}ms {r['tok_s']:9.0f}" if "error" not in r
@@ -293,13 +315,11 @@ if which in ("gen", "all"):
     print(f"\ngreedy generation, {gen_new} new tokens after {(image_size // patch_size) ** 2} image + {gen_prompt} text tokens")
     rows = []
     print(f"{'model':>9s} {'batch':>5s} {'peak mem':>10s} {'time':>8s} {'tokens/s':>9s}")
-    for B in (1, gen_batch):
-        for impl in ("llava-hf", "ours"):
-            r = run_case("gen", impl, B)
-            r.update(impl=impl, batch=B)
-            rows.append(r)
-            print(f"{impl:>9s} {B:5d} " + (f"{fmt_mem(r['mem']):>10s} {1e3 * r['sec']:6.0f}ms {r['tok_s']:9.0f}"
-                                           if "error" not in r else f"error: {r['error'][:80]}"))
+    for (_, impl, B), r in run_rounds([("gen", impl, B) for B in (1, gen_batch) for impl in ("llava-hf", "ours")]).items():
+        r.update(impl=impl, batch=B)
+        rows.append(r)
+        print(f"{impl:>9s} {B:5d} " + (f"{fmt_mem(r['mem']):>10s} {1e3 * r['sec']:6.0f}ms {r['tok_s']:9.0f}"
+                                       if "error" not in r else f"error: {r['error'][:80]}"))
     ok = {(r["impl"], r["batch"]): r for r in rows if "error" not in r}
     for B in (1, gen_batch):
         if ("ours", B) in ok and ("llava-hf", B) in ok:

@@ -466,7 +466,7 @@ class VLM(nn.Module):
         end_ids = torch.tensor(eos_ids + stop_ids, dtype=torch.long, device=dev)
         fill = (eos_ids + stop_ids + [0])[0]
 
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: every row's first real token is position 0
         cache = DynamicCache(config=self.lm.config)
         base, w = self.lm.base_model, self.lm.get_output_embeddings().weight
@@ -477,18 +477,21 @@ class VLM(nn.Module):
         lengths = torch.zeros(B, dtype=torch.long, device=dev)
         finish = ["length"] * B
         toks, lps, seen = [], [], [[] for _ in range(B)]  # seen: each row's ids, kept only for stop strings
-        for _ in range(max_new_tokens):
-            logp = torch.log_softmax((h[:, -1] @ w.T).float(), dim=-1)
+        T = mask.shape[1]
+        mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)  # the new tokens' columns, used one by one
+        for step in range(max_new_tokens):
+            logits = (h[:, -1] @ w.T).float()
+            lse = logits.logsumexp(-1)  # log p(token) = logit - lse: no (B, vocab) log-softmax tensor per step
             if temperature > 0:
-                probs = torch.softmax(logp / temperature, dim=-1)
+                probs = torch.softmax(logits / temperature, dim=-1)
                 if top_p < 1.0:  # nucleus: the smallest set of most likely tokens whose mass reaches top_p
                     sp, si = probs.sort(dim=-1, descending=True)
                     drop = sp.cumsum(-1) - sp > top_p
                     probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             else:
-                nxt = logp.argmax(-1)
-            lp = logp.gather(1, nxt[:, None]).squeeze(1)
+                nxt = logits.argmax(-1)
+            lp = logits.gather(1, nxt[:, None]).squeeze(1) - lse
             nxt, lp = nxt.masked_fill(done, fill), lp.masked_fill(done, 0.0)
             toks.append(nxt); lps.append(lp)
             lengths += ~done
@@ -507,10 +510,9 @@ class VLM(nn.Module):
                 done |= hit
                 if done.all():
                     break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos + 1
-            h = base(inputs_embeds=self.lm.get_input_embeddings()(nxt[:, None]), attention_mask=mask, position_ids=pos,
-                     past_key_values=cache, use_cache=True).last_hidden_state
+            h = base(inputs_embeds=self.lm.get_input_embeddings()(nxt[:, None]), attention_mask=mask[:, :T + step + 1],
+                     position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
         tokens = torch.stack(toks, 1) if toks else input_ids.new_zeros(B, 0)
         logprobs = torch.stack(lps, 1) if lps else torch.zeros(B, 0, device=dev)
         text = None
@@ -711,7 +713,7 @@ def _config_from_llava(raw):
 def _checkpoint_dir(path):
     """A directory as it is; 'org/name' that is not one on disk is a hub id: its config, safetensors,
     tokenizer and processor files from the Hugging Face cache, downloaded if they are not there yet."""
-    if os.path.isdir(path) or os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
+    if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
         return path
     from huggingface_hub import snapshot_download
     try:
