@@ -218,8 +218,8 @@ if case:  # child: run one case, print its JSON as the last line
 
 def run_case(*args):
     """Each case in its own process (honest peak memory); returns its dict, or dict(error=...)."""
-    cmd = [sys.executable, os.path.abspath(__file__), f"--case={json.dumps(args)}", f"--device={dev.type}",
-           f"--repeats={repeats}", f"--threads={threads}"]
+    # the child gets this run's own overrides (sizes, repeats, threads...), so it measures what the table says
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], f"--case={json.dumps(args)}", f"--device={dev.type}"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         return dict(error=(r.stderr.strip().splitlines() or ["?"])[-1])
@@ -240,7 +240,8 @@ def run_rounds(cases):
             out[c] = bad[0]
             continue
         sec = statistics.median(r["sec"] for r in rs)
-        out[c] = dict(rs[0], sec=sec, round_secs=[r["sec"] for r in rs], **{k: rs[0][k] * rs[0]["sec"] / sec for k in ("tok_s", "tflops") if k in rs[0]})
+        rates = {k: rs[0][k] * rs[0]["sec"] / sec for k in ("tok_s", "tflops") if k in rs[0]}
+        out[c] = dict(rs[0], sec=sec, round_secs=[r["sec"] for r in rs], **rates)
     return out
 
 

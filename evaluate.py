@@ -6,7 +6,7 @@ The shapes suite, held-out scenes (after `python prepare_shapes.py` and `python 
 multiple choice, VQA, CoT and CHAIR in one call, one table:
     python evaluate.py
 One benchmark, any checkpoint (ours or llava-hf), question files in LLaVA's formats:
-    python evaluate.py --task=pope --init_from=llava-1.5-7b-hf --data_path=pope/llava_pope_test.jsonl --image_root=pope/val2014
+    python evaluate.py --task=pope --init_from=llava-hf/llava-1.5-7b-hf --data_path=pope/llava_pope_test.jsonl --image_root=val2014
     python evaluate.py --task=mc --data_path=scienceqa/llava_test_CQM-A.json --image_root=scienceqa/images/test
 Score answers generated elsewhere (LLaVA answer files: question_id + text), no model loaded:
     python evaluate.py --task=pope --data_path=Q.jsonl --predictions=answers.jsonl --out_dir=D
