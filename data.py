@@ -740,6 +740,9 @@ def pope_labels(records, path, annotation_dir):
     i-th line of a category's file for the i-th question of that category. The same here, and each pair
     must show the same image and question (the short-answer suffix aside), so files in another order are
     an error naming both, not a silently shifted score. Returns the records, 'label' added where missing."""
+    def same(r):  # what must agree between a question and its label line
+        return r.get("image"), with_suffix(str(r.get("text", "")).strip(), SHORT_SUFFIX)
+
     records, todo = list(records), {}
     for i, r in enumerate(records):
         if isinstance(r, dict) and r.get("label") is None:
@@ -758,7 +761,6 @@ def pope_labels(records, path, annotation_dir):
                             f"of {path}", "malformed record")
         for line, (i, lab) in enumerate(zip(idx, labels), 1):
             q, lab = records[i], lab if isinstance(lab, dict) else {}
-            same = lambda r: (r.get("image"), with_suffix(str(r.get("text", "")).strip(), SHORT_SUFFIX))  # noqa: E731
             if same(lab) != same(q):
                 raise DataError(f"{label_file}: line {line} ({lab.get('image')!r}, {lab.get('text')!r:.60}) is not "
                                 f"{path}: record {i} ({q.get('image')!r}, {q.get('text')!r:.60}): the label file "
