@@ -255,9 +255,10 @@ def test_generate_batched_equals_one_by_one(tiny_tokenizer):
     vlm = _tiny_vlm(tiny_tokenizer).eval()
     rows = _prompt_rows(vlm.image_token_id)
     px = torch.randn(3, 3, 32, 32)
-    free = vlm.generate(*_left_padded(rows)[:1], px, _left_padded(rows)[1], max_new_tokens=10, eos_token_id=[])
+    ids, mask = _left_padded(rows)
+    free = vlm.generate(ids, px, mask, max_new_tokens=10, eos_token_id=[])
     end = free.tokens[0, 3].item()  # row 0 ends at step 4 at the latest; the others wherever `end` first shows up
-    batched = vlm.generate(*_left_padded(rows)[:1], px, _left_padded(rows)[1], max_new_tokens=10, eos_token_id=end)
+    batched = vlm.generate(ids, px, mask, max_new_tokens=10, eos_token_id=end)
     assert batched.finish[0] == "eos" and batched.lengths[0] <= 4
     for b, r in enumerate(rows):
         alone = vlm.generate(torch.tensor([r]), px[b:b + 1], max_new_tokens=10, eos_token_id=end)
