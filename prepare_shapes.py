@@ -4,11 +4,11 @@ The built-in synthetic "shapes" world: the embedded default data set.
 Coloured shapes on a grid, sampled from a seed, rendered to small PNGs, with each image's scene graph
 kept beside it. Because the truth of every image is known exactly, the world can say what is right
 and what is a hallucination without any human labels. From the scenes this script writes LLaVA-format
-SFT conversations (descriptions, yes/no, counting, attributes, positions, multiple choice, CoT), a
-held-out short-answer check file, evaluation sets in the real benchmarks' formats (POPE, multiple
-choice, VQA, CoT, CHAIR), a byte-level BPE tokenizer with a Vicuna chat template, and a tiny
-pretrained vision tower (the world's stand-in for OpenAI's CLIP), so a small VLM can be trained on a
-laptop CPU in minutes.
+SFT conversations (descriptions, yes/no, counting, attributes, positions, multiple choice, CoT),
+stage-1 captions, a held-out short-answer check file, evaluation sets in the real benchmarks' formats
+(POPE, multiple choice, VQA, CoT, CHAIR) and a byte-level BPE tokenizer with a Vicuna chat template.
+The world's pretrained models (its stand-ins for Vicuna and OpenAI's CLIP) are pretrain_shapes.py's:
+the repository ships them in models/shapes/.
 
 Some shapes have a partner (circle-square, triangle-diamond, cross-ring) that usually appears with
 them (cooccur_bias). A model that learns this language prior says "yes" when asked about the partner
@@ -23,6 +23,7 @@ Output (out_dir):
     images/{train,val,test}/{scene_id}.png   RGB, image_size x image_size
     train.json, val.json    LLaVA conversations: [{"id", "image": "train/<id>.png", "conversations": [...]}]
                             ("image" is relative to out_dir/images, LLaVA's image-folder convention)
+    captions.json, captions_val.json   stage-1 captions, one per scene, same record format
     test.jsonl              held-out short-answer questions, one per line:
                             {"question_id", "image", "text", "answer", "type", "scene_id"[, "probe"]}
     scenes.json             {"train": [scene, ...], "val": [...], "test": [...]}
@@ -35,7 +36,6 @@ Output (out_dir):
       chair.jsonl           {"question_id", "image", "text", "objects": [shape, ...], "caption"}
       synonyms.txt          CHAIR's synonym list: "canonical, synonym, ..." per shape
     tokenizer/              transformers tokenizer (AutoTokenizer.from_pretrained) with chat template
-    vision/                 transformers CLIPVisionModel + image processor, pretrained on the scenes
 
 The world logic (scene sampling, rendering, question generators) is plain functions of
 (scene, random.Random), importable by tests and by later data builders (REVERIE rows, self-reward
@@ -67,8 +67,6 @@ cooccur_bias = 0.8      # chance to also place an object's partner when it is mi
 vocab_size = 1024       # BPE target; the world's text is small, so the real size may be lower
 short_answer_p = 0.5    # share of short-answer questions given LLaVA's "single word or phrase" suffix
 single_turn_p = 0.3     # share of scenes that also get a one-question record
-vision_steps = 300      # pretraining steps of the world's vision tower (0 = skip; sft.py then trains one from scratch)
-vision_patch_size = 16  # one patch per grid cell at the defaults
 # evaluation sets (eval/), on their own held-out scenes; sizes are questions per file, small enough
 # that a tiny CPU model runs the whole suite in minutes
 n_eval = 600            # eval scenes; POPE needs many: only ~1 in 5 has a shape whose partner is missing
@@ -118,9 +116,10 @@ MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 COT_SUFFIX = "\nGenerate a reason first and then output a short answer."
 COT_ANSWER = "### Answer:"
 IMAGE_TOKEN = '<image>'
+CAPTION_PROMPT = "Describe the image briefly."  # stage-1 captions (the plain template drops it)
 DESCRIBE_PROMPTS = ["Describe the image.", "What do you see?", "Describe the image in detail.",
                     "What objects are in the image?"]
-SPECIAL_TOKENS = ['<unk>', '<s>', '</s>', '<pad>', IMAGE_TOKEN]
+SPECIAL_TOKENS = ['<unk>', '<s>', '<pad>', '</s>', IMAGE_TOKEN]  # </s> is not id 2: CLIPTextModel treats eos id 2 as a legacy config and pools at argmax(input_ids)
 # LLaVA's vicuna_v1 system prompt; the chat template uses it only when a system message is given
 VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
@@ -551,6 +550,13 @@ def conversation_record(record_id, image, qas):
     return {'id': record_id, 'image': image, 'conversations': conv}
 
 
+def caption_record(scene, image):
+    """A stage-1 caption record in LLaVA's format (as in LCS-558K: an instruction, the image, the caption)."""
+    return {'id': scene['id'], 'image': image,
+            'conversations': [{'from': 'human', 'value': IMAGE_TOKEN + "\n" + CAPTION_PROMPT},
+                              {'from': 'gpt', 'value': describe(scene)}]}
+
+
 def make_sft_records(scenes, split, rng):
     """One 4-8 round conversation per scene, plus a single-question record for a share of scenes.
     Returns (records, Counter of QA kinds)."""
@@ -892,62 +898,6 @@ def save_tokenizer(tok, path):
 
 # -----------------------------------------------------------------------------
 
-def pretrain_vision(scenes, image_dir, image_size, patch_size, grid, steps, out, seed=0, batch_size=128):
-    """The world's stand-in for a pretrained vision tower (LLaVA starts from OpenAI's CLIP): a tiny
-    transformers CLIPVisionModel trained to name the shape and colour in every grid cell from its
-    penultimate-layer patch features, the features LLaVA feeds its projector. A language model
-    trained from scratch next to a random vision tower takes thousands of steps to start reading the
-    image at all; with features that already separate objects it starts within a few hundred.
-    Saved with its image processor as a normal transformers checkpoint directory (`vision_path`)."""
-    import torch
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
-    torch.manual_seed(seed)
-    proc = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
-    cfg = CLIPVisionConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
-                           image_size=image_size, patch_size=patch_size)
-    model = CLIPVisionModel(cfg)
-    side = image_size // patch_size
-    if side % grid:
-        raise SystemExit(f"vision pretraining needs whole patches per cell: image_size/patch_size={side}, grid={grid}")
-    pixels = proc(images=[Image.open(os.path.join(image_dir, s['id'] + '.png')).convert('RGB') for s in scenes],
-                  return_tensors='pt')['pixel_values']
-    # per patch: the class of the object in its cell (0 = empty), for shape and for colour
-    k = side // grid
-    shape_y = torch.zeros(len(scenes), side, side, dtype=torch.long)
-    color_y = torch.zeros(len(scenes), side, side, dtype=torch.long)
-    for i, scene in enumerate(scenes):
-        for o in scene['objects']:
-            shape_y[i, o['row'] * k:(o['row'] + 1) * k, o['col'] * k:(o['col'] + 1) * k] = SHAPES.index(o['shape']) + 1
-            color_y[i, o['row'] * k:(o['row'] + 1) * k, o['col'] * k:(o['col'] + 1) * k] = COLOR_NAMES.index(o['color']) + 1
-    heads = torch.nn.Linear(cfg.hidden_size, 2 * (len(SHAPES) + 1))
-    params = list(model.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        for g in opt.param_groups:
-            g['lr'] = 2e-3 * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        idx = torch.randint(0, len(scenes), (batch_size,), generator=gen)
-        feats = model(pixels[idx], output_hidden_states=True).hidden_states[-2][:, 1:]  # drop CLS, as LLaVA
-        logits = heads(feats).view(batch_size, side * side, 2, len(SHAPES) + 1)
-        loss = (torch.nn.functional.cross_entropy(logits[:, :, 0].flatten(0, 1), shape_y[idx].flatten())
-                + torch.nn.functional.cross_entropy(logits[:, :, 1].flatten(0, 1), color_y[idx].flatten()))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    with torch.no_grad():
-        idx = torch.arange(min(len(scenes), 512))
-        logits = heads(model(pixels[idx], output_hidden_states=True).hidden_states[-2][:, 1:]).view(len(idx), -1, 2, len(SHAPES) + 1)
-        acc = ((logits[:, :, 0].argmax(-1) == shape_y[idx].flatten(1)).float().mean().item(),
-               (logits[:, :, 1].argmax(-1) == color_y[idx].flatten(1)).float().mean().item())
-    tmp = tempfile.mkdtemp(prefix='.vision.tmp-', dir=os.path.dirname(os.path.abspath(out)))
-    model.save_pretrained(tmp)
-    proc.save_pretrained(tmp)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return loss.item(), acc
-
-
 def main():
     from configurator import configure
     g = globals()
@@ -976,6 +926,10 @@ def main():
     records, kinds = {}, {}
     for split in ('train', 'val'):
         records[split], kinds[split] = make_sft_records(scenes[split], split, random.Random(f"{seed}:{split}:qa"))
+
+    # LLaVA stage 1 (projector alignment, `plain` template): one caption per scene, the true description
+    captions = {split: [caption_record(scene, f"{split}/{scene['id']}.png") for scene in scenes[split]]
+                for split in ('train', 'val')}
 
     # held-out short-answer checks
     rng = random.Random(f"{seed}:test:qa")
@@ -1012,6 +966,8 @@ def main():
 
     write_json(os.path.join(out_dir, 'train.json'), records['train'])
     write_json(os.path.join(out_dir, 'val.json'), records['val'])
+    write_json(os.path.join(out_dir, 'captions.json'), captions['train'])
+    write_json(os.path.join(out_dir, 'captions_val.json'), captions['val'])
     write_jsonl(os.path.join(out_dir, 'test.jsonl'), test_rows)
     write_json(os.path.join(out_dir, 'scenes.json'), scenes)
     eval_dir = os.path.join(out_dir, 'eval')
@@ -1023,11 +979,6 @@ def main():
     tok_dir = os.path.join(out_dir, 'tokenizer')
     save_tokenizer(tokenizer, tok_dir)
     tokenizer = check_tokenizer(tok_dir, texts[:200] + texts[-50:])
-    if vision_steps:
-        t_vision = time.time()
-        loss, (shape_acc, color_acc) = pretrain_vision(scenes['train'], os.path.join(out_dir, 'images', 'train'), image_size,
-                                                       vision_patch_size, grid, vision_steps, os.path.join(out_dir, 'vision'), seed)
-        t_vision = time.time() - t_vision
 
     # summary: token counts as a training script would see them (chat template, one <image> token)
     rendered = [tokenizer.apply_chat_template(to_messages(r['conversations']), tokenize=False)
@@ -1060,9 +1011,6 @@ def main():
           f"shapes per image; eval/synonyms.txt: {len(SHAPES)} objects, {sum(map(len, SYNONYMS.values()))} synonyms")
     print(f"  tokenizer: vocab {len(tokenizer)}, train conversation {sum(lengths) / len(lengths):.1f} tokens "
           f"on average (max {max(lengths)}, one per <image>)")
-    if vision_steps:
-        print(f"  vision/: tiny CLIP vision tower, {vision_steps} steps in {t_vision:.0f}s, per-cell shape/colour accuracy "
-              f"{100 * shape_acc:.1f}% / {100 * color_acc:.1f}% (train scenes)")
     print(f"  took {time.time() - t0:.1f}s (images {t_images:.1f}s)")
 
 

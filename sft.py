@@ -2,12 +2,14 @@
 Visual instruction tuning of a LLaVA-style model: LLaVA stage 1 (projector alignment) and stage 2
 (LLM + projector), reflective (REVERIE) data, CoT SFT. One file, top to bottom, like nanoGPT's train.py.
 
-The built-in shapes world on a laptop CPU (after `python prepare_shapes.py`):
+The built-in shapes world on a laptop CPU (after `python prepare_shapes.py`), LLaVA's two stages from
+the world's shipped LM and CLIP (models/shapes/), or both in one stage (the defaults below):
+    python sft.py config/shapes_stage1.py && python sft.py config/shapes_stage2.py
     python sft.py
 One GPU, LLaVA-1.5-7B stage 2 from a stage-1 checkpoint:
-    python sft.py config/llava15_stage2.py
+    python sft.py config/llava15_7b_stage2.py
 8 GPUs (the global batch stays the same; gradient accumulation adapts to the world size):
-    torchrun --standalone --nproc_per_node=8 sft.py config/llava15_stage2.py
+    torchrun --standalone --nproc_per_node=8 sft.py config/llava15_7b_stage2.py
 Resume an interrupted run exactly where it stopped:
     python sft.py <same args> --init_from=resume
 """
@@ -25,10 +27,11 @@ import data as D
 import model as M
 
 # -----------------------------------------------------------------------------
-# defaults: train a small VLM from scratch on the shapes world, on CPU, in minutes
+# defaults: instruction-tune a small VLM on the shapes world, on CPU, in minutes, from the world's
+# pretrained LM and CLIP in one stage (config/shapes_stage{1,2}.py are the two-stage LLaVA recipe)
 # I/O
 out_dir = "out/sft"
-init_from = "scratch"      # 'scratch' (LM built from the sizes below; vision tower from vision_path, or also from the sizes if None) | 'parts' (lm_path + vision_path) | 'resume' | a checkpoint dir (ours or llava-hf)
+init_from = "parts"        # 'parts' (lm_path + vision_path) | 'scratch' (LM built from the sizes below; vision tower from vision_path, or also from the sizes if None) | 'resume' | a checkpoint dir (ours or llava-hf)
 eval_interval = 200        # steps between val-loss evaluations (and checkpoints)
 eval_batches = 8           # val micro-batches per evaluation (0 = the whole val set)
 log_interval = 10
@@ -46,8 +49,8 @@ skip_bad = False           # True: count and skip bad samples (missing/corrupt i
 pad_to_square = True       # LLaVA-1.5: pad images to square with the processor's mean colour
 num_workers = 0            # DataLoader workers for image decoding (use 4-8 on GPU machines)
 # model: pretrained parts (init_from='parts': both; 'scratch': the vision tower only)
-lm_path = None             # e.g. 'lmsys/vicuna-7b-v1.5' or a local dir
-vision_path = "data/shapes/vision"  # e.g. 'openai/clip-vit-large-patch14-336'; the shapes world ships a tiny pretrained one
+lm_path = "models/shapes/lm"        # e.g. 'lmsys/vicuna-7b-v1.5'; the shapes world ships a tiny pretrained LM
+vision_path = "models/shapes/clip"  # e.g. 'openai/clip-vit-large-patch14-336'; the shapes world ships a tiny pretrained CLIP
 tokenizer_path = None      # None: the LM's own (init_from='parts') or data/shapes/tokenizer ('scratch')
 projector_type = "mlp2x_gelu"
 vision_feature_layer = -2  # LLaVA: penultimate layer

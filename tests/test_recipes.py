@@ -48,3 +48,25 @@ def test_llava15_stage1_then_stage2(shapes, tmp_path):
     assert all(torch.equal(w2[k], w1[k]) for k in w1 if k.startswith("vision."))  # frozen in stage 2 too
     assert not torch.equal(w2["projector.linear_1.weight"], w1["projector.linear_1.weight"])
     assert not torch.equal(w2["lm.model.layers.0.mlp.up_proj.weight"], w1["lm.model.layers.0.mlp.up_proj.weight"])
+
+
+def test_shapes_stage1_then_stage2(shapes, tmp_path):
+    """The shapes world's two stages (config/shapes_stage{1,2}.py) from the shipped world models
+    (models/shapes/lm, models/shapes/clip): stage 1 trains the projector only, on captions with the
+    plain template; stage 2 trains LM + projector and leaves the vision tower alone."""
+    from transformers import CLIPModel, LlamaForCausalLM
+    d = os.path.dirname(shapes[0].split("=", 1)[1])  # the small world's directory
+    small = ["--max_steps=2", "--global_batch_size=4", "--micro_batch_size=2", "--eval_interval=100", "--eval_batches=1"]
+    s1, s2 = str(tmp_path / "stage1"), str(tmp_path / "stage2")
+    run(["config/shapes_stage1.py", f"--data_path={d}/captions.json", f"--val_data_path={d}/captions_val.json",
+         f"--image_root={d}/images", f"--out_dir={s1}", *small])
+    w1 = load_file(os.path.join(s1, "model.safetensors"))
+    lm = LlamaForCausalLM.from_pretrained("models/shapes/lm").state_dict()
+    clip = CLIPModel.from_pretrained("models/shapes/clip").vision_model.state_dict()
+    assert all(torch.equal(w1["lm." + k], v) for k, v in lm.items() if "lm." + k in w1)
+    assert all(torch.equal(w1["vision." + k], v) for k, v in clip.items())
+    run(["config/shapes_stage2.py", f"--init_from={s1}", *shapes[:3], f"--out_dir={s2}", *small])
+    w2 = load_file(os.path.join(s2, "model.safetensors"))
+    assert all(torch.equal(w2[k], w1[k]) for k in w1 if k.startswith("vision."))
+    assert not torch.equal(w2["projector.linear_1.weight"], w1["projector.linear_1.weight"])
+    assert not torch.equal(w2["lm.model.layers.0.mlp.up_proj.weight"], w1["lm.model.layers.0.mlp.up_proj.weight"])

@@ -28,7 +28,7 @@ LINES = {'top row': ('row', 0), 'middle row': ('row', 1), 'bottom row': ('row', 
          'left column': ('col', 0), 'middle column': ('col', 1), 'right column': ('col', 2)}
 SINGULAR = {'circles': 'circle', 'squares': 'square', 'triangles': 'triangle', 'diamonds': 'diamond',
             'crosses': 'cross', 'rings': 'ring'}
-SMALL = ['--n_train=50', '--n_val=10', '--n_test=20', '--vision_steps=5']
+SMALL = ['--n_train=50', '--n_val=10', '--n_test=20']
 EVAL_FILES = ['pope.jsonl', 'mc.jsonl', 'vqa.jsonl', 'cot.jsonl', 'chair.jsonl', 'synonyms.txt', 'scenes.json']
 NUMBERS = {'zero': '0', 'one': '1', 'two': '2', 'three': '3', 'four': '4', 'five': '5', 'six': '6', 'seven': '7',
            'eight': '8', 'nine': '9', 'ten': '10'}
@@ -426,28 +426,14 @@ def test_tokenizer(built):
     assert [tok.decode(s).strip() for s in spans] == [f"{a1}</s>", f"{a2}</s>"]
 
 
-def test_pretrained_vision_tower(built):
-    """vision/ is a transformers CLIP vision checkpoint with its image processor, loadable as a VLM's tower."""
-    import model as M
-    from conftest import make_tokenizer
-    from transformers import LlamaConfig
-    vision_dir = built[0] / 'vision'
-    tok = make_tokenizer()
-    vlm = M.VLM.from_parts(lm=LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                          num_attention_heads=2), vision=str(vision_dir), tokenizer=tok)
-    assert vlm.num_image_tokens == 9 and vlm.image_processor.crop_size['height'] == 48
-
-
-def test_vision_pretraining_learns_cells(tmp_path):
-    """A few seconds of pretraining names each cell's shape and colour on scenes it was trained on."""
-    scenes = ps.sample_scenes('train', 64, 0)
-    os.makedirs(tmp_path / 'img')
-    for sc in scenes:
-        ps.render_scene(sc, 48).save(tmp_path / 'img' / f"{sc['id']}.png")
-    loss, (shape_acc, color_acc) = ps.pretrain_vision(scenes, str(tmp_path / 'img'), 48, 16, 3, 150, str(tmp_path / 'v'),
-                                                     batch_size=64)
-    assert shape_acc > 0.9 and color_acc > 0.9, (shape_acc, color_acc)
-    assert os.path.isfile(tmp_path / 'v' / 'config.json') and os.path.isfile(tmp_path / 'v' / 'preprocessor_config.json')
+def test_captions_for_stage_one(built):
+    """captions.json: one LLaVA record per training scene whose answer is the scene's true description."""
+    caps = json.loads((built[0] / 'captions.json').read_text())
+    scenes = json.loads((built[0] / 'scenes.json').read_text())['train']
+    assert [c['id'] for c in caps] == [s['id'] for s in scenes]
+    for c, scene in zip(caps, scenes):
+        assert c['image'] == f"train/{scene['id']}.png" and c['conversations'][0]['value'].startswith('<image>\n')
+        assert c['conversations'][1]['value'] == ps.describe(scene)
 
 
 # -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import run_sft as run
 
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--max_len=256", "--eval_batches=2", "--num_workers=0",
+TINY = ["--init_from=scratch", "--n_layer=1", "--n_head=2", "--n_embd=32", "--max_len=256", "--eval_batches=2", "--num_workers=0",
         "--dtype=float32", "--device=cpu"]
 # a vision tower from scratch and trained, so DDP / FSDP / resume cover all three parts
 SCRATCH_VISION = ["--vision_path=None", "--vision_n_layer=2", "--vision_n_head=2", "--vision_n_embd=32", "--lr_vision=1e-3"]

@@ -1,0 +1,145 @@
+"""
+Run training pipelines over several seeds, evaluate every result on the shapes suite, and print one
+table of mean +- spread: the protocol every method comparison in this repository uses (same base
+checkpoint, same data, same steps, only the method differs; >= 3 seeds).
+
+    python experiment.py config/exp_base.py                 # the base model: stage 1 + stage 2, 3 seeds
+    python experiment.py config/exp_base.py --seeds=[1,2,3,4,5]
+
+An experiment config defines `runs`: {name: {"steps": [command, ...], "model": dir}}. Commands are
+python scripts with arguments, run in order from the repository root; in them and in "model",
+{seed} is the seed, {dir} the run's own directory (<out_dir>/<name>/seed<seed>) and {out} out_dir,
+so a method run starts from the base run of the same seed with e.g. --init_from={out}/base/seed{seed}/stage2.
+Runs go in the order given, all seeds of one before the next. A step that finished leaves a marker
+(<dir>/.step<i>.done) and is not run again, so an interrupted experiment resumes where it stopped.
+
+Writes <out_dir>/results.json ({run: {seed: metrics.json of the model}}) and table.json (the means and
+spreads), and prints the table: each figure is mean +- half the range over seeds (min..max would be
+as long; with 3 seeds the standard deviation says little more).
+"""
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+import data as D
+import prepare_shapes as W
+
+# -----------------------------------------------------------------------------
+out_dir = "out/exp"
+seeds = [1, 2, 3]
+runs = {}                  # set by the experiment config (see the docstring)
+eval_args = ""             # extra arguments for every evaluate.py call
+threads = 0                # OMP/torch threads of each step (0 = torch's default)
+# -----------------------------------------------------------------------------
+from configurator import configure  # noqa: E402
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+# the figures a reader compares, as (label, task, split, metric); metrics.json has them all
+ROWS = [("POPE random acc", "pope", "random", "accuracy"), ("POPE popular acc", "pope", "popular", "accuracy"),
+        ("POPE adversarial acc", "pope", "adversarial", "accuracy"),
+        ("POPE random FP rate", "pope", "random", "fp_rate"), ("POPE adversarial FP rate", "pope", "adversarial", "fp_rate"),
+        ("POPE yes ratio", "pope", "average", "yes_ratio"), ("multiple choice", "mc", "overall", "accuracy"),
+        ("VQA", "vqa", "overall", "accuracy"), ("VQA exist", "vqa", "exist", "accuracy"),
+        ("VQA count", "vqa", "count", "accuracy"), ("VQA color", "vqa", "color", "accuracy"),
+        ("VQA shape", "vqa", "shape", "accuracy"), ("VQA position", "vqa", "position", "accuracy"),
+        ("CoT", "cot", "overall", "accuracy"), ("CHAIR_S", "chair", "all", "chair_s"),
+        ("CHAIR_I", "chair", "all", "chair_i"), ("CHAIR recall", "chair", "all", "recall"),
+        ("CHAIR hallucinations that are an absent partner", "chair", "all", "partner_share")]
+
+
+def fill(s, name, seed):
+    return s.format(seed=seed, out=out_dir, dir=os.path.join(out_dir, name, f"seed{seed}"))
+
+
+def run_step(cmd, log_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    t0 = time.time()
+    with open(log_path, "a") as log:
+        log.write(f"$ {cmd}\n")
+        log.flush()
+        p = subprocess.run([sys.executable, *shlex.split(cmd)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    if p.returncode:
+        raise SystemExit(f"step failed (exit {p.returncode}): {cmd}\n  its output: {log_path}")
+    return time.time() - t0
+
+
+def fp_rate(split):
+    """POPE's false-positive rate: 'yes' to an absent object = (yes ratio - precision * yes ratio) / share of 'no'."""
+    # yes_ratio = (TP + FP) / n, precision = TP / (TP + FP); POPE sets are balanced, so negatives are n / 2
+    return 2 * split["yes_ratio"] * (1 - split["precision"]) if "precision" in split else float("nan")
+
+
+def partner_share(predictions_path):
+    """Of the objects CHAIR counts as hallucinated, the share that is the co-occurrence partner of an
+    object truly in the image: the hallucination the world's bias invites (None if there are none)."""
+    n = partner = 0
+    for line in open(predictions_path):
+        row = json.loads(line)
+        for o in row["hallucinated"]:
+            n += 1
+            partner += any(W.PARTNER.get(t) == o for t in row["objects"])
+    return partner / n if n else None
+
+
+def figure(metrics, task, split, metric):
+    s = metrics.get(task, {}).get(split)
+    if s is None:
+        return None
+    return fp_rate(s) if metric == "fp_rate" else s.get(metric)
+
+
+if not runs:
+    raise SystemExit("no runs: give an experiment config, e.g. python experiment.py config/exp_base.py")
+os.makedirs(out_dir, exist_ok=True)
+results_path = os.path.join(out_dir, "results.json")
+results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+for name, spec in runs.items():
+    for seed in seeds:
+        d = fill("{dir}", name, seed)
+        os.makedirs(d, exist_ok=True)
+        log_path = os.path.join(d, "log.txt")
+        for i, step in enumerate(spec["steps"]):
+            marker = os.path.join(d, f".step{i}.done")
+            if os.path.exists(marker):
+                continue
+            cmd = fill(step, name, seed)
+            print(f"[{name} seed {seed}] step {i + 1}/{len(spec['steps'])}: {cmd}", flush=True)
+            dt = run_step(cmd, log_path)
+            D.write_atomic(marker, json.dumps({"cmd": cmd, "seconds": round(dt, 1)}))
+            print(f"  {dt:.0f}s", flush=True)
+        model = fill(spec["model"], name, seed)
+        metrics_path = os.path.join(model, "eval", "metrics.json")
+        if not os.path.exists(metrics_path):
+            print(f"[{name} seed {seed}] evaluate {model}", flush=True)
+            run_step(f"evaluate.py --init_from={model} {eval_args}", log_path)
+        metrics = json.load(open(metrics_path))
+        metrics["chair"]["all"]["partner_share"] = partner_share(os.path.join(model, "eval", "chair_predictions.jsonl"))
+        results.setdefault(name, {})[str(seed)] = metrics
+        D.write_atomic(results_path, json.dumps(results, indent=1))
+
+# the table: one column per run, mean +- half range over its seeds (percentages)
+table = {}
+for name in runs:
+    per_seed = [results[name][str(s)] for s in seeds]
+    for label, task, split, metric in ROWS:
+        vals = [figure(m, task, split, metric) for m in per_seed]
+        vals = [100 * v for v in vals if v is not None]
+        if vals:
+            table.setdefault(label, {})[name] = {"mean": statistics.fmean(vals), "half_range": (max(vals) - min(vals)) / 2,
+                                                 "values": vals}
+D.write_atomic(os.path.join(out_dir, "table.json"), json.dumps(table, indent=1))
+names = list(runs)
+print(f"\nseeds {seeds}; mean +- half range over seeds, percentages\n")
+print("| " + " | ".join(["metric"] + names) + " |")
+print("|" + "---|" * (len(names) + 1))
+for label, cols in table.items():
+    cells = [f"{cols[n]['mean']:.1f} ± {cols[n]['half_range']:.1f}" if n in cols else "" for n in names]
+    print("| " + " | ".join([label] + cells) + " |")
+print(f"\nwrote {results_path} and {os.path.join(out_dir, 'table.json')}")

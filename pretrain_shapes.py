@@ -1,0 +1,529 @@
+"""
+The shapes world's foundation models, the stand-ins for the two models LLaVA starts from:
+
+    lm/     a small Llama-style causal LM pretrained on the world's text      (where Vicuna stands)
+    clip/   a small CLIPModel, vision and text towers, contrastive on images  (where OpenAI CLIP stands)
+            and their sentences
+
+Both are saved as ordinary transformers checkpoint directories (config.json, model.safetensors,
+tokenizer / image processor files), so `sft.py --init_from=parts --lm_path=... --vision_path=...`
+takes them exactly as it takes lmsys/vicuna-7b-v1.5 and openai/clip-vit-large-patch14-336. The
+repository ships the result in models/shapes/ (as a LLaVA user downloads Vicuna and CLIP); this
+script is the one command that regenerates it, deterministically from the seed:
+
+    python pretrain_shapes.py                       # models/shapes (about 35 min on 2 CPU cores)
+    python pretrain_shapes.py --lm_steps=200 --clip_steps=100 --out_dir=/tmp/m   # a quick small version
+
+Why the LM reads images it has never seen. A language model learns nothing about pixels; what it
+can learn from text is to *look things up in its context*. So the LM's corpus puts each scene where
+the image tokens will be: the 9 image-token positions (one per grid cell, row-major, as the vision
+tower's patches) hold the sum of the word embeddings that name the cell's content,
+    e(" red") + e(" circle") + e(" top") + e(" left")      or      e(" nothing") + e(" top") + e(" left"),
+and the rest of the sequence is the world's text about that scene: LLaVA-format conversations in
+the chat template, captions in LLaVA's stage-1 `plain` format, and dense "direct recall" documents
+("is red circle yes. color square blue. at top left nothing. ...") whose answers come right after
+the word they look up. Those dense documents are what gets a from-scratch transformer past its long
+plateau quickly: the lookup is one attention hop away from the answer, and every sequence carries
+sixteen of them. The row and column words enter the slots at a weight of 0.3 (slot_positions): at
+full weight they are half of every slot and drown the colour and shape that lookups match on (the
+lookups then stay at chance for thousands of steps; measured). The
+LM thus arrives at stage 1 knowing every format and how to read a scene from 9 slots; stage 1
+(projector only, captions) only has to teach the projector to write what those slots held.
+
+The CLIP is trained with CLIP's symmetric contrastive loss between images and one sentence per image
+("A red circle is in the top left."), with the same sentence made false (colour, shape or position
+changed) added as hard negatives (NegCLIP), so its score tells a true sentence from an altered one:
+what calibrated self-rewarding needs of it. Its vision tower is also what the VLM sees through, so
+its penultimate-layer patch features are additionally trained to name each cell's shape and colour
+(a linear probe trained with it, dropped afterwards): real CLIP features separate objects in patches;
+a 0.4M-parameter one learns that in seconds only with the help.
+"""
+
+import copy
+import math
+import os
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data as D
+import model as M
+import prepare_shapes as W
+
+# -----------------------------------------------------------------------------
+# default config values, override with --key=value
+out_dir = 'models/shapes'
+seed = 1337
+threads = 2             # torch threads
+which = 'all'           # 'all' | 'lm' | 'clip'
+# the world the models are pretrained on: the defaults of prepare_shapes.py, own seed streams ('lm', 'clip')
+image_size = 48
+cooccur_bias = 0.8
+vocab_size = 1024       # BPE target of the tokenizer (trained here on the LM's corpus, shipped with both models)
+# LM: a Llama of the size sft.py builds for the shapes world
+lm_n_layer = 4
+lm_n_head = 4
+lm_n_embd = 128
+lm_scenes = 40000       # scenes of the corpus (each gives one document)
+lm_mix = 'recall:0.5,chat:0.35,caption:0.15'  # document kinds and their shares
+recall_facts = 16       # facts per direct-recall document
+slot_noise = 0.1        # Gaussian noise on the slot embeddings, relative to their RMS: the projector's output is never exact
+lm_steps = 5000
+lm_batch = 32
+lm_lr = 3e-3
+lm_rope_theta = 10000.0
+lm_eval_interval = 500
+slot_positions = 0.3     # the slots also hold their cell's row and column words, at this weight (0 = not)
+# CLIP
+clip_steps = 1500
+clip_batch = 128
+clip_lr = 2e-3
+clip_scenes = 20000
+clip_embd = 64          # projection (joint embedding) size
+# -----------------------------------------------------------------------------
+_config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+
+ROW_WORDS = [' top', ' middle', ' bottom']
+COL_WORDS = [' left', ' middle', ' right']
+
+
+# -----------------------------------------------------------------------------
+# The LM's corpus
+
+def slot_words(scene, grid=3):
+    """The words whose embeddings sum to each cell's slot, row-major: [' red', ' circle', ' top', ' left'] or
+    [' nothing', None, ' top', ' left'] per cell; the last two (the cell's row and column) are weighted by slot_positions."""
+    cells = {(o['row'], o['col']): o for o in scene['objects']}
+    slots = []
+    for r in range(grid):
+        for c in range(grid):
+            o = cells.get((r, c))
+            what = [' ' + o['color'], ' ' + o['shape']] if o else [' nothing', None]
+            slots.append(what + [ROW_WORDS[r], COL_WORDS[c]])
+    return slots
+
+
+def slot_word_ids(tok):
+    """{slot word: its token id}; each must be one token, or its embedding is not a word's."""
+    word_id = {}
+    for w in [' ' + w for w in W.COLOR_NAMES + W.SHAPES + ['nothing']] + ROW_WORDS + COL_WORDS:
+        ids = tok.encode(w, add_special_tokens=False)
+        if len(ids) != 1:
+            raise SystemExit(f"the slot word {w!r} is not one token in the tokenizer ({ids}); "
+                             f"the world's text should make it one (raise vocab_size)")
+        word_id[w] = ids[0]
+    return word_id
+
+
+def slot_ids(scene, word_id):
+    """(9, 4) word ids of the slots, -1 for none."""
+    return [[-1 if w is None else word_id[w] for w in cell] for cell in slot_words(scene)]
+
+
+def recall_fact(scene, rng):
+    """One direct-recall fact as (query, answer). The word to look up comes last, right before the
+    answer, and the relation word before it: the answer needs the current token's lookup and the
+    previous token's relation, two heads side by side rather than one after the other."""
+    objs = scene['objects']
+    kind = rng.choice(['exist', 'exist_color', 'color', 'shape', 'where', 'what_at', 'count'])
+    by_shape = W.unique_by(objs, lambda o: o['shape'])
+    by_color = W.unique_by(objs, lambda o: o['color'])
+    if kind == 'exist':
+        shape = rng.choice(objs)['shape'] if rng.random() < 0.5 else rng.choice(W.SHAPES)
+        return f"is {shape}", 'yes' if any(o['shape'] == shape for o in objs) else 'no'
+    if kind == 'exist_color':
+        o = rng.choice(objs)
+        color, shape = (o['color'], o['shape']) if rng.random() < 0.5 else (rng.choice(W.COLOR_NAMES), rng.choice(W.SHAPES))
+        return f"is {color} {shape}", 'yes' if any((p['color'], p['shape']) == (color, shape) for p in objs) else 'no'
+    if kind == 'color' and by_shape:
+        o = rng.choice(by_shape)
+        return f"color {o['shape']}", o['color']
+    if kind == 'shape' and by_color:
+        o = rng.choice(by_color)
+        return f"shape {o['color']}", o['shape']
+    if kind == 'where' and by_shape:
+        o = rng.choice(by_shape)
+        return f"where {o['shape']}", W.position_name(o['row'], o['col'])
+    if kind == 'what_at':
+        r, c = (rng.choice(objs)['row'], rng.choice(objs)['col']) if rng.random() < 0.3 else (rng.randrange(3), rng.randrange(3))
+        here = [o for o in objs if (o['row'], o['col']) == (r, c)]
+        return f"at {W.position_name(r, c)}", f"{here[0]['color']} {here[0]['shape']}" if here else 'nothing'
+    what = rng.choice(['all', 'shape', 'color'])
+    if what == 'shape':
+        shape = rng.choice(objs)['shape'] if rng.random() < 0.7 else rng.choice(W.SHAPES)
+        return f"count {W.PLURALS[shape]}", str(sum(o['shape'] == shape for o in objs))
+    if what == 'color':
+        color = rng.choice(objs)['color'] if rng.random() < 0.7 else rng.choice(W.COLOR_NAMES)
+        return f"count {color}", str(sum(o['color'] == color for o in objs))
+    return "count objects", str(len(objs))
+
+
+def recall_segments(scene, rng, n):
+    """A direct-recall document as data.encode_segments segments: the slots, then n facts."""
+    segs = [(W.IMAGE_TOKEN + "\n", False)]
+    for _ in range(n):
+        q, a = recall_fact(scene, rng)
+        segs += [(q, False), (" " + a + ".", True), (" ", False)]
+    return segs
+
+
+def make_documents(scenes, rng, tok, image_token_id, mix):
+    """One document per scene, its kind drawn by mix: (input_ids, labels, slot word ids (9, 4) padded with -1)."""
+    kinds, weights = zip(*mix.items())
+    word_id = slot_word_ids(tok)
+    docs = []
+    for scene in tqdm(scenes, desc="corpus", unit="doc", mininterval=2):
+        kind = rng.choices(kinds, weights)[0]
+        if kind == 'recall':
+            segs = [(tok.bos_token_id, False)] + recall_segments(scene, rng, recall_facts)
+            ids, labels, _ = D.encode_segments(segs, tok, image_token_id, 9)
+        else:
+            qas = W.sample_qas(scene, rng, rng.randint(4, 8)) if kind == 'chat' else [('describe', *W.qa_describe(scene, rng))]
+            conv = W.conversation_record(scene['id'], None, qas)['conversations']
+            s = D.build_sample(conv, tok, 'chat' if kind == 'chat' else 'plain', image_token_id, 9)
+            ids, labels = s['input_ids'], s['labels']
+        docs.append((ids, labels, slot_ids(scene, word_id)))
+    return docs
+
+
+def collate_docs(docs, pad_id):
+    T = max(len(d[0]) for d in docs)
+    ids = torch.full((len(docs), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(docs), T), D.IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(docs), T), dtype=torch.long)
+    for i, (x, y, _) in enumerate(docs):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return ids, labels, mask, torch.tensor([d[2] for d in docs])
+
+
+def length_batches(lengths, batch_size, n_batches, seed, pool=64):
+    """n_batches batches of indices, epoch after epoch of a seeded shuffle; each run of `pool` batches
+    is sorted by length before it is cut, so a batch pads to about its own length (documents range
+    from 20 to 350 tokens: padding everything to the longest would triple the cost of a step)."""
+    gen, out = torch.Generator().manual_seed(seed), []
+    while len(out) < n_batches:
+        order = torch.randperm(len(lengths), generator=gen).tolist()
+        for i in range(0, len(order) - batch_size * pool + 1, batch_size * pool):
+            chunk = sorted(order[i:i + batch_size * pool], key=lambda j: lengths[j])
+            group = [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+            out += [group[k] for k in torch.randperm(len(group), generator=gen).tolist()]
+    return out[:n_batches]
+
+
+def slot_embeds(lm, ids, slots, image_token_id, noise=0.0):
+    """Token embeddings with each image-token block replaced by the scene's slot embeddings
+    (the sum of the embeddings of its words), plus noise relative to their RMS."""
+    emb_table = lm.get_input_embeddings()
+    emb = emb_table(ids.masked_fill(ids == image_token_id, 0))
+    weight = (slots >= 0).float()
+    weight[..., -2:] *= slot_positions   # the row and column words (the last two of a slot)
+    s = (emb_table(slots.clamp(min=0)) * weight.unsqueeze(-1)).sum(2)  # (B, 9, d)
+    if noise:
+        s = s + noise * s.pow(2).mean().sqrt().detach() * torch.randn_like(s)
+    return emb.masked_scatter((ids == image_token_id).unsqueeze(-1), s.to(emb.dtype))
+
+
+def lm_loss(lm, batch, image_token_id, noise=0.0):
+    ids, labels, mask, slots = batch
+    h = lm.model(inputs_embeds=slot_embeds(lm, ids, slots, image_token_id, noise), attention_mask=mask).last_hidden_state
+    y = labels[:, 1:]
+    keep = y != D.IGNORE_INDEX
+    return F.cross_entropy(lm.lm_head(h[:, :-1][keep]), y[keep])
+
+
+# held-out text lookup questions, asked as the VLM will be asked them (chat template, short-answer suffix)
+PROBES = ['exist', 'exist_color', 'color', 'shape', 'count', 'where', 'what_at']
+
+
+def probe_question(scene, rng, kind):
+    objs = scene['objects']
+    if kind == 'exist':
+        return W.ask_exist(scene, rng.choice(objs)['shape'] if rng.random() < 0.5 else rng.choice(W.SHAPES))
+    if kind == 'exist_color':
+        o = rng.choice(objs)
+        return W.ask_exist(scene, *((o['shape'], o['color']) if rng.random() < 0.5 else (rng.choice(W.SHAPES), rng.choice(W.COLOR_NAMES))))
+    if kind == 'color':
+        u = W.unique_by(objs, lambda o: o['shape'])
+        return W.ask_color(scene, rng.choice(u)['shape']) if u else None
+    if kind == 'shape':
+        u = W.unique_by(objs, lambda o: o['color'])
+        return W.ask_shape(scene, rng.choice(u)['color']) if u else None
+    if kind == 'count':
+        return W.ask_count(scene, shape=rng.choice(objs)['shape']) if rng.random() < 0.5 else W.ask_count(scene)
+    if kind == 'where':
+        u = W.unique_by(objs, lambda o: (o['color'], o['shape']))
+        return W.ask_where(scene, rng.choice(u)) if u else None
+    r, c = rng.randrange(3), rng.randrange(3)
+    return W.ask_what_at(scene, r, c, 'short')
+
+
+@torch.no_grad()
+def lookup_accuracy(lm, tok, image_token_id, scenes, per_kind=100, seed=0):
+    """Teacher-forced exact match of the whole answer on held-out scenes, per question kind: asked as
+    the VLM is asked (chat template, short-answer suffix) and, as 'recall:<relation>', in the
+    direct-recall form. {kind: accuracy}."""
+    rng = random.Random(f"{seed}:probes")
+    word_id = slot_word_ids(tok)
+    groups = {}
+    for kind in PROBES:
+        for scene in scenes:
+            if len(groups.get(kind, [])) == per_kind:
+                break
+            qa = probe_question(scene, rng, kind)
+            if qa is not None:
+                conv = W.conversation_record(scene['id'], None, [(kind, *qa)])['conversations']
+                s = D.build_sample(conv, tok, 'chat', image_token_id, 9)
+                groups.setdefault(kind, []).append((s['input_ids'], s['labels'], slot_ids(scene, word_id)))
+    for scene in scenes[:2 * per_kind]:
+        for _ in range(3):
+            q, a = recall_fact(scene, rng)
+            segs = [(tok.bos_token_id, False), (W.IMAGE_TOKEN + "\n", False), (q, False), (" " + a + ".", True)]
+            ids, labels, _ = D.encode_segments(segs, tok, image_token_id, 9)
+            groups.setdefault('recall:' + q.split()[0], []).append((ids, labels, slot_ids(scene, word_id)))
+    lm.eval()
+    out = {}
+    for kind, docs in groups.items():
+        ids, labels, mask, slots = collate_docs(docs, tok.pad_token_id)
+        h = lm.model(inputs_embeds=slot_embeds(lm, ids, slots, image_token_id), attention_mask=mask).last_hidden_state
+        pred = lm.lm_head(h[:, :-1]).argmax(-1)
+        y = labels[:, 1:]
+        out[kind] = ((pred == y) | (y == D.IGNORE_INDEX)).all(1).float().mean().item()
+    lm.train()
+    return out
+
+
+def build_tokenizer(scenes, rng):
+    """The world's tokenizer, trained on the text the corpus and the SFT data are made of."""
+    texts = []
+    for scene in scenes:
+        texts += [t for _, q, a in W.sample_qas(scene, rng, 6) for t in (q, a)]
+        texts.append(" ".join(q + " " + a for q, a in (recall_fact(scene, rng) for _ in range(8))))
+    texts += [W.VICUNA_SYSTEM, "USER: ", " ASSISTANT: ", "ASSISTANT:"] + W.DESCRIBE_PROMPTS
+    return W.train_tokenizer(texts, vocab_size)
+
+
+def pretrain_lm(tok, out):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    image_token_id = tok.convert_tokens_to_ids(W.IMAGE_TOKEN)
+    scenes = W.sample_scenes('lm', lm_scenes, seed, 3, W.max_objects, cooccur_bias)
+    mix = dict(D.split_ratio(k) for k in lm_mix.split(','))
+    t0 = time.time()
+    docs = make_documents(scenes, random.Random(f"{seed}:lm:docs"), tok, image_token_id, mix)
+    print(f"corpus: {len(docs)} documents, {sum(len(d[0]) for d in docs) / len(docs):.0f} tokens on average, "
+          f"built in {time.time() - t0:.0f}s")
+    held_out = W.sample_scenes('lm_eval', 400, seed, 3, W.max_objects, cooccur_bias)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=lm_n_embd, intermediate_size=4 * lm_n_embd,
+                      num_hidden_layers=lm_n_layer, num_attention_heads=lm_n_head, num_key_value_heads=lm_n_head,
+                      max_position_embeddings=512, rope_theta=lm_rope_theta, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    lm = LlamaForCausalLM(cfg)
+    opt = torch.optim.AdamW(lm.parameters(), lr=lm_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    batches = length_batches([len(d[0]) for d in docs], lm_batch, lm_steps, seed)
+    bar = tqdm(range(lm_steps), desc="lm", unit="step", mininterval=2)
+    for step in bar:
+        for g in opt.param_groups:
+            g['lr'] = lm_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / lm_steps)))
+        loss = lm_loss(lm, collate_docs([docs[i] for i in batches[step]], tok.pad_token_id), image_token_id, slot_noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % lm_eval_interval == 0 or step + 1 == lm_steps:
+            acc = lookup_accuracy(lm, tok, image_token_id, held_out)
+            bar.write(f"step {step + 1} ({time.time() - t0:.0f}s): loss {loss.item():.3f}; held-out lookup "
+                      + ", ".join(f"{k} {100 * v:.0f}%" for k, v in acc.items()))
+    with M._atomic_dir(out) as d:  # a crash never leaves half a model directory
+        lm.save_pretrained(d)
+        tok.save_pretrained(d)
+    return acc
+
+
+# -----------------------------------------------------------------------------
+# The CLIP
+
+def object_sentence(o, color=None, shape=None, row=None, col=None):
+    """The description's sentence for one object, optionally with an attribute replaced."""
+    color, shape = color or o['color'], shape or o['shape']
+    row, col = o['row'] if row is None else row, o['col'] if col is None else col
+    return f"A {color} {shape} is {W.position_phrase(row, col)}."
+
+
+def count_sentence(n):
+    """The description's first sentence: 'There is one object.' / 'There are three objects.'"""
+    return "There is one object." if n == 1 else f"There are {W.number_word(n)} objects."
+
+
+def altered_sentences(scene, o, rng):
+    """The sentence for o made false three ways: {'color': ..., 'shape': ..., 'position': ...}."""
+    taken = {(p['row'], p['col']) for p in scene['objects'] if (p['color'], p['shape']) == (o['color'], o['shape'])}
+    free = [(r, c) for r in range(3) for c in range(3) if (r, c) not in taken]
+    r, c = rng.choice(free)
+    return {'color': object_sentence(o, color=rng.choice([x for x in W.COLOR_NAMES if x != o['color']])),
+            'shape': object_sentence(o, shape=rng.choice([x for x in W.SHAPES if x != o['shape']])),
+            'position': object_sentence(o, row=r, col=c)}
+
+
+def clip_tokenizer(tok):
+    """The world tokenizer with CLIP's framing: encoding adds <s> ... </s> (CLIPTextModel pools at </s>)."""
+    from tokenizers import processors
+    tok = copy.deepcopy(tok)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tok.bos_token} $A {tok.eos_token}",
+        special_tokens=[(tok.bos_token, tok.bos_token_id), (tok.eos_token, tok.eos_token_id)])
+    return tok
+
+
+def render_pixels(scenes, proc):
+    """The scenes rendered (with their own jitter streams) and preprocessed: (n, 3, H, W)."""
+    images = [W.render_scene(s, image_size, W.render_rng(seed, s['id'])) for s in scenes]
+    return proc(images=images, return_tensors='pt')['pixel_values']
+
+
+def cell_targets(scenes):
+    """Per grid cell, the class of its object (0 = empty): (n, 9) shape ids and (n, 9) colour ids."""
+    shape_y = torch.zeros(len(scenes), 9, dtype=torch.long)
+    color_y = torch.zeros(len(scenes), 9, dtype=torch.long)
+    for i, scene in enumerate(scenes):
+        for o in scene['objects']:
+            shape_y[i, 3 * o['row'] + o['col']] = W.SHAPES.index(o['shape']) + 1
+            color_y[i, 3 * o['row'] + o['col']] = W.COLOR_NAMES.index(o['color']) + 1
+    return shape_y, color_y
+
+
+def text_features(model, t):
+    """CLIP's projected text embedding (written out: get_text_features' return type changed in transformers 5)."""
+    return model.text_projection(model.text_model(input_ids=t['input_ids'], attention_mask=t['attention_mask']).pooler_output)
+
+
+@torch.no_grad()
+def clip_scores(model, tok, pixel_values, sentences):
+    """100 * cos(image, sentence) for aligned lists, OpenAI CLIP's logits_per_image scale."""
+    t = tok(sentences, padding=True, return_tensors='pt')
+    img = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output), dim=-1)
+    txt = F.normalize(text_features(model, t), dim=-1)
+    return 100 * (img * txt).sum(-1)
+
+
+def clip_check(model, tok, pixels, scenes, seed=0):
+    """How often a true one-object sentence scores above the same sentence altered: {'color', 'shape', 'position'}."""
+    rng = random.Random(f"{seed}:clip_check")
+    model.eval()
+    true, alt = [], {k: [] for k in ('color', 'shape', 'position')}
+    for scene in scenes:
+        o = rng.choice(scene['objects'])
+        true.append(object_sentence(o))
+        for k, v in altered_sentences(scene, o, rng).items():
+            alt[k].append(v)
+    s_true = clip_scores(model, tok, pixels, true)
+    out = {k: (s_true > clip_scores(model, tok, pixels, v)).float().mean().item() for k, v in alt.items()}
+    model.train()
+    return out
+
+
+def pretrain_clip(tok, out):
+    """CLIP's symmetric InfoNCE over a batch of images and one true sentence each, with each image's
+    altered sentences as extra negatives for it, plus the per-cell probe on the patch features."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+    torch.manual_seed(seed)
+    ctok = clip_tokenizer(tok)
+    if ctok.eos_token_id == 2:  # transformers' legacy CLIP pooling: argmax(input_ids) instead of the first </s>
+        raise SystemExit("the world tokenizer's </s> has id 2: CLIPTextModel would pool at the largest token id")
+    proc = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    text_cfg = dict(vocab_size=len(ctok), hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=32, bos_token_id=ctok.bos_token_id, eos_token_id=ctok.eos_token_id,
+                    pad_token_id=ctok.pad_token_id)
+    vision_cfg = dict(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+                      image_size=image_size, patch_size=image_size // 3)
+    model = CLIPModel(CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=clip_embd))
+    t0 = time.time()
+    scenes = W.sample_scenes('clip', clip_scenes, seed, 3, W.max_objects, cooccur_bias)
+    held_out = W.sample_scenes('clip_eval', 500, seed, 3, W.max_objects, cooccur_bias)
+    pixels, held_pixels = render_pixels(scenes, proc), render_pixels(held_out, proc)
+    shape_y, color_y = cell_targets(scenes)
+    probe = torch.nn.Linear(vision_cfg['hidden_size'], 2 * (len(W.SHAPES) + 1))
+    params = list(model.parameters()) + list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=clip_lr, weight_decay=0.0)
+    rng = random.Random(f"{seed}:clip:sentences")
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(clip_steps), desc="clip", unit="step", mininterval=2)
+    for step in bar:
+        for g in opt.param_groups:
+            g['lr'] = clip_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / clip_steps))
+        idx = torch.randint(0, len(scenes), (clip_batch,), generator=gen)
+        true, negs = [], []
+        for i in idx.tolist():
+            scene = scenes[i]
+            if rng.random() < 0.15:  # the description's first sentence: the count
+                n = len(scene['objects'])
+                true.append(count_sentence(n))
+                negs.append([count_sentence(k) for k in rng.sample([k for k in range(1, W.max_objects + 1) if k != n], 3)])
+                continue
+            o = rng.choice(scene['objects'])
+            true.append(object_sentence(o))
+            negs.append(list(altered_sentences(scene, o, rng).values()))
+        t = ctok(true + [s for n in negs for s in n], padding=True, return_tensors='pt')
+        vis = model.vision_model(pixel_values=pixels[idx], output_hidden_states=True)
+        img = F.normalize(model.visual_projection(vis.pooler_output), dim=-1)
+        txt = F.normalize(text_features(model, t), dim=-1)
+        scale = model.logit_scale.exp().clamp(max=100)
+        B = clip_batch
+        logits = scale * img @ txt.T                       # (B, B + 3B): every image against every sentence
+        hard = torch.full_like(logits, float('-inf'))      # an image's own altered sentences, and all true ones
+        hard[:, :B] = 0
+        own = B + 3 * torch.arange(B)[:, None] + torch.arange(3)[None]
+        hard.scatter_(1, own, 0)
+        target = torch.arange(B)
+        contrastive = (F.cross_entropy(logits + hard, target) + F.cross_entropy(logits[:, :B].T, target)) / 2
+        cells = probe(vis.hidden_states[-2][:, 1:]).view(B, 9, 2, len(W.SHAPES) + 1)
+        cell_loss = F.cross_entropy(cells[:, :, 0].flatten(0, 1), shape_y[idx].flatten()) + \
+            F.cross_entropy(cells[:, :, 1].flatten(0, 1), color_y[idx].flatten())
+        loss = contrastive + cell_loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(contrastive=f"{contrastive.item():.3f}", cells=f"{cell_loss.item():.3f}")
+        if (step + 1) % 500 == 0 or step + 1 == clip_steps:
+            check = clip_check(model, ctok, held_pixels, held_out)
+            bar.write(f"step {step + 1} ({time.time() - t0:.0f}s): true sentence above the altered one on held-out "
+                      "scenes: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in check.items()))
+    with torch.no_grad():
+        cells = probe(model.vision_model(pixel_values=held_pixels, output_hidden_states=True).hidden_states[-2][:, 1:])
+        cells = cells.view(len(held_out), 9, 2, len(W.SHAPES) + 1).argmax(-1)
+        hs, hc = cell_targets(held_out)
+        cell_acc = ((cells[..., 0] == hs).float().mean().item(), (cells[..., 1] == hc).float().mean().item())
+    with M._atomic_dir(out) as d:
+        model.save_pretrained(d)
+        ctok.save_pretrained(d)
+        proc.save_pretrained(d)
+    return check, cell_acc
+
+
+def main():
+    from configurator import configure
+    g = globals()
+    g.update(configure({k: g[k] for k in _config_keys}))
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    tok_scenes = W.sample_scenes('lm', 4000, seed, 3, W.max_objects, cooccur_bias)
+    tok = build_tokenizer(tok_scenes, random.Random(f"{seed}:tokenizer"))
+    if which in ('all', 'clip'):
+        t = time.time()
+        check, cell_acc = pretrain_clip(tok, os.path.join(out_dir, 'clip'))
+        print(f"{out_dir}/clip: {clip_steps} steps in {time.time() - t:.0f}s; on held-out scenes a true sentence scores "
+              f"above it altered in " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in check.items())
+              + f" of cases; per-cell shape / colour from the patch features {100 * cell_acc[0]:.1f}% / {100 * cell_acc[1]:.1f}%")
+    if which in ('all', 'lm'):
+        t = time.time()
+        acc = pretrain_lm(tok, os.path.join(out_dir, 'lm'))
+        print(f"{out_dir}/lm: {lm_steps} steps in {time.time() - t:.0f}s; held-out text lookup (exact answers): "
+              + ", ".join(f"{k} {100 * v:.0f}%" for k, v in acc.items()))
+    print(f"took {time.time() - t0:.0f}s")
+
+
+if __name__ == '__main__':
+    main()
