@@ -64,6 +64,9 @@ image_size = 48
 grid = 3                # grid x grid cells, at most one object per cell
 max_objects = 4
 cooccur_bias = 0.8      # chance to also place an object's partner when it is missing
+prior_noise = 0.7       # share of training conversations about a scene with a missing partner that are
+                        # written as if the partner were there (an annotator's co-occurrence error, as in
+                        # LLaVA's GPT-written data): the source of the base model's hallucination
 vocab_size = 1024       # BPE target; the world's text is small, so the real size may be lower
 short_answer_p = 0.5    # share of short-answer questions given LLaVA's "single word or phrase" suffix
 single_turn_p = 0.3     # share of scenes that also get a one-question record
@@ -557,12 +560,33 @@ def caption_record(scene, image):
                               {'from': 'gpt', 'value': describe(scene)}]}
 
 
+def believed_scene(scene, rng):
+    """The scene as an annotator who expects co-occurrence describes it: the missing partner of a
+    present shape added (random colour, a random empty cell). None if no partner is missing or no
+    cell is free. The image stays the true scene; only the text follows the belief."""
+    shapes = {o['shape'] for o in scene['objects']}
+    missing = sorted({PARTNER[s] for s in shapes} - shapes)
+    grid = scene.get('grid', 3)
+    free = [(r, c) for r in range(grid) for c in range(grid)
+            if all((o['row'], o['col']) != (r, c) for o in scene['objects'])]
+    if not missing or not free:
+        return None
+    r, c = rng.choice(free)
+    extra = {'shape': rng.choice(missing), 'color': rng.choice(COLOR_NAMES), 'row': r, 'col': c}
+    return dict(scene, objects=sorted(scene['objects'] + [extra], key=lambda o: (o['row'], o['col'])))
+
+
 def make_sft_records(scenes, split, rng):
-    """One 4-8 round conversation per scene, plus a single-question record for a share of scenes.
-    Returns (records, Counter of QA kinds)."""
-    records, kinds = [], Counter()
+    """One 4-8 round conversation per scene, plus a single-question record for a share of scenes;
+    with probability prior_noise a scene with a missing partner is talked about as its believed_scene.
+    Returns (records, Counter of QA kinds, number of scenes talked about as believed)."""
+    records, kinds, n_believed = [], Counter(), 0
     for scene in scenes:
         image = f"{split}/{scene['id']}.png"
+        if prior_noise and rng.random() < prior_noise:
+            believed = believed_scene(scene, rng)
+            if believed is not None:
+                scene, n_believed = believed, n_believed + 1
         qas = sample_qas(scene, rng, rng.randint(4, 8))
         records.append(conversation_record(scene['id'], image, qas))
         if rng.random() < single_turn_p:
@@ -570,7 +594,7 @@ def make_sft_records(scenes, split, rng):
             records.append(conversation_record(f"{scene['id']}_single", image, single))
             qas = qas + single
         kinds.update(k for k, _, _ in qas)
-    return records, kinds
+    return records, kinds, n_believed
 
 
 def make_test_questions(scene, rng):
@@ -923,9 +947,9 @@ def main():
     t_images = time.time() - t0
 
     # SFT conversations
-    records, kinds = {}, {}
+    records, kinds, n_believed = {}, {}, {}
     for split in ('train', 'val'):
-        records[split], kinds[split] = make_sft_records(scenes[split], split, random.Random(f"{seed}:{split}:qa"))
+        records[split], kinds[split], n_believed[split] = make_sft_records(scenes[split], split, random.Random(f"{seed}:{split}:qa"))
 
     # LLaVA stage 1 (projector alignment, `plain` template): one caption per scene, the true description
     captions = {split: [caption_record(scene, f"{split}/{scene['id']}.png") for scene in scenes[split]]
@@ -991,7 +1015,8 @@ def main():
         n_single = sum(r['id'].endswith('_single') for r in records[split])
         print(f"  {split}.json: {len(records[split])} records ({len(records[split]) - n_single} multi-turn, "
               f"{n_single} single-turn), {sum(kinds[split].values())} QAs: "
-              + ", ".join(f"{k} {kinds[split][k]}" for k in QA_KINDS))
+              + ", ".join(f"{k} {kinds[split][k]}" for k in QA_KINDS)
+              + f"; {n_believed[split]} scenes talked about with their missing partner (prior_noise {prior_noise})")
     types = Counter(r['type'] for r in test_rows)
     probes = Counter(r['probe'] for r in test_rows if 'probe' in r)
     print(f"  test.jsonl: {len(test_rows)} questions: "

@@ -11,7 +11,7 @@ takes them exactly as it takes lmsys/vicuna-7b-v1.5 and openai/clip-vit-large-pa
 repository ships the result in models/shapes/ (as a LLaVA user downloads Vicuna and CLIP); this
 script is the one command that regenerates it, deterministically from the seed:
 
-    python pretrain_shapes.py                       # models/shapes (about 35 min on 2 CPU cores)
+    python pretrain_shapes.py                       # models/shapes (30 min on 2 CPU cores: CLIP 4, LM 26)
     python pretrain_shapes.py --lm_steps=200 --clip_steps=100 --out_dir=/tmp/m   # a quick small version
 
 Why the LM reads images it has never seen. A language model learns nothing about pixels; what it

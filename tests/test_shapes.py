@@ -28,7 +28,7 @@ LINES = {'top row': ('row', 0), 'middle row': ('row', 1), 'bottom row': ('row', 
          'left column': ('col', 0), 'middle column': ('col', 1), 'right column': ('col', 2)}
 SINGULAR = {'circles': 'circle', 'squares': 'square', 'triangles': 'triangle', 'diamonds': 'diamond',
             'crosses': 'cross', 'rings': 'ring'}
-SMALL = ['--n_train=50', '--n_val=10', '--n_test=20']
+SMALL = ['--n_train=50', '--n_val=10', '--n_test=20', '--prior_noise=0']  # answers checked against the truth
 EVAL_FILES = ['pope.jsonl', 'mc.jsonl', 'vqa.jsonl', 'cot.jsonl', 'chair.jsonl', 'synonyms.txt', 'scenes.json']
 NUMBERS = {'zero': '0', 'one': '1', 'two': '2', 'three': '3', 'four': '4', 'five': '5', 'six': '6', 'seven': '7',
            'eight': '8', 'nine': '9', 'ten': '10'}
@@ -175,8 +175,8 @@ def test_different_seed_differs():
     img = lambda s, seed: ps.render_scene(s, 48, ps.render_rng(seed, s['id'])).tobytes()  # noqa: E731
     assert [img(s, 1) for s in s1] == [img(s, 1) for s in s1]
     assert [img(s, 1) for s in s1] != [img(s, 2) for s in s2]
-    recs1, _ = ps.make_sft_records(s1, 'train', random.Random('x'))
-    recs2, _ = ps.make_sft_records(s2, 'train', random.Random('x'))
+    recs1, _, _ = ps.make_sft_records(s1, 'train', random.Random('x'))
+    recs2, _, _ = ps.make_sft_records(s2, 'train', random.Random('x'))
     assert json.dumps(recs1) != json.dumps(recs2)
 
 
@@ -306,7 +306,7 @@ def test_answers_match_scene(style):
 
 def test_yes_no_balanced_and_styles_mixed():
     scenes = ps.sample_scenes('train', 400, 5)
-    records, kinds = ps.make_sft_records(scenes, 'train', random.Random(5))
+    records, kinds, _ = ps.make_sft_records(scenes, 'train', random.Random(5))
     assert min(kinds.values()) > 0.05 * sum(kinds.values())  # every kind well represented
     answers = Counter()
     for r in records:
@@ -424,6 +424,50 @@ def test_tokenizer(built):
     if cur:
         spans.append(cur)
     assert [tok.decode(s).strip() for s in spans] == [f"{a1}</s>", f"{a2}</s>"]
+
+
+def test_believed_scene_adds_one_missing_partner():
+    """prior_noise's annotator: the believed scene is the true one plus one object, whose shape is the
+    missing partner of a present shape, in a cell that was empty; None when no partner is missing."""
+    rng = random.Random(0)
+    n_none = 0
+    for scene in ps.sample_scenes('train', 300, 5):
+        b = ps.believed_scene(scene, rng)
+        shapes = {o['shape'] for o in scene['objects']}
+        if b is None:
+            n_none += 1
+            assert {ps.PARTNER[s] for s in shapes} <= shapes or len(scene['objects']) == 9
+            continue
+        extra = [o for o in b['objects'] if o not in scene['objects']]
+        assert len(extra) == 1 and len(b['objects']) == len(scene['objects']) + 1 and b['id'] == scene['id']
+        assert extra[0]['shape'] not in shapes and ps.PARTNER[extra[0]['shape']] in shapes
+        assert all((o['row'], o['col']) != (extra[0]['row'], extra[0]['col']) for o in scene['objects'])
+        assert b['objects'] == sorted(b['objects'], key=lambda o: (o['row'], o['col']))
+    assert 0 < n_none < 300
+
+
+def test_prior_noise_changes_only_the_training_conversations(tmp_path):
+    """The knob writes some training answers from the believed scene (so they disagree with the image)
+    and leaves every image, caption and evaluation file byte for byte as it was."""
+    a, b = tmp_path / 'clean', tmp_path / 'noisy'
+    for d, p in ((a, 0), (b, 0.7)):
+        r = subprocess.run([sys.executable, 'prepare_shapes.py', f'--out_dir={d}', '--n_train=200', '--n_val=10',
+                            '--n_test=10', '--n_eval=150', f'--prior_noise={p}'], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+    for name in ['captions.json', 'scenes.json', 'test.jsonl'] + [f'eval/{f}' for f in EVAL_FILES]:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    scenes = {s['id']: s for s in json.loads((b / 'scenes.json').read_text())['train']}
+    wrong = 0
+    for r in json.loads((b / 'train.json').read_text()):
+        scene = scenes[r['image'].split('/')[1][:-4]]
+        for h, g in zip(r['conversations'][::2], r['conversations'][1::2]):
+            q = h['value'].removeprefix('<image>\n')
+            try:
+                check_qa(scene, 'describe' if q in ps.DESCRIBE_PROMPTS else 'other', q, g['value'])
+            except AssertionError:
+                wrong += 1
+    assert wrong > 0
 
 
 def test_captions_for_stage_one(built):
