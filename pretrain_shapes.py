@@ -190,13 +190,9 @@ def make_documents(scenes, rng, tok, image_token_id, mix):
 
 
 def collate_docs(docs, pad_id):
-    T = max(len(d[0]) for d in docs)
-    ids = torch.full((len(docs), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(docs), T), D.IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(docs), T), dtype=torch.long)
-    for i, (x, y, _) in enumerate(docs):
-        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return ids, labels, mask, torch.tensor([d[2] for d in docs])
+    """Right-padded (ids, labels, attention mask) as data.collate makes them for sft.py, plus the slots (B, 9, 4)."""
+    b = D.collate([dict(input_ids=x, labels=y) for x, y, _ in docs], pad_id)
+    return b['input_ids'], b['labels'], b['attention_mask'], torch.tensor([d[2] for d in docs])
 
 
 def length_batches(lengths, batch_size, n_batches, seed, pool=64):
