@@ -11,6 +11,8 @@ Data for LLaVA-style training, top to bottom:
 5. batch_indices: deterministic distributed sampling with a fixed global batch.
 6. benchmarks: question files (POPE, multiple choice / ScienceQA, VQA, CoT, CHAIR) -> prompts, and
    the published scoring rules as pure functions of the answer text.
+7. preference pairs for dpo.py: the CSR, LLaVA-Reasoner and TRL formats -> chosen and rejected
+   samples sharing one prompt and one image.
 
 A record looks like
     {"id": "0001", "image": "coco/0001.jpg",
@@ -1187,4 +1189,183 @@ def score(task, rows, synonyms=None):
     out = {c: metrics(g) for c, g in by_category(rows).items()}
     if len(out) > 1:
         out["overall"] = metrics(rows)
+    return out
+
+# -----------------------------------------------------------------------------
+# 7. preference pairs (dpo.py): three published formats -> one pair -> chosen and rejected samples
+#   csr       {"id", "image", "conversations": [.. human, gpt chosen], "rejected_conversations": [.. human, gpt rejected]}
+#   reasoner  {"id"?, "image"?, "question", "chosen", "rejected"}          (LLaVA-Reasoner's DPO files)
+#   trl       {"prompt", "chosen", "rejected", "images"?}; prompt a string or chat messages whose content
+#             may be typed parts [{"type": "image"}, {"type": "text", "text": ...}]; chosen / rejected a
+#             string or [{"role": "assistant", "content": ...}]                 (TRL's vision DPO datasets)
+
+
+def _message_text(content, what):
+    """A TRL message's content as text: a string, or typed parts with images as <image>."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in ("text", "image") for p in content):
+        return "".join(IMAGE_PLACEHOLDER + "\n" if p["type"] == "image" else p.get("text", "") for p in content)
+    raise DataError(f"{what}: content must be a string or a list of text / image parts, got {content!r:.80}",
+                    "malformed record")
+
+
+def _answer_text(value, what):
+    if isinstance(value, list):  # TRL's conversational form: the assistant message(s)
+        if not value or not all(isinstance(m, dict) and m.get("role") == "assistant" for m in value):
+            raise DataError(f"'{what}' must be a string or a list of assistant messages", "malformed record")
+        value = "".join(_message_text(m.get("content"), what) for m in value)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"'{what}' must be a non-empty string, got {value!r:.80}", "malformed record")
+    return value
+
+
+def pair_from_record(rec):
+    """One preference record in any of the three formats -> dict(id, image, prompt (LLaVA turns up to
+    the last human turn), chosen, rejected). Raises DataError naming the problem (the caller adds where)."""
+    if not isinstance(rec, dict):
+        raise DataError(f"record is a {type(rec).__name__}, not an object", "malformed record")
+    if "rejected_conversations" in rec:  # CSR
+        conv, rej = rec.get("conversations"), rec["rejected_conversations"]
+        for name, c in (("conversations", conv), ("rejected_conversations", rej)):
+            check_conversations(c)
+            if ROLES[c[-1]["from"]] != "assistant":
+                raise DataError(f"'{name}' must end with the answer (a gpt turn)", "malformed record")
+        if [(t["from"], t["value"]) for t in conv[:-1]] != [(t["from"], t["value"]) for t in rej[:-1]]:
+            raise DataError("the prompt differs between 'conversations' and 'rejected_conversations' "
+                            "(every turn before the answer must be the same)", "prompt mismatch")
+        prompt, chosen, rejected, image = conv[:-1], conv[-1]["value"], rej[-1]["value"], rec.get("image")
+    elif "question" in rec:  # LLaVA-Reasoner
+        question, image = rec["question"], rec.get("image")
+        if not isinstance(question, str) or not question.strip():
+            raise DataError("'question' must be a non-empty string", "malformed record")
+        if image and IMAGE_PLACEHOLDER not in question:
+            question = IMAGE_PLACEHOLDER + "\n" + question
+        prompt = [{"from": "human", "value": question}]
+        chosen, rejected = rec.get("chosen"), rec.get("rejected")
+    elif "prompt" in rec:  # TRL
+        p = rec["prompt"]
+        if isinstance(p, str):
+            prompt = [{"from": "human", "value": p}]
+        elif isinstance(p, list) and p and all(isinstance(m, dict) and m.get("role") in ROLES for m in p):
+            prompt = [{"from": m["role"], "value": _message_text(m.get("content"), "prompt")} for m in p]
+        else:
+            raise DataError("'prompt' must be a string or a list of chat messages with 'role' and 'content'",
+                            "malformed record")
+        image = rec.get("images", rec.get("image"))
+        if isinstance(image, list) and len(image) == 1:
+            image = image[0]
+        n_img = len(image) if isinstance(image, list) else int(bool(image))
+        if n_img and not any(IMAGE_PLACEHOLDER in t["value"] for t in prompt):
+            prompt[0] = dict(prompt[0], value=IMAGE_PLACEHOLDER * n_img + "\n" + prompt[0]["value"])
+        chosen, rejected = rec.get("chosen"), rec.get("rejected")
+    else:
+        raise DataError("not a preference record: expected 'conversations' + 'rejected_conversations' (CSR), "
+                        "'question' + 'chosen' + 'rejected' (LLaVA-Reasoner) or 'prompt' + 'chosen' + 'rejected' (TRL)",
+                        "malformed record")
+    for name, v in (("chosen", chosen), ("rejected", rejected)):
+        if v is None:
+            raise DataError(f"missing '{name}'", "malformed record")
+    chosen, rejected = _answer_text(chosen, "chosen"), _answer_text(rejected, "rejected")
+    if chosen.strip() == rejected.strip():
+        raise DataError("chosen and rejected are the same answer: the pair teaches nothing", "identical pair")
+    if not prompt or ROLES[prompt[-1]["from"]] != "user":
+        raise DataError("the prompt must end with a human turn", "malformed record")
+    pair = dict(id=rec.get("id"), image=image, prompt=prompt, chosen=chosen, rejected=rejected)
+    check_record(dict(image=image, conversations=prompt + [{"from": "gpt", "value": chosen}]))
+    return pair
+
+
+def load_pairs(spec, image_root=None):
+    """All pairs of the files in spec (paths with optional ':ratio', as load_records), each with _src
+    and _image_root. The first bad record raises DataError naming its file, index and problem."""
+    pairs = []
+    for path, ratio in parse_spec(spec):
+        root = image_root if image_root is not None else os.path.dirname(path)
+        file_pairs = []
+        for i, rec in enumerate(read_json_file(path)):
+            try:
+                pair = pair_from_record(rec)
+            except DataError as e:
+                raise DataError(f"{where(rec, (path, i))}: {e}", e.kind) from None
+            if pair["id"] is None:
+                pair["id"] = f"{os.path.basename(path)}:{i}"
+            file_pairs.append(dict(pair, _src=(path, i), _image_root=root))
+        pairs += subsample(file_pairs, ratio)
+    return pairs
+
+
+def truncate_words(text, n):
+    """The first n whitespace-separated words (LLaVA-Reasoner trains DPO on the first 90); n=0: all."""
+    words = text.split()
+    return text if not n or len(words) <= n else " ".join(words[:n])
+
+
+def build_pair(pair, tokenizer, template, image_token_id, num_image_tokens, max_len=None, max_words=0, drop_eos=False):
+    """A pair -> dict(chosen_ids, chosen_labels, rejected_ids, rejected_labels): the prompt is shared
+    and unsupervised (earlier answers in a multi-turn prompt too), only the final answer is supervised.
+    drop_eos: leave the answer's end-of-turn token(s) unsupervised (LLaVA-Reasoner: a truncated answer
+    must not learn to stop there)."""
+    n_images = len(record_images(pair))
+    out, prompt_ids = {}, None
+    for side in ("chosen", "rejected"):
+        conv = pair["prompt"] + [{"from": "gpt", "value": truncate_words(pair[side], max_words)}]
+        s = build_sample(conv, tokenizer, template, image_token_id, num_image_tokens, n_images=n_images, max_len=max_len)
+        ids, labels = s["input_ids"], s["labels"]
+        start = next(i for i in range(len(labels) - 1, -1, -1) if labels[i] != IGNORE_INDEX and
+                     (i == 0 or labels[i - 1] == IGNORE_INDEX))  # the final answer's first token
+        labels = [IGNORE_INDEX] * start + labels[start:]
+        if drop_eos:
+            special = set(tokenizer.all_special_ids)
+            end = len(labels)
+            while end > start and (labels[end - 1] == IGNORE_INDEX or labels[end - 1] in special):
+                end -= 1
+            labels = labels[:end] + [IGNORE_INDEX] * (len(labels) - end)
+        if all(l == IGNORE_INDEX for l in labels):
+            raise DataError(f"{side}: no supervised tokens left", "no supervised tokens")
+        if prompt_ids is None:
+            prompt_ids = ids[:start]
+        elif ids[:start] != prompt_ids:
+            raise DataError("chosen and rejected tokenise to different prompts", "prompt mismatch")
+        out[side + "_ids"], out[side + "_labels"] = ids, labels
+    return out
+
+
+class PairDataset(SFTDataset):
+    """Pairs -> dict(index, chosen_ids, chosen_labels, rejected_ids, rejected_labels, pixel_values, n_images).
+    The image is loaded once per pair; skip_bad, validate() and error messages as SFTDataset."""
+
+    def __init__(self, pairs, tokenizer, image_processor, template, image_token_id, num_image_tokens, image_root,
+                 max_len=None, pad_to_square=True, skip_bad=False, max_words=0, drop_eos=False):
+        super().__init__(pairs, tokenizer, image_processor, template, image_token_id, num_image_tokens, image_root,
+                         max_len=max_len, pad_to_square=pad_to_square, skip_bad=skip_bad)
+        self.max_words, self.drop_eos = max_words, drop_eos
+
+    def text_sample(self, pair):
+        return build_pair(pair, self.tokenizer, self.template, self.image_token_id, self.num_image_tokens,
+                          self.max_len, self.max_words, self.drop_eos)
+
+    def __getitem__(self, i):
+        pair = self.records[i]
+        try:
+            s = self.text_sample(pair)
+            images = [process_image(load_image(p), self.image_processor, self.pad_to_square)
+                      for p in image_paths(pair, self.image_root)]
+        except DataError as e:
+            return self.bad(pair, e)
+        return dict(index=i, pixel_values=torch.stack(images) if images else None, n_images=len(images),
+                    **{k: torch.tensor(v, dtype=torch.long) for k, v in s.items()})
+
+
+def collate_pairs(batch, pad_id):
+    """Pairs -> one batch of 2B rows: the B chosen rows, then the B rejected ones (right-padded together),
+    pixel_values of the B pairs once (the model repeats their features for the rejected rows:
+    image_repeat=2), and index (B,), the pairs' dataset indices. None if every pair was skipped."""
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    rows = [dict(input_ids=b["chosen_ids"], labels=b["chosen_labels"], pixel_values=b["pixel_values"]) for b in batch]
+    rows += [dict(input_ids=b["rejected_ids"], labels=b["rejected_labels"]) for b in batch]
+    out = collate(rows, pad_id)
+    out["index"] = torch.tensor([b["index"] for b in batch], dtype=torch.long)
     return out

@@ -10,6 +10,7 @@ Contents:
   3. Projector and the VLM itself (forward, generation)
   4. loading / saving: our checkpoint directory, llava-hf directories, building from parts
   5. optimizer with per-part learning rates, training-state save/resume
+  6. preference optimisation: dpo_loss (TRL's formulas) and hand-written LoRA in peft's convention
 """
 
 import json
@@ -387,12 +388,16 @@ class VLM(nn.Module):
             feats = feats[:, 1:]  # drop CLS, as LLaVA does
         return self.projector(feats)
 
-    def embed(self, input_ids, pixel_values=None):
-        """Token embeddings with the image features written into the image-token positions."""
+    def embed(self, input_ids, pixel_values=None, image_repeat=1):
+        """Token embeddings with the image features written into the image-token positions.
+        image_repeat=k: the rows are k groups that share their images (DPO's chosen rows, then the
+        rejected ones): the images are encoded once and their features used by each group in turn."""
         image_mask = input_ids == self.image_token_id
         emb = self.lm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
         if pixel_values is not None and len(pixel_values):
             feats = self.encode_images(pixel_values)
+            if image_repeat > 1:
+                feats = feats.repeat(image_repeat, 1, 1)
             if image_mask.sum().item() != feats.shape[0] * feats.shape[1]:
                 raise ValueError(f"{int(image_mask.sum())} image tokens in input_ids but {feats.shape[0]} images x "
                                  f"{feats.shape[1]} features; data.py must expand each <image> to {self.num_image_tokens} tokens")
@@ -408,28 +413,34 @@ class VLM(nn.Module):
             emb = emb + 0.0 * self.encode_images(dummy).sum()
         return emb
 
-    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None):
-        emb = self.embed(input_ids, pixel_values)
+    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, image_repeat=1):
+        emb = self.embed(input_ids, pixel_values, image_repeat)
         return self.lm.base_model(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, reduction="mean"):
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, reduction="mean", image_repeat=1):
         """labels None -> logits (B, T, V). Otherwise the next-token loss over positions whose label is
         not IGNORE_INDEX (labels are aligned with input_ids and shifted here, the llava-hf convention),
-        computed by the fused loss from the final hidden states: only supervised rows are projected."""
-        h = self.hidden_states(input_ids, pixel_values, attention_mask)
+        computed by the fused loss from the final hidden states: only supervised rows are projected.
+        reduction='none': one loss per supervised position, in row-major order; 'row': each row's summed
+        loss (B,) fp32, i.e. minus its sequence log-prob (DPO)."""
+        h = self.hidden_states(input_ids, pixel_values, attention_mask, image_repeat)
         w = self.lm.get_output_embeddings().weight
         if labels is None:
             return h @ w.T
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
+        if reduction == "row":
+            per = fused_linear_cross_entropy(h[:, :-1][keep], w, targets[keep], reduction="none")
+            rows = torch.zeros(keep.shape[0], dtype=torch.float32, device=h.device)
+            return rows.index_add(0, keep.nonzero()[:, 0], per.float())
         return fused_linear_cross_entropy(h[:, :-1][keep], w, targets[keep], reduction=reduction)
 
-    def token_logprobs(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
+    def token_logprobs(self, input_ids, pixel_values=None, attention_mask=None, labels=None, image_repeat=1):
         """log p(labels[:, t + 1] | tokens <= t) at every supervised position: (B, T - 1) fp32, 0 where
         the label is IGNORE_INDEX, differentiable. DPO sums them per sequence, self-rewarding averages
         them per sentence. The fused loss with reduction='none' does the work: only supervised rows
         are projected, and backward recomputes their logits from a saved logsumexp per row."""
-        h = self.hidden_states(input_ids, pixel_values, attention_mask)
+        h = self.hidden_states(input_ids, pixel_values, attention_mask, image_repeat)
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         lp = -fused_linear_cross_entropy(h[:, :-1][keep], self.lm.get_output_embeddings().weight, targets[keep],
@@ -828,8 +839,10 @@ def set_trainable(vlm, lrs):
     """Freeze every part whose lr ({'vision': .., 'projector': .., 'lm': ..}) is 0 or None, and the vision
     parameters the features never use. Call before sharding (FSDP) and before configure_optimizer."""
     unused = set(unused_vision_parameters(vlm)) if lrs.get("vision") else set()
+    adapters = any(isinstance(m, LoRALinear) for m in vlm.modules())  # LoRA: of the adapted layers, only A and B train
     for n, p in vlm.named_parameters():
-        p.requires_grad_(bool(lrs.get(part_of(n))) and n not in unused)
+        frozen_base = adapters and part_of(n) == "lm" and not n.endswith((".lora_A", ".lora_B"))
+        p.requires_grad_(bool(lrs.get(part_of(n))) and n not in unused and not frozen_base)
     if not any(p.requires_grad for p in vlm.parameters()):
         raise ValueError(f"every part is frozen (learning rates {lrs})")
     return sorted(unused)
@@ -891,3 +904,139 @@ def restore_rng(state):
     torch.set_rng_state(state["rng_cpu"])
     if torch.cuda.is_available() and state.get("rng_cuda"):
         torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+# -----------------------------------------------------------------------------
+# 6. preference optimisation: the DPO loss and LoRA adapters
+
+DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge")
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
+             loss_type="sigmoid", label_smoothing=0.0):
+    """Per-pair DPO losses from sequence log-probs (pairs,), with TRL 1.x's formulas. logits is how
+    much more the policy prefers chosen over rejected than the reference does:
+        sigmoid  -logsigmoid(beta logits)                                  (DPO)
+        robust   (-(1-ls) logsigmoid(beta logits) + ls logsigmoid(-beta logits)) / (1 - 2 ls)
+                                                   (robust DPO: unbiased when a share ls of the labels is flipped)
+        ipo      (logits - 1/(2 beta))^2           (IPO; TRL gives it length-normalised log-probs: dpo.py does too)
+        hinge    relu(1 - beta logits)             (SLiC / RSO)
+    TRL 1.x's sigmoid ignores label_smoothing (0.x used it for conservative DPO); here a label_smoothing
+    with any loss but robust is an error rather than silently dropped.
+    Returns (losses, chosen_rewards, rejected_rewards), rewards = beta (policy - reference), detached."""
+    logits = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if label_smoothing and loss_type != "robust":
+        raise ValueError(f"label_smoothing is read by loss_type='robust' only (got {label_smoothing} with {loss_type!r})")
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * logits)
+    elif loss_type == "robust":
+        if not 0 <= label_smoothing < 0.5:
+            raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+        losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
+                  + F.logsigmoid(-beta * logits) * label_smoothing) / (1 - 2 * label_smoothing)
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    else:
+        raise ValueError(f"loss_type must be one of {DPO_LOSSES}, got {loss_type!r}")
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+# LoRA in peft's convention (so adapters and intuitions carry over): W x + (alpha / r) B A dropout(x), A (r, in)
+# Kaiming-uniform, B (out, r) zero, so a fresh adapter leaves the model exactly as it was.
+LORA_TARGETS = r"lm\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"  # the LM's attention and MLP
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base, r, alpha, dropout=0.0):
+        super().__init__()
+        self.base, self.r, self.scaling = base, r, alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's (and nn.Linear's) init
+        self.register_buffer("lora_scaling", torch.tensor(self.scaling), persistent=True)  # so state dicts can be merged alone
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.disabled = False
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.disabled:
+            return y
+        return y + (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scaling).to(y.dtype)
+
+    def delta_weight(self):
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+
+def add_lora(module, r, alpha, dropout=0.0, targets=LORA_TARGETS):
+    """Replace every nn.Linear whose qualified name matches the regex `targets` with a LoRALinear
+    around it, and freeze every parameter but the adapters (set_trainable then also trains the
+    projector or vision tower if their lr says so, and of the LM only the adapters). Returns the names."""
+    import re
+    names = [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and re.search(targets, n)]
+    if not names:
+        raise ValueError(f"add_lora: no nn.Linear matches {targets!r}")
+    for p in module.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        parent, _, child = n.rpartition(".")
+        owner = module.get_submodule(parent) if parent else module
+        setattr(owner, child, LoRALinear(getattr(owner, child), r, alpha, dropout))
+    return names
+
+
+def lora_modules(module):
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, LoRALinear)]
+
+
+class lora_disabled:
+    """with lora_disabled(model): the adapters are off, the model is its base: DPO's reference at no memory cost."""
+
+    def __init__(self, module):
+        self.mods = [m for _, m in lora_modules(module)]
+
+    def __enter__(self):
+        for m in self.mods:
+            m.disabled = True
+
+    def __exit__(self, *exc):
+        for m in self.mods:
+            m.disabled = False
+        return False
+
+
+@torch.no_grad()
+def merge_lora(module):
+    """Fold every adapter into its base weight and put the plain nn.Linear back: a model any loader reads."""
+    for n, m in lora_modules(module):
+        m.base.weight += m.delta_weight().to(m.base.weight.dtype)
+        parent, _, child = n.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, m.base)
+    return module
+
+
+def merge_lora_state_dict(sd):
+    """A state dict with adapters (keys '<name>.base.weight', '<name>.lora_A', '<name>.lora_B') ->
+    (the plain state dict merge_lora would give, the adapters alone). Works on a full state dict
+    gathered from FSDP shards as on module.state_dict(); the module is not touched. Each adapter
+    stores its alpha / r as the buffer 'lora_scaling', so the state dict is all it needs."""
+    sd, adapters = dict(sd), {}
+    for k in [k for k in sd if k.endswith(".lora_A")]:
+        name = k[:-len(".lora_A")]
+        A, B, scale = sd.pop(k), sd.pop(name + ".lora_B"), sd.pop(name + ".lora_scaling")
+        adapters.update({k: A, name + ".lora_B": B, name + ".lora_scaling": scale})
+        W = sd.pop(name + ".base.weight")
+        sd[name + ".weight"] = (W.float() + (B.float() @ A.float()) * scale.float()).to(W.dtype)
+        if name + ".base.bias" in sd:
+            sd[name + ".bias"] = sd.pop(name + ".base.bias")
+    return sd, adapters
+
+
+def load_lora_state_dict(module, adapters):
+    """Put saved adapters (merge_lora_state_dict's second result) back into a module that add_lora wrapped."""
+    missing, unexpected = module.load_state_dict(adapters, strict=False)
+    if unexpected or any(k.endswith((".lora_A", ".lora_B")) for k in missing):
+        raise ValueError(f"adapters do not match the model's LoRA layers (unexpected {unexpected[:3]}, "
+                         f"missing {[k for k in missing if 'lora_' in k][:3]})")

@@ -24,6 +24,7 @@ Output (out_dir):
     train.json, val.json    LLaVA conversations: [{"id", "image": "train/<id>.png", "conversations": [...]}]
                             ("image" is relative to out_dir/images, LLaVA's image-folder convention)
     captions.json, captions_val.json   stage-1 captions, one per scene, same record format
+    pairs.json, pairs_val.json         DPO pairs in CSR's format: {"id", "image", "conversations", "rejected_conversations"}
     test.jsonl              held-out short-answer questions, one per line:
                             {"question_id", "image", "text", "answer", "type", "scene_id"[, "probe"]}
     scenes.json             {"train": [scene, ...], "val": [...], "test": [...]}
@@ -70,6 +71,7 @@ prior_noise = 0.7       # share of training conversations about a scene with a m
 vocab_size = 1024       # BPE target; the world's text is small, so the real size may be lower
 short_answer_p = 0.5    # share of short-answer questions given LLaVA's "single word or phrase" suffix
 single_turn_p = 0.3     # share of scenes that also get a one-question record
+pair_other_p = 0.3      # pairs.json: share of the scenes without a missing partner that give a colour-confusion pair
 # evaluation sets (eval/), on their own held-out scenes; sizes are questions per file, small enough
 # that a tiny CPU model runs the whole suite in minutes
 n_eval = 600            # eval scenes; POPE needs many: only ~1 in 5 has a shape whose partner is missing
@@ -269,13 +271,13 @@ def pick_style(rng, style=None):
 
 
 def describe(scene):
-    """The true description: a count sentence, then one sentence per object, row-major."""
-    objs = scene['objects']
-    n = len(objs)
-    head = "There is one object." if n == 1 else f"There are {number_word(n)} objects."
+    """The true description: one sentence per object, row-major. No leading count ('There are two
+    objects.'): a model that first reads the count off the image then stops after that many objects,
+    and a description could never hallucinate; without it, when to stop is the model's own call, the
+    place where LLaVA's long captions drift to the language prior."""
     grid = scene.get('grid', 3)
-    body = [f"A {o['color']} {o['shape']} is {position_phrase(o['row'], o['col'], grid)}." for o in objs]
-    return " ".join([head] + body)
+    return " ".join(f"A {o['color']} {o['shape']} is {position_phrase(o['row'], o['col'], grid)}."
+                    for o in scene['objects'])
 
 
 def unique_by(objects, key):
@@ -595,6 +597,42 @@ def make_sft_records(scenes, split, rng):
             qas = qas + single
         kinds.update(k for k, _, _ in qas)
     return records, kinds, n_believed
+
+
+def make_pairs(scenes, split, rng):
+    """Preference pairs for dpo.py, in CSR's format: one question, answered about the true scene
+    (chosen) and about the scene as the co-occurrence prior has it (rejected). Every scene with a
+    missing partner gives one: its description with the partner hallucinated in, or 'yes' to 'Is
+    there a <partner>?'; a share pair_other_p of the others one with an object's colour confused.
+    The world's correct vs confusing answers: the pairs DPO gets before selfreward.py mines the
+    model's own. Returns (pairs, Counter of their kinds)."""
+    pairs, kinds = [], Counter()
+    for scene in scenes:
+        believed = believed_scene(scene, rng)
+        style = pick_style(rng)
+        if believed is not None:
+            extra = next(o for o in believed['objects'] if o not in scene['objects'])
+            if rng.random() < 0.5:
+                kind, q = 'describe', rng.choice(DESCRIBE_PROMPTS)
+                chosen, rejected = describe(scene), describe(believed)
+            else:
+                kind, (q, chosen) = 'exist', ask_exist(scene, extra['shape'], None, style)
+                rejected = ask_exist(believed, extra['shape'], None, style)[1]
+        else:
+            objs = unique_by(scene['objects'], lambda o: o['shape'])
+            if not objs or rng.random() >= pair_other_p:
+                continue
+            o = rng.choice(objs)
+            wrong = dict(o, color=rng.choice([c for c in COLOR_NAMES if c != o['color']]))
+            confused = dict(scene, objects=[wrong if p is o else p for p in scene['objects']])
+            kind, (q, chosen) = 'color', ask_color(scene, o['shape'], style)
+            rejected = ask_color(confused, o['shape'], style)[1]
+        turn = {'from': 'human', 'value': IMAGE_TOKEN + "\n" + q}
+        pairs.append({'id': f"{scene['id']}_pair", 'image': f"{split}/{scene['id']}.png",
+                      'conversations': [turn, {'from': 'gpt', 'value': chosen}],
+                      'rejected_conversations': [turn, {'from': 'gpt', 'value': rejected}]})
+        kinds[kind] += 1
+    return pairs, kinds
 
 
 def make_test_questions(scene, rng):
@@ -951,6 +989,9 @@ def main():
     for split in ('train', 'val'):
         records[split], kinds[split], n_believed[split] = make_sft_records(scenes[split], split, random.Random(f"{seed}:{split}:qa"))
 
+    # DPO pairs (pairs.json, pairs_val.json): the true answer vs the prior's, own seed stream
+    pairs = {split: make_pairs(scenes[split], split, random.Random(f"{seed}:{split}:pairs")) for split in ('train', 'val')}
+
     # LLaVA stage 1 (projector alignment, `plain` template): one caption per scene, the true description
     captions = {split: [caption_record(scene, f"{split}/{scene['id']}.png") for scene in scenes[split]]
                 for split in ('train', 'val')}
@@ -992,6 +1033,8 @@ def main():
     write_json(os.path.join(out_dir, 'val.json'), records['val'])
     write_json(os.path.join(out_dir, 'captions.json'), captions['train'])
     write_json(os.path.join(out_dir, 'captions_val.json'), captions['val'])
+    write_json(os.path.join(out_dir, 'pairs.json'), pairs['train'][0])
+    write_json(os.path.join(out_dir, 'pairs_val.json'), pairs['val'][0])
     write_jsonl(os.path.join(out_dir, 'test.jsonl'), test_rows)
     write_json(os.path.join(out_dir, 'scenes.json'), scenes)
     eval_dir = os.path.join(out_dir, 'eval')
@@ -1017,6 +1060,8 @@ def main():
               f"{n_single} single-turn), {sum(kinds[split].values())} QAs: "
               + ", ".join(f"{k} {kinds[split][k]}" for k in QA_KINDS)
               + f"; {n_believed[split]} scenes talked about with their missing partner (prior_noise {prior_noise})")
+    for split, name in (('train', 'pairs.json'), ('val', 'pairs_val.json')):
+        print(f"  {name}: {len(pairs[split][0])} preference pairs: " + ", ".join(f"{k} {v}" for k, v in pairs[split][1].items()))
     types = Counter(r['type'] for r in test_rows)
     probes = Counter(r['probe'] for r in test_rows if 'probe' in r)
     print(f"  test.jsonl: {len(test_rows)} questions: "

@@ -16,15 +16,14 @@ Resume an interrupted run exactly where it stopped:
 import functools
 import json
 import math
-import os
 import time
-from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
 
 import data as D
 import model as M
+import training as T
 
 # -----------------------------------------------------------------------------
 # defaults: instruction-tune a small VLM on the shapes world, on CPU, in minutes, from the world's
@@ -90,25 +89,12 @@ from configurator import configure  # noqa: E402
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
-dist = M.init_distributed(seed, None if device == "auto" else device)
-master = dist.master
-dev = dist.device
-if dtype == "auto":
-    dtype = "bfloat16" if dev.type == "cuda" else "float32"
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-autocast = torch.autocast(dev.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
-if dev.type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-log = print if master else (lambda *a, **k: None)
+run = T.setup(seed, device, dtype)
+dist, dev, log, master = run.dist, run.device, run.log, run.dist.master
 
 # model --------------------------------------------------------------------------
 resume_state = None
-if init_from == "resume":
-    resume_state = M.load_train_state(out_dir)
-    vlm = M.VLM.from_pretrained(out_dir)
-    log(f"resuming from {out_dir} at step {resume_state['step']}")
-elif init_from == "scratch":
+if init_from == "scratch":
     from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig
     tok = AutoTokenizer.from_pretrained(tokenizer_path or "data/shapes/tokenizer")
     vision = vision_path or CLIPVisionConfig(hidden_size=vision_n_embd, intermediate_size=4 * vision_n_embd,
@@ -124,7 +110,9 @@ elif init_from == "parts":
     vlm = M.VLM.from_parts(lm=lm_path, vision=vision_path, tokenizer=tokenizer_path, projector_type=projector_type,
                            vision_feature_layer=vision_feature_layer, template=template)
 else:
-    vlm = M.VLM.from_pretrained(init_from)
+    vlm, resume_state = T.load_model(init_from, out_dir)
+    if resume_state is not None:
+        log(f"resuming from {out_dir} at step {resume_state['step']}")
 vlm.config["template"] = template
 vlm.config["pad_to_square"] = pad_to_square
 tok = vlm.tokenizer
@@ -179,37 +167,10 @@ lrs = {"vision": lr_vision, "projector": lr_projector, "lm": lr_lm}
 unused = M.set_trainable(vlm, lrs)
 if unused:
     log(f"frozen: {len(unused)} vision parameters the chosen feature layer never uses")
-fsdp = dist.ddp and distributed == "fsdp"
-if fsdp:  # FSDP2 casts to ptdtype itself (params in bf16, gradient reduction in fp32): no autocast
-    M.shard_fsdp(vlm, ptdtype if ptdtype != torch.float32 else None)
-    autocast = nullcontext()
-optimizer = M.configure_optimizer(vlm, lrs, weight_decay, (beta1, beta2), fused=dev.type == "cuda")
-if fsdp:
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_optimizer_state_dict)
-    full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)
-start_step = 0
-if resume_state is not None:
-    if fsdp:
-        set_optimizer_state_dict(vlm, optimizer, resume_state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(resume_state["optimizer"])
-    M.restore_rng(resume_state)
-    start_step = resume_state["step"]
-trainable = [p for p in vlm.parameters() if p.requires_grad]
-raw = vlm
-if compile:
-    vlm = torch.compile(vlm)
-if dist.ddp and not fsdp:
-    vlm = torch.nn.parallel.DistributedDataParallel(vlm, device_ids=[dist.local_rank] if dev.type == "cuda" else None)
-
-
-def grad_sync(on):
-    """Context for one micro-batch: all-reduce gradients only on a step's last one."""
-    if fsdp:
-        raw.set_requires_gradient_sync(on)
-        return nullcontext()
-    return vlm.no_sync() if (dist.ddp and not on) else nullcontext()
+vlm, raw, fsdp, autocast = T.wrap(vlm, run, distributed, compile)
+optimizer = M.configure_optimizer(raw, lrs, weight_decay, (beta1, beta2), fused=dev.type == "cuda")
+start_step = T.resume(optimizer, raw, fsdp, resume_state)
+trainable = [p for p in raw.parameters() if p.requires_grad]
 
 
 @torch.no_grad()
@@ -217,8 +178,7 @@ def evaluate_val():
     """Token-weighted mean loss over (part of) the val set, summed over ranks."""
     vlm.eval()
     idx = val_idx if eval_batches == 0 else val_idx[:eval_batches * micro_batch_size * dist.world_size]
-    idx = idx[:len(idx) - len(idx) % dist.world_size]  # equal shares: FSDP ranks must run the same forwards
-    mine = D.micro_batches(idx[dist.rank::dist.world_size], micro_batch_size)
+    mine = D.micro_batches(T.equal_shares(idx, dist), micro_batch_size)
     tot = torch.zeros(2, dtype=torch.float64)
     for batch in loader(val_ds, mine):
         batch = to_dev(batch)
@@ -230,31 +190,14 @@ def evaluate_val():
     return (tot[0] / tot[1]).item()
 
 
-def log_json(**row):
-    """One JSON line per event in out_dir/log.jsonl: the run's numbers in a form a script can compare."""
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+log_json = T.JsonLog(out_dir, master, fresh=init_from != "resume",
+                     wandb_config=dict(project=wandb_project, name=wandb_run_name, config=config) if wandb_log else None)
 
 
 def checkpoint(step, val_loss):
-    if not save_checkpoint:
-        return
-    state = dict(step=step, val_loss=val_loss, config=json.dumps(config, default=str))
-    if fsdp:  # gather full (unsharded) states on CPU; a collective, so every rank takes part
-        msd, osd = get_model_state_dict(raw, options=full_state), get_optimizer_state_dict(raw, optimizer, options=full_state)
-        if master:
-            M.save_checkpoint(out_dir, raw, osd, state, model_state=msd)
-    elif master:
-        M.save_checkpoint(out_dir, raw, optimizer.state_dict(), state)
+    if save_checkpoint:
+        T.save(out_dir, raw, optimizer, run, fsdp, dict(step=step, val_loss=val_loss, config=json.dumps(config, default=str)))
 
-
-if master and init_from != "resume" and os.path.exists(os.path.join(out_dir, "log.jsonl")):
-    os.remove(os.path.join(out_dir, "log.jsonl"))  # a fresh run starts a fresh log; a resumed one appends
-if wandb_log and master:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 # training loop --------------------------------------------------------------------
 # The loss is averaged over the supervised tokens of the WHOLE global batch: each micro-batch returns
@@ -268,11 +211,9 @@ val_loss, tokens_seen, t0 = None, 0, time.time()
 if val_ds is not None and start_step == 0:
     val_loss = evaluate_val()
     log(f"step 0: val loss {val_loss:.4f}")
-    log_json(step=0, val_loss=val_loss)
+    log_json(0, val_loss=val_loss)
 for step in bar:
-    factor = M.lr_factor(step, max_steps, warmup_steps, min_lr_ratio)
-    for g in optimizer.param_groups:
-        g["lr"] = g["base_lr"] * factor
+    T.set_lr(optimizer, M.lr_factor(step, max_steps, warmup_steps, min_lr_ratio))
     micro = [next(batches) for _ in range(grad_accum)]
     if any(b is None for b in micro):
         raise RuntimeError(f"step {step}: a micro-batch had only unreadable samples (skip_bad); use a larger micro_batch_size")
@@ -280,7 +221,7 @@ for step in bar:
     n_tok = M.all_reduce_sum(sum((b["labels"][:, 1:] != D.IGNORE_INDEX).sum() for b in micro), dist)
     loss_sum = 0.0
     for i, b in enumerate(micro):
-        with grad_sync(i == grad_accum - 1), autocast:
+        with T.grad_sync(vlm, raw, run, fsdp, i == grad_accum - 1), autocast:
             loss = vlm(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"], reduction="sum")
             # DDP averages gradients over ranks; scaling by world_size turns that average into the sum
             (loss * (dist.world_size / n_tok.item())).backward()
@@ -294,16 +235,12 @@ for step in bar:
     tokens_seen += int(totals[1])
     tps = tokens_seen / (time.time() - t0)
     bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", tok_s=f"{tps:,.0f}")
-    log_json(step=step + 1, loss=train_loss, lr=optimizer.param_groups[0]["lr"], tokens_per_s=round(tps))
-    if master and wandb_log and step % log_interval == 0:
-        wandb.log({"train/loss": train_loss, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tps}, step=step)
+    log_json(step + 1, to_wandb=step % log_interval == 0, loss=train_loss, lr=optimizer.param_groups[0]["lr"], tokens_per_s=round(tps))
     last = step == max_steps - 1 or step + 1 == stop_at_step
     if val_ds is not None and ((step + 1) % eval_interval == 0 or last):
         val_loss = evaluate_val()
         bar.write(f"step {step + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}") if master else None
-        log_json(step=step + 1, val_loss=val_loss)
-        if master and wandb_log:
-            wandb.log({"val/loss": val_loss}, step=step)
+        log_json(step + 1, val_loss=val_loss)
     if (step + 1) % eval_interval == 0 or last:
         checkpoint(step + 1, val_loss)
     if step + 1 == stop_at_step:

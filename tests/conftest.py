@@ -44,14 +44,18 @@ def tiny_tokenizer():
     return make_tokenizer()
 
 
-def run_sft(args, nproc=1, timeout=600):
-    """Run sft.py in a subprocess (under torchrun when nproc > 1); fail with its output."""
+def run_script(script, args, nproc=1, timeout=600):
+    """Run a stage script in a subprocess (under torchrun when nproc > 1); fail with its output."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "sft.py", *args] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "sft.py", *args]
+    cmd = [sys.executable, script, *args] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
+
+
+def run_sft(args, nproc=1, timeout=600):
+    return run_script("sft.py", args, nproc, timeout)
 
 
 @pytest.fixture(scope="session")

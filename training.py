@@ -1,0 +1,137 @@
+"""
+The training machinery sft.py and dpo.py share, as small functions: each script keeps its own loop,
+top to bottom (as nanochat's chat_sft.py and chat_rl.py share common.py and checkpoint_manager.py).
+
+    setup          distributed init, device, precision (autocast), TF32, a master-only print
+    load_model     the init_from branches: our checkpoint / llava-hf dir / hub id, or 'resume'
+    wrap           FSDP2 sharding or DDP, optional torch.compile; returns the wrapped and the raw module
+    grad_sync      the context that all-reduces gradients only on a step's last micro-batch
+    set_lr         the schedule factor applied to every group's base lr
+    save / resume  checkpoint (model dir + train_state.pt, one atomic swap; FSDP gathers first), exact resume
+    JsonLog        one JSON line per event in out_dir/log.jsonl (and wandb when asked)
+"""
+import json
+import os
+from collections import namedtuple
+from contextlib import nullcontext
+
+import torch
+
+import model as M
+
+Run = namedtuple("Run", "dist device ptdtype autocast log")
+
+
+def setup(seed, device="auto", dtype="auto"):
+    """torchrun-aware init; dtype 'auto' = bfloat16 autocast on CUDA, float32 on CPU."""
+    dist = M.init_distributed(seed, None if device == "auto" else device)
+    if dtype == "auto":
+        dtype = "bfloat16" if dist.device.type == "cuda" else "float32"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    autocast = torch.autocast(dist.device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+    if dist.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Run(dist, dist.device, ptdtype, autocast, print if dist.master else (lambda *a, **k: None))
+
+
+def load_model(init_from, out_dir):
+    """(model, resume_state): 'resume' continues out_dir's checkpoint (state: step, optimizer, RNG,
+    config), anything else is a checkpoint directory or hub id (ours or llava-hf)."""
+    if init_from == "resume":
+        return M.VLM.from_pretrained(out_dir), M.load_train_state(out_dir)
+    return M.VLM.from_pretrained(init_from), None
+
+
+def wrap(vlm, run, distributed="ddp", compile=False):
+    """(model to call in the loop, raw module, fsdp?, autocast to use). FSDP2 (distributed='fsdp'
+    under torchrun) casts parameters to the run's dtype itself, so it needs no autocast. Call after
+    set_trainable and before building the optimizer (FSDP replaces parameters with sharded ones)."""
+    fsdp = run.dist.ddp and distributed == "fsdp"
+    autocast = run.autocast
+    if fsdp:
+        M.shard_fsdp(vlm, run.ptdtype if run.ptdtype != torch.float32 else None)
+        autocast = nullcontext()
+    model = torch.compile(vlm) if compile else vlm
+    if run.dist.ddp and not fsdp:
+        dev = run.device
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.dist.local_rank] if dev.type == "cuda" else None)
+    return model, vlm, fsdp, autocast
+
+
+def grad_sync(model, raw, run, fsdp, on):
+    """Context for one micro-batch: all-reduce gradients only on a step's last one (on=True)."""
+    if fsdp:
+        raw.set_requires_gradient_sync(on)
+        return nullcontext()
+    return model.no_sync() if (run.dist.ddp and not on) else nullcontext()
+
+
+def set_lr(optimizer, factor):
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * factor
+
+
+def _full_states(raw, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(raw, options=full), get_optimizer_state_dict(raw, optimizer, options=full)
+
+
+def save(out_dir, raw, optimizer, run, fsdp, state, model_state=None):
+    """Checkpoint: the model directory (loadable on its own) + train_state.pt, swapped in atomically.
+    Under FSDP the full states are gathered to CPU first (a collective: every rank calls this).
+    model_state: a function of the full state dict giving (state dict to save, extra train state),
+    e.g. LoRA adapters merged for the model directory, kept apart for resuming."""
+    if fsdp:
+        msd, osd = _full_states(raw, optimizer)
+    else:
+        msd, osd = (raw.state_dict() if model_state else None), optimizer.state_dict()
+    if not run.dist.master:
+        return
+    extra = {}
+    if model_state is not None:
+        msd, extra = model_state(msd)
+    M.save_checkpoint(out_dir, raw, osd, dict(state, **extra), model_state=msd)
+
+
+def resume(optimizer, raw, fsdp, resume_state):
+    """Optimizer state and RNG from a checkpoint's train state; returns the step to start from."""
+    if resume_state is None:
+        return 0
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(raw, optimizer, resume_state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(resume_state["optimizer"])
+    M.restore_rng(resume_state)
+    return resume_state["step"]
+
+
+class JsonLog:
+    """out_dir/log.jsonl, one JSON object per event (the run's numbers in a form a script can compare);
+    a fresh run starts a fresh log, a resumed one appends. wandb (off by default) gets the same rows."""
+
+    def __init__(self, out_dir, master, fresh, wandb_config=None):
+        self.path, self.master, self.wandb = os.path.join(out_dir, "log.jsonl"), master, None
+        if master and fresh and os.path.exists(self.path):
+            os.remove(self.path)
+        if master and wandb_config is not None:
+            import wandb
+            wandb.init(**wandb_config)
+            self.wandb = wandb
+
+    def __call__(self, step, to_wandb=True, **row):
+        if not self.master:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(dict(step=step, **row)) + "\n")
+        if self.wandb is not None and to_wandb:
+            self.wandb.log(row, step=step)
+
+
+def equal_shares(indices, dist):
+    """This rank's share of an evaluation set, every rank the same count (FSDP ranks must run the same forwards)."""
+    indices = indices[:len(indices) - len(indices) % dist.world_size]
+    return indices[dist.rank::dist.world_size]
