@@ -2,7 +2,7 @@
 Speed and memory, side by side against the obvious alternative, in one run. Prints tables and writes JSON.
 
     python bench.py                       # everything this machine can run (a few minutes on 2 CPU cores)
-    python bench.py --which=loss          # one section: loss | sft | gen | all
+    python bench.py --which=loss          # one section: loss | sft | gen | dpo | all
     python bench.py --rounds=3            # each case 3 times, in turn with its rival (a shared machine's noise)
     python bench.py --device=cuda         # on a GPU: adds our Triton kernel, liger-kernel and
                                           # cut-cross-entropy (when installed) at 7B-like shapes
@@ -14,6 +14,10 @@ Sections:
         with LLaVA's token mix (image + prompt positions unsupervised, a minority of answer tokens):
         our VLM vs transformers' LlavaForConditionalGeneration with its own loss, same weights.
   gen   greedy generation, tokens/s: ours vs LlavaForConditionalGeneration.generate, batched and batch 1.
+  dpo   one DPO step (policy and reference log-probs of chosen + rejected, loss, backward, AdamW) of the
+        same small VLM, the reference three ways (a frozen copy, LoRA adapters off, precomputed
+        log-probs), full fine-tuning vs LoRA. Memory here is the whole footprint the step needs (models,
+        gradients, AdamW state, activations): what a reference copy costs is the point.
 
 How memory is measured. On CPU every case runs in a fresh process: after its inputs are built, the
 process's peak-RSS mark is reset (Linux: write 5 to /proc/self/clear_refs) and the case's peak is
@@ -34,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-which = "all"            # loss | sft | gen | all
+which = "all"            # loss | sft | gen | dpo | all
 device = "auto"          # auto | cpu | cuda
 out = "bench.json"       # results (written atomically)
 repeats = 3              # timed runs per case (median), after one warm-up
@@ -49,6 +53,7 @@ lm_layers, lm_hidden, lm_vocab = 4, 256, 32000
 image_size, patch_size = 96, 8       # -> 144 image tokens
 sft_batch, sft_seq, sft_answer = 8, 512, 64  # per sample: 144 image + prompt, the last 64 tokens supervised
 gen_batch, gen_prompt, gen_new = 16, 32, 32  # prompt = image tokens + gen_prompt text tokens
+dpo_pairs, dpo_lora_r = 4, 16        # pairs per DPO step (8 sequences of sft_seq tokens, sft_answer supervised); LoRA rank
 case = ""                # internal: run one case in this process and print its JSON (the parent sets it)
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
@@ -207,9 +212,56 @@ def gen_case(impl, B):
     return dict(mem=mem, sec=sec, tok_s=B * gen_new / sec)
 
 
+def dpo_case(reference, lora):
+    """One DPO step; memory from before the models are built (the reference copy counts)."""
+    import copy
+    import model as M
+    base = reset_peak()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, policy, n_img = small_vlm(tmp)
+    del hf
+    ref = copy.deepcopy(policy).eval().requires_grad_(False) if reference == "copy" else None
+    if lora:
+        M.add_lora(policy, dpo_lora_r, 2 * dpo_lora_r)
+    M.set_trainable(policy, {"lm": 1e-6, "projector": 0.0 if lora else 1e-6})
+    policy.train()
+    B = dpo_pairs
+    ids, px, labels = llava_batch(2 * B, sft_seq, n_img, sft_answer)
+    px = px[:B]  # chosen and rejected share their image: encoded once per pair
+    cached = torch.randn(2 * B, device=dev) - 50.0  # 'precomputed': read from a file made before training
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
+
+    def ref_logps():
+        with torch.no_grad():
+            if reference == "copy":
+                return -ref(ids, px, None, labels, reduction="row", image_repeat=2)
+            if reference == "adapters_off":
+                with M.lora_disabled(policy):
+                    return -policy(ids, px, None, labels, reduction="row", image_repeat=2)
+            return cached
+
+    def step():
+        lp, r = -policy(ids, px, None, labels, reduction="row", image_repeat=2), ref_logps()
+        M.dpo_loss(lp[:B], lp[B:], r[:B], r[B:])[0].mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()
+    mem = peak() - base
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return dict(mem=mem, sec=statistics.median(times), pairs_s=B / statistics.median(times))
+
+
 if case:  # child: run one case, print its JSON as the last line
     name, *args = json.loads(case)
-    fn = dict(loss=loss_case, sft=sft_case, gen=gen_case)[name]
+    fn = dict(loss=loss_case, sft=sft_case, gen=gen_case, dpo=dpo_case)[name]
     print(json.dumps(fn(*args)))
     sys.exit(0)
 
@@ -240,7 +292,7 @@ def run_rounds(cases):
             out[c] = bad[0]
             continue
         sec = statistics.median(r["sec"] for r in rs)
-        rates = {k: rs[0][k] * rs[0]["sec"] / sec for k in ("tok_s", "tflops") if k in rs[0]}
+        rates = {k: rs[0][k] * rs[0]["sec"] / sec for k in ("tok_s", "tflops", "pairs_s") if k in rs[0]}
         out[c] = dict(rs[0], sec=sec, round_secs=[r["sec"] for r in rs], **rates)
     return out
 
@@ -328,6 +380,28 @@ if which in ("gen", "all"):
     if ("ours", 1) in ok and ("ours", gen_batch) in ok:
         print(f"ours: batch {gen_batch} / batch 1 = {ok['ours', gen_batch]['tok_s'] / ok['ours', 1]['tok_s']:.2f}x tokens/s")
     results["gen"] = rows
+
+if which in ("dpo", "all"):
+    print(f"\nDPO step ({dpo_pairs} pairs = {2 * dpo_pairs} sequences of {sft_seq} tokens, {sft_answer} supervised; "
+          f"full fine-tuning: LM + projector; LoRA r {dpo_lora_r}: adapters only), whole footprint")
+    cases = [("dpo", ref, lora) for lora in (False, True) for ref in (("copy", "adapters_off", "precomputed") if lora
+                                                                       else ("copy", "precomputed"))]
+    done = run_rounds(cases)
+    rows = []
+    print(f"{'training':>8s} {'reference':>13s} {'peak mem':>10s} {'step':>8s} {'mem/copy':>9s} {'mem/full copy':>13s}")
+    full_copy = done["dpo", "copy", False]
+    for (_, ref, lora), r in done.items():
+        r.update(reference=ref, lora=lora)
+        rows.append(r)
+        if "error" in r:
+            print(f"{'LoRA' if lora else 'full':>8s} {ref:>13s}  error: {r['error'][:80]}")
+            continue
+        same_copy = done["dpo", "copy", lora]
+        if "error" not in same_copy and "error" not in full_copy:
+            r.update(mem_vs_copy=r["mem"] / same_copy["mem"], mem_vs_full_copy=r["mem"] / full_copy["mem"])
+        print(f"{'LoRA' if lora else 'full':>8s} {ref:>13s} {fmt_mem(r['mem']):>10s} {1e3 * r['sec']:6.0f}ms"
+              + (f" {r['mem_vs_copy']:9.2f} {r['mem_vs_full_copy']:13.2f}" if "mem_vs_copy" in r else ""))
+    results["dpo"] = rows
 
 results["seconds"] = time.time() - t_start
 from data import write_atomic  # noqa: E402

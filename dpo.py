@@ -124,7 +124,11 @@ if reference == "copy":  # the starting model, before any adapter: frozen, in ev
 if lora_r:
     names = M.add_lora(vlm, lora_r, lora_alpha, lora_dropout, lora_targets)
     log(f"LoRA r {lora_r}, alpha {lora_alpha} on {len(names)} layers ({names[0]}, ...)")
-    if resume_state:
+    if resume_state:  # the adapted layers: base weights + the saved adapters; everything else (a trained
+        # projector too) as the checkpoint has it
+        saved = M.VLM.from_pretrained(out_dir).state_dict()
+        adapted = {n + suffix for n in names for suffix in (".weight", ".bias")}
+        vlm.load_state_dict({k: v for k, v in saved.items() if k not in adapted}, strict=False)
         M.load_lora_state_dict(vlm, resume_state["lora"])
         log(f"resuming LoRA from {out_dir} at step {resume_state['step']}")
 if gradient_checkpointing:
@@ -145,6 +149,8 @@ train_ds, train_idx = make_dataset(data_path)
 val_ds, val_idx = make_dataset(val_data_path) if val_data_path else (None, [])
 if eval_pairs:
     val_idx = val_idx[:eval_pairs]
+if val_ds is not None and not val_idx:
+    raise ValueError(f"{val_data_path}: no usable held-out pairs (set val_data_path=None to train without)")
 if global_batch_size % (micro_batch_size * dist.world_size) != 0:
     raise ValueError(f"global_batch_size {global_batch_size} must be a multiple of micro_batch_size {micro_batch_size} "
                      f"x world size {dist.world_size}")
