@@ -97,9 +97,10 @@ def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(fn):
-    """(peak extra bytes of the first call, median seconds of `repeats` more calls)."""
-    base = reset_peak()
+def measure(fn, base=None):
+    """(peak extra bytes of the first call, median seconds of `repeats` more calls). base: a baseline
+    taken earlier with reset_peak() (then the peak counts everything since, not just the call)."""
+    base = reset_peak() if base is None else base
     fn()
     mem = peak() - base
     times = []
@@ -245,18 +246,8 @@ def dpo_case(reference, lora):
         M.dpo_loss(lp[:B], lp[B:], r[:B], r[B:])[0].mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    step()
-    mem = peak() - base
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return dict(mem=mem, sec=statistics.median(times), pairs_s=B / statistics.median(times))
+    mem, sec = measure(step, base)  # its first call creates AdamW's state: counted, as a real step has it
+    return dict(mem=mem, sec=sec, pairs_s=B / sec)
 
 
 if case:  # child: run one case, print its JSON as the last line

@@ -22,9 +22,7 @@ The reference model, three ways, all giving the same loss (tests/test_dpo.py):
                     out_dir/ref_logps.pt (reused on resume): no reference model in memory at all
 """
 import copy
-import functools
 import json
-import math
 import os
 import time
 
@@ -151,25 +149,18 @@ if eval_pairs:
     val_idx = val_idx[:eval_pairs]
 if val_ds is not None and not val_idx:
     raise ValueError(f"{val_data_path}: no usable held-out pairs (set val_data_path=None to train without)")
-if global_batch_size % (micro_batch_size * dist.world_size) != 0:
-    raise ValueError(f"global_batch_size {global_batch_size} must be a multiple of micro_batch_size {micro_batch_size} "
-                     f"x world size {dist.world_size}")
-grad_accum = global_batch_size // (micro_batch_size * dist.world_size)
-if max_steps == 0:
-    max_steps = math.ceil(epochs * len(train_idx) / global_batch_size)
-warmup_steps = math.ceil(warmup_ratio * max_steps)
+grad_accum, max_steps, warmup_steps = T.steps(len(train_idx), global_batch_size, micro_batch_size, dist.world_size,
+                                              max_steps, epochs, warmup_ratio)
 log(f"{len(train_idx)} training pairs, global batch {global_batch_size} = {micro_batch_size} x {grad_accum} accumulation "
     f"x {dist.world_size} ranks, {max_steps} steps; reference: {reference}")
 
 
 def loader(ds, batch_sampler):
-    return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, num_workers=num_workers,
-                                       collate_fn=functools.partial(D.collate_pairs, pad_id=tok.pad_token_id),
-                                       pin_memory=dev.type == "cuda")
+    return T.loader(ds, batch_sampler, D.collate_pairs, tok.pad_token_id, num_workers, dev)
 
 
 def to_dev(batch):
-    return {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return T.to_device(batch, dev)
 
 # optimizer ----------------------------------------------------------------------
 lrs = {"vision": lr_vision, "projector": lr_projector, "lm": lr_lm}

@@ -13,9 +13,7 @@ One GPU, LLaVA-1.5-7B stage 2 from a stage-1 checkpoint:
 Resume an interrupted run exactly where it stopped:
     python sft.py <same args> --init_from=resume
 """
-import functools
 import json
-import math
 import time
 
 import torch
@@ -134,13 +132,8 @@ def make_dataset(spec):
 
 train_ds, train_idx = make_dataset(data_path)
 val_ds, val_idx = make_dataset(val_data_path) if val_data_path else (None, [])
-if global_batch_size % (micro_batch_size * dist.world_size) != 0:
-    raise ValueError(f"global_batch_size {global_batch_size} must be a multiple of micro_batch_size {micro_batch_size} "
-                     f"x world size {dist.world_size}")
-grad_accum = global_batch_size // (micro_batch_size * dist.world_size)
-if max_steps == 0:
-    max_steps = math.ceil(epochs * len(train_idx) / global_batch_size)
-warmup_steps = math.ceil(warmup_ratio * max_steps)
+grad_accum, max_steps, warmup_steps = T.steps(len(train_idx), global_batch_size, micro_batch_size, dist.world_size,
+                                              max_steps, epochs, warmup_ratio)
 log(f"{len(train_idx)} training samples, global batch {global_batch_size} = {micro_batch_size} x {grad_accum} accumulation "
     f"x {dist.world_size} ranks, {max_steps} steps")
 
@@ -153,14 +146,11 @@ def step_batches(start):
 
 
 def loader(ds, batch_sampler):
-    # a partial, not a lambda: workers started with 'spawn' (macOS, Windows) must pickle it
-    return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, num_workers=num_workers,
-                                       collate_fn=functools.partial(D.collate, pad_id=tok.pad_token_id),
-                                       pin_memory=dev.type == "cuda")
+    return T.loader(ds, batch_sampler, D.collate, tok.pad_token_id, num_workers, dev)
 
 
 def to_dev(batch):
-    return {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return T.to_device(batch, dev)
 
 # optimizer ----------------------------------------------------------------------
 lrs = {"vision": lr_vision, "projector": lr_projector, "lm": lr_lm}

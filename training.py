@@ -6,11 +6,15 @@ top to bottom (as nanochat's chat_sft.py and chat_rl.py share common.py and chec
     load_model     the init_from branches: our checkpoint / llava-hf dir / hub id, or 'resume'
     wrap           FSDP2 sharding or DDP, optional torch.compile; returns the wrapped and the raw module
     grad_sync      the context that all-reduces gradients only on a step's last micro-batch
+    steps          gradient accumulation, number of steps and warmup steps from the batch sizes and epochs
     set_lr         the schedule factor applied to every group's base lr
     save / resume  checkpoint (model dir + train_state.pt, one atomic swap; FSDP gathers first), exact resume
     JsonLog        one JSON line per event in out_dir/log.jsonl (and wandb when asked)
+    loader, to_device   the DataLoader over a batch sampler, and a batch moved to the device
 """
+import functools
 import json
+import math
 import os
 from collections import namedtuple
 from contextlib import nullcontext
@@ -65,6 +69,16 @@ def grad_sync(model, raw, run, fsdp, on):
         raw.set_requires_gradient_sync(on)
         return nullcontext()
     return model.no_sync() if (run.dist.ddp and not on) else nullcontext()
+
+
+def steps(n_train, global_batch_size, micro_batch_size, world_size, max_steps, epochs, warmup_ratio):
+    """(grad_accum, max_steps, warmup_steps). The global batch is fixed; accumulation adapts to the
+    world size. max_steps 0: as many steps as `epochs` passes over n_train samples take."""
+    if global_batch_size % (micro_batch_size * world_size) != 0:
+        raise ValueError(f"global_batch_size {global_batch_size} must be a multiple of micro_batch_size {micro_batch_size} "
+                         f"x world size {world_size}")
+    max_steps = max_steps or math.ceil(epochs * n_train / global_batch_size)
+    return global_batch_size // (micro_batch_size * world_size), max_steps, math.ceil(warmup_ratio * max_steps)
 
 
 def set_lr(optimizer, factor):
@@ -135,3 +149,15 @@ def equal_shares(indices, dist):
     """This rank's share of an evaluation set, every rank the same count (FSDP ranks must run the same forwards)."""
     indices = indices[:len(indices) - len(indices) % dist.world_size]
     return indices[dist.rank::dist.world_size]
+
+
+def loader(ds, batch_sampler, collate, pad_id, num_workers, device):
+    """Batches of ds for a sampler of index lists, collated by collate(samples, pad_id). A partial,
+    not a lambda: workers started with 'spawn' (macOS, Windows) must pickle it."""
+    return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, num_workers=num_workers,
+                                       collate_fn=functools.partial(collate, pad_id=pad_id),
+                                       pin_memory=device.type == "cuda")
+
+
+def to_device(batch, device):
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
