@@ -17,7 +17,8 @@ Sections:
   dpo   one DPO step (policy and reference log-probs of chosen + rejected, loss, backward, AdamW) of the
         same small VLM, the reference three ways (a frozen copy, LoRA adapters off, precomputed
         log-probs), full fine-tuning vs LoRA. Memory here is the whole footprint the step needs (models,
-        gradients, AdamW state, activations): what a reference copy costs is the point.
+        gradients, AdamW state, activations): what a reference copy costs is the point. On CUDA the
+        allocator's peak; on CPU a count of those tensors (RSS was too noisy to tell the cases apart).
 
 How memory is measured. On CPU every case runs in a fresh process: after its inputs are built, the
 process's peak-RSS mark is reset (Linux: write 5 to /proc/self/clear_refs) and the case's peak is
@@ -67,6 +68,10 @@ cuda = dev.type == "cuda"
 GiB = 1024 ** 3
 
 
+def memory_now():
+    return torch.cuda.memory_allocated() if cuda else rss_now()
+
+
 def rss_now():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -98,9 +103,10 @@ def peak():
 
 
 def measure(fn, base=None):
-    """(peak extra bytes of the first call, median seconds of `repeats` more calls). base: a baseline
-    taken earlier with reset_peak() (then the peak counts everything since, not just the call)."""
-    base = reset_peak() if base is None else base
+    """(peak extra bytes of the first call, median seconds of `repeats` more calls). base: an earlier
+    reading of memory_now() (the peak then also counts what was allocated since, e.g. the models)."""
+    start = reset_peak()
+    base = start if base is None else base
     fn()
     mem = peak() - base
     times = []
@@ -142,15 +148,21 @@ def loss_case(impl, N, H, V):
     return dict(mem=mem, sec=sec, tflops=6 * N * H * V / sec / 1e12)
 
 
-def small_vlm(tmp):
-    """A LlavaForConditionalGeneration with random weights saved as llava-hf, and our VLM loaded from it."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    import model as M
+def vlm_configs():
+    from transformers import CLIPVisionConfig, LlamaConfig
     vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                               image_size=image_size, patch_size=patch_size)
     text = LlamaConfig(vocab_size=lm_vocab, hidden_size=lm_hidden, intermediate_size=4 * lm_hidden,
                        num_hidden_layers=lm_layers, num_attention_heads=4, num_key_value_heads=4,
                        max_position_embeddings=2048, pad_token_id=0, eos_token_id=2)
+    return vision, text
+
+
+def small_vlm(tmp):
+    """A LlavaForConditionalGeneration with random weights saved as llava-hf, and our VLM loaded from it."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    import model as M
+    vision, text = vlm_configs()
     n_img = (image_size // patch_size) ** 2
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=lm_vocab - 1, image_seq_length=n_img)
     torch.manual_seed(0)
@@ -214,13 +226,19 @@ def gen_case(impl, B):
 
 
 def dpo_case(reference, lora):
-    """One DPO step; memory from before the models are built (the reference copy counts)."""
+    """One DPO step; its memory counts the models resident during it (a reference copy too), measured
+    from before they were built (after the imports), but not the building's own transient peak."""
     import copy
+    import ctypes
     import model as M
-    base = reset_peak()
-    with tempfile.TemporaryDirectory() as tmp:
-        hf, policy, n_img = small_vlm(tmp)
-    del hf
+    vision, text = vlm_configs()  # (imports transformers: loading the library is not the step's memory)
+    trim = ctypes.CDLL("libc.so.6").malloc_trim if not cuda else (lambda _: None)  # freed heap back to the OS: RSS = live memory
+    trim(0)
+    base = memory_now()
+    torch.manual_seed(0)
+    policy = M.VLM(dict(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=lm_vocab - 1))
+    policy.to(dev, torch.bfloat16 if cuda else torch.float32)
+    n_img = policy.num_image_tokens
     ref = copy.deepcopy(policy).eval().requires_grad_(False) if reference == "copy" else None
     if lora:
         M.add_lora(policy, dpo_lora_r, 2 * dpo_lora_r)
@@ -246,8 +264,29 @@ def dpo_case(reference, lora):
         M.dpo_loss(lp[:B], lp[B:], r[:B], r[B:])[0].mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    mem, sec = measure(step, base)  # its first call creates AdamW's state: counted, as a real step has it
-    return dict(mem=mem, sec=sec, pairs_s=B / sec)
+    trim(0)
+    if cuda:
+        mem, sec = measure(step, base)  # its first call creates AdamW's state: counted, as a real step has it
+        return dict(mem=mem, sec=sec, pairs_s=B / sec)
+    # On CPU the process's RSS moved by ~0.5 GiB between identical runs of this case (allocator arenas),
+    # more than the differences measured: count the step's tensors instead. Footprint = weights
+    # (policy + a reference copy) + gradients and AdamW's two moments of the trainable ones + what the
+    # forward saves for backward (unique storages that are not parameters).
+    _, sec = measure(step)
+    params = {p.untyped_storage().data_ptr() for m in (policy, ref) if m is not None for p in m.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        -policy(ids, px, None, labels, reduction="row", image_repeat=2)
+    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+    weights = nbytes(policy.parameters()) + (nbytes(ref.parameters()) if ref is not None else 0)
+    trained = nbytes(p for p in policy.parameters() if p.requires_grad)
+    return dict(mem=weights + 3 * trained + sum(saved.values()), weights=weights, grads_adam=3 * trained,
+                activations=sum(saved.values()), sec=sec, pairs_s=B / sec, mem_kind="tensor accounting")
 
 
 if case:  # child: run one case, print its JSON as the last line

@@ -14,7 +14,7 @@ loss_type = "sigmoid"
 reference = "adapters_off"
 lora_r = 128
 lora_alpha = 256
-lora_dropout = 0.05
+lora_dropout = 0.05            # LLaVA's LoRA training scripts' default (CSR trains with them)
 max_len = 2048
 global_batch_size = 8
 micro_batch_size = 1           # x 8 GPUs = 8
@@ -27,6 +27,5 @@ eval_interval = 500
 num_workers = 8
 gradient_checkpointing = True
 distributed = "ddp"            # LoRA: the trainable state is small, every GPU holds the whole (bf16) model
-dtype = "bfloat16"
 out_dir = "out/csr-iter1"
 wandb_run_name = "csr-iter1"
