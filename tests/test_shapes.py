@@ -316,10 +316,10 @@ def test_yes_no_balanced_and_styles_mixed():
 def test_sft_files(built):
     out = built[0]
     scenes = {s['id']: s for split in json.loads((out / 'scenes.json').read_text()).values() for s in split}
+    rounds = Counter()  # over both splits: the small val split can draw no single-turn record
     for split in ('train', 'val'):
         records = json.loads((out / f'{split}.json').read_text())
         assert len({r['id'] for r in records}) == len(records)
-        rounds = Counter()
         for r in records:
             assert set(r) == {'id', 'image', 'conversations'}
             assert (out / 'images' / r['image']).is_file() and r['image'].startswith(f'{split}/')
@@ -333,7 +333,7 @@ def test_sft_files(built):
                 q = h['value'].removeprefix('<image>\n')
                 kind = 'describe' if q in ps.DESCRIBE_PROMPTS else 'other'
                 check_qa(scene, kind, q, g['value'])
-        assert rounds[1] > 0 and set(rounds) <= {1, 4, 5, 6, 7, 8}  # single-turn records plus 4-8 rounds
+    assert rounds[1] > 0 and set(rounds) <= {1, 4, 5, 6, 7, 8}  # single-turn records plus 4-8 rounds
 
 
 def test_test_jsonl(built):
