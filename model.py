@@ -950,6 +950,8 @@ LORA_TARGETS = r"lm\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_pro
 
 
 class LoRALinear(nn.Module):
+    """base(x) + dropout(x) A^T B^T alpha / r: an nn.Linear (kept as .base) with a rank-r update."""
+
     def __init__(self, base, r, alpha, dropout=0.0):
         super().__init__()
         self.base, self.r, self.scaling = base, r, alpha / r
