@@ -199,20 +199,19 @@ def precompute_reference(ds, idx, split):
     """The starting model's summed log-probs of every pair's chosen and rejected answer, (len(ds), 2),
     each rank doing its share. Before the first step the policy IS the reference (LoRA's B is zero)."""
     raw.eval()
-    total, count = torch.zeros(len(ds), 2, dtype=torch.float64), torch.zeros(len(ds), 1, dtype=torch.float64)
-    mine = idx + idx[:(-len(idx)) % dist.world_size]  # equal shares for FSDP; a repeat is counted, then averaged
-    bar = tqdm(D.micro_batches(mine[dist.rank::dist.world_size], micro_batch_size), desc=f"reference log-probs ({split})",
-               disable=not master, unit="batch")
+    mine, n_real = T.padded_share(idx, dist)
+    rows = []
+    bar = tqdm(D.micro_batches(mine, micro_batch_size), desc=f"reference log-probs ({split})", disable=not master, unit="batch")
     for b in loader(ds, bar):
         b = to_dev(b)
         with autocast:
             s = sequence_logps(raw, b)[0].double().cpu()
         B = len(b["index"])
-        total.index_add_(0, b["index"].cpu(), torch.stack([s[:B], s[B:]], 1))
-        count.index_add_(0, b["index"].cpu(), torch.ones(B, 1, dtype=torch.float64))
+        rows.append(torch.stack([s[:B], s[B:]], 1))
     raw.train()
-    total, count = M.all_reduce_sum(total, dist).cpu(), M.all_reduce_sum(count, dist).cpu()
-    return (total / count.clamp(min=1)).float()
+    total = torch.zeros(len(ds), 2, dtype=torch.float64)  # each pair written by exactly one rank: the sum gathers them
+    total[torch.tensor(mine[:n_real], dtype=torch.long)] = torch.cat(rows)[:n_real]
+    return M.all_reduce_sum(total, dist).cpu().float()
 
 
 ref_cache = {}
@@ -267,9 +266,7 @@ def evaluate_pairs():
     """The DPO figures on the held-out pairs. Every rank runs the same number of forwards (FSDP needs
     it): the list is padded with repeats to a multiple of the world size, and the repeats not counted."""
     model.eval()
-    padded = val_idx + val_idx[:(-len(val_idx)) % dist.world_size]
-    mine = padded[dist.rank::dist.world_size]
-    n_real = len(range(dist.rank, len(val_idx), dist.world_size))
+    mine, n_real = T.padded_share(val_idx, dist)
     rows = []
     for b in loader(val_ds, D.micro_batches(mine, micro_batch_size)):
         with autocast:

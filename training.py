@@ -11,6 +11,7 @@ top to bottom (as nanochat's chat_sft.py and chat_rl.py share common.py and chec
     save / resume  checkpoint (model dir + train_state.pt, one atomic swap; FSDP gathers first), exact resume
     JsonLog        one JSON line per event in out_dir/log.jsonl (and wandb when asked)
     loader, to_device   the DataLoader over a batch sampler, and a batch moved to the device
+    padded_share, equal_shares   a rank's share of an evaluation set (all of it / a truncated equal part)
 """
 import functools
 import json
@@ -143,6 +144,14 @@ class JsonLog:
             f.write(json.dumps(dict(step=step, **row)) + "\n")
         if self.wandb is not None and to_wandb:
             self.wandb.log(row, step=step)
+
+
+def padded_share(indices, dist):
+    """(this rank's share of indices, how many of them are real): every index goes to exactly one
+    rank, and the list is padded with repeats to a multiple of the world size, so every rank runs the
+    same number of forwards (FSDP needs it); the repeats are at the end of a share, to be dropped."""
+    padded = indices + indices[:(-len(indices)) % dist.world_size]
+    return padded[dist.rank::dist.world_size], len(range(dist.rank, len(indices), dist.world_size))
 
 
 def equal_shares(indices, dist):

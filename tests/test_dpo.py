@@ -319,13 +319,15 @@ def test_lora_precomputed_resume_continues_exactly(dpo_setup, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
-def test_torchrun_two_processes_match_one(dpo_setup, tmp_path, distributed):
+@pytest.mark.parametrize("distributed,reference", [("ddp", "copy"), ("fsdp", "precomputed")])
+def test_torchrun_two_processes_match_one(dpo_setup, tmp_path, distributed, reference):
+    """1 process with a frozen copy == 2 ranks (DDP with a copy; FSDP2 with the reference precomputed,
+    each rank its share of the pairs): the same metrics step by step, held-out figures and weights."""
     common = dpo_setup + ["--max_steps=2", "--global_batch_size=8", "--micro_batch_size=2", "--lr_lm=1e-3",
                           "--lr_projector=1e-3", "--eval_interval=2", "--sft_weight=0.5"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_script("dpo.py", common + [f"--out_dir={one}"])
-    run_script("dpo.py", common + [f"--out_dir={two}", f"--distributed={distributed}"], nproc=2)
+    run_script("dpo.py", common + [f"--out_dir={two}", f"--distributed={distributed}", f"--reference={reference}"], nproc=2)
     la, lb = [r for r in log(one) if "loss" in r], [r for r in log(two) if "loss" in r]
     assert len(la) == len(lb) == 2
     for ra, rb in zip(la, lb):
