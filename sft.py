@@ -239,5 +239,4 @@ for step in bar:
 if master:
     log(f"done: {step + 1 - start_step} steps in {time.time() - t0:.0f}s, final train loss {train_loss:.4f}"
         + (f", val loss {val_loss:.4f}" if val_loss is not None else "") + f"; checkpoint in {out_dir}")
-if dist.ddp:
-    torch.distributed.destroy_process_group()
+T.finish(run)

@@ -12,6 +12,7 @@ top to bottom (as nanochat's chat_sft.py and chat_rl.py share common.py and chec
     JsonLog        one JSON line per event in out_dir/log.jsonl (and wandb when asked)
     loader, to_device   the DataLoader over a batch sampler, and a batch moved to the device
     padded_share, equal_shares   a rank's share of an evaluation set (all of it / a truncated equal part)
+    finish         the end of a torchrun process group
 """
 import functools
 import json
@@ -158,6 +159,15 @@ def equal_shares(indices, dist):
     """This rank's share of an evaluation set, every rank the same count (FSDP ranks must run the same forwards)."""
     indices = indices[:len(indices) - len(indices) % dist.world_size]
     return indices[dist.rank::dist.world_size]
+
+
+def finish(run):
+    """End a torchrun process group: all ranks meet first, so none tears its connections down while
+    another is still writing the checkpoint (gloo aborted a rank at exit that way: 'terminate called
+    without an active exception')."""
+    if run.dist.ddp:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def loader(ds, batch_sampler, collate, pad_id, num_workers, device):
