@@ -13,6 +13,7 @@ Data for LLaVA-style training, top to bottom:
    the published scoring rules as pure functions of the answer text.
 7. preference pairs for dpo.py: the CSR, LLaVA-Reasoner and TRL formats -> chosen and rejected
    samples sharing one prompt and one image.
+8. prompt files for selfreward.py: CSR's {id, image, input} or LLaVA conversations (first human turn).
 
 A record looks like
     {"id": "0001", "image": "coco/0001.jpg",
@@ -1368,4 +1369,58 @@ def collate_pairs(batch, pad_id):
     rows += [dict(input_ids=b["rejected_ids"], labels=b["rejected_labels"]) for b in batch]
     out = collate(rows, pad_id)
     out["index"] = torch.tensor([b["index"] for b in batch], dtype=torch.long)
+    return out
+
+# -----------------------------------------------------------------------------
+# 8. prompt files (selfreward.py): the prompts a model answers to make its own preference pairs
+#   csr    {"id", "image", "input"}                          (CSR's CSR-Prompt-Dataset-12k.json)
+#   llava  {"id", "image", "conversations": [human, ...]}     (the first human turn is the prompt)
+
+
+def prompt_from_record(rec):
+    """dict(id, image, prompt) with the prompt's own text: <image> placeholders removed (the
+    prompt builder puts one <image> first, as LLaVA and CSR's sampler do). Raises DataError."""
+    if not isinstance(rec, dict):
+        raise DataError(f"record is a {type(rec).__name__}, not an object", "malformed record")
+    if "input" in rec:
+        text = rec["input"]
+    elif "conversations" in rec:
+        conv = rec["conversations"]
+        if not isinstance(conv, list) or not conv or not isinstance(conv[0], dict) or ROLES.get(conv[0].get("from")) != "user":
+            raise DataError("'conversations' must start with a human turn (the prompt)", "malformed record")
+        text = conv[0].get("value")
+    else:
+        raise DataError("unknown prompt format: expected 'input' (CSR: id, image, input) or 'conversations' "
+                        "(LLaVA: the first human turn is the prompt)", "malformed record")
+    if not isinstance(text, str) or not text.replace(IMAGE_PLACEHOLDER, "").strip():
+        raise DataError("empty prompt", "no prompt")
+    images = record_images(rec)
+    if len(images) != 1:
+        raise DataError(f"self-rewarding needs exactly one image per prompt, got {len(images)}", "image count mismatch")
+    return dict(id=rec.get("id"), image=images[0], prompt=text.replace(IMAGE_PLACEHOLDER, "").strip())
+
+
+def load_prompts(path, image_root=None, limit=0, image_prefix=""):
+    """The prompts of a .json / .jsonl file (the first `limit` when limit > 0), each with _src, the
+    image's full path under 'path' (image_root / image_prefix + image: CSR's file names images
+    000000442786.jpg, COCO's train2014 folder holds COCO_train2014_000000442786.jpg) and a unique id;
+    every image is checked to exist. The first bad record raises DataError naming the file, record
+    and problem."""
+    root = image_root if image_root is not None else os.path.dirname(path)
+    raw = read_json_file(path)
+    out, seen = [], set()
+    for i, rec in enumerate(raw[:limit] if limit else raw):
+        try:
+            p = prompt_from_record(rec)
+            p["image"] = os.path.join(os.path.dirname(p["image"]), image_prefix + os.path.basename(p["image"]))
+            p["path"] = p["image"] if os.path.isabs(p["image"]) else os.path.join(root, p["image"])
+            check_image_file(p["path"])
+        except DataError as e:
+            raise DataError(f"{where(rec, (path, i))}: {e}", e.kind) from None
+        p["id"] = str(p["id"]) if p["id"] is not None else f"{os.path.basename(path)}:{i}"
+        if p["id"] in seen:
+            raise DataError(f"{where(rec, (path, i))}: duplicate id {p['id']!r} (ids name the pairs and the resume journal)",
+                            "duplicate id")
+        seen.add(p["id"])
+        out.append(dict(p, _src=(path, i)))
     return out

@@ -325,7 +325,7 @@ def _as_config(c):
 
 
 # what VLM.generate returns (see its docstring)
-Generation = namedtuple("Generation", "tokens logprobs lengths finish text")
+Generation = namedtuple("Generation", "tokens logprobs scores lengths finish text")
 
 
 def stop_string_in_tail(tokenizer, ids, stop_strings):
@@ -388,14 +388,16 @@ class VLM(nn.Module):
             feats = feats[:, 1:]  # drop CLS, as LLaVA does
         return self.projector(feats)
 
-    def embed(self, input_ids, pixel_values=None, image_repeat=1):
+    def embed(self, input_ids, pixel_values=None, image_repeat=1, image_features=None):
         """Token embeddings with the image features written into the image-token positions.
         image_repeat=k: the rows are k groups that share their images (DPO's chosen rows, then the
-        rejected ones): the images are encoded once and their features used by each group in turn."""
+        rejected ones): the images are encoded once and their features used by each group in turn.
+        image_features: encode_images' output computed by the caller, used instead of pixel_values
+        (self-rewarding encodes each prompt's image once and reuses it at every level of its tree)."""
         image_mask = input_ids == self.image_token_id
         emb = self.lm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
-        if pixel_values is not None and len(pixel_values):
-            feats = self.encode_images(pixel_values)
+        if image_features is not None or (pixel_values is not None and len(pixel_values)):
+            feats = self.encode_images(pixel_values) if image_features is None else image_features
             if image_repeat > 1:
                 feats = feats.repeat(image_repeat, 1, 1)
             if image_mask.sum().item() != feats.shape[0] * feats.shape[1]:
@@ -449,7 +451,8 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=32, temperature=0.0,
-                 top_p=1.0, eos_token_id=None, stop_token_ids=(), stop_strings=(), tokenizer=None, generator=None):
+                 top_p=1.0, eos_token_id=None, stop_token_ids=(), stop_strings=(), tokenizer=None, generator=None,
+                 group_size=1, diversity_penalty=0.0, image_features=None):
         """Batched generation from LEFT-padded prompts, with the LM's own KV cache: one prefill forward
         over the prompt embeddings (image features written in), then one token per forward.
 
@@ -462,7 +465,15 @@ class VLM(nn.Module):
         Returns a Generation: tokens (B, n) new ids (after a row's length: padding), logprobs (B, n) fp32
         log p(token) under the model's own distribution (temperature 1, no nucleus; 0 after a row's
         length), lengths (B,), finish per row ('eos' | 'stop' | 'length'), and text per row (the row's
-        tokens decoded without special tokens; None when no tokenizer is given or attached)."""
+        tokens decoded without special tokens; None when no tokenizer is given or attached).
+
+        group_size=K: each prompt row gives K consecutive output rows (B*K in all); the prompt is
+        prefilled once and its KV cache copied K times. diversity_penalty=d > 0 (greedy only) makes
+        the K rows diverse as group beam search with one beam per group and a Hamming diversity
+        penalty does (transformers' num_beam_groups=num_beams=K): at each step row k takes the argmax
+        of log p(token) - d * (how many of rows 0..k-1 of its group, still running, took that token at
+        this step). scores (B*K, n) are those penalised values of the chosen tokens (== logprobs when
+        d = 0): what that search ranks by. image_features: see embed."""
         from transformers import DynamicCache
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if eos_token_id is None:
@@ -477,17 +488,24 @@ class VLM(nn.Module):
         end_ids = torch.tensor(eos_ids + stop_ids, dtype=torch.long, device=dev)
         fill = (eos_ids + stop_ids + [0])[0]
 
+        K = int(group_size)
+        if K < 1 or (diversity_penalty and temperature > 0):
+            raise ValueError("group_size must be >= 1, and diversity_penalty needs greedy decoding (temperature 0)")
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: every row's first real token is position 0
         cache = DynamicCache(config=self.lm.config)
         base, w = self.lm.base_model, self.lm.get_output_embeddings().weight
-        h = base(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=mask, position_ids=pos,
-                 past_key_values=cache, use_cache=True).last_hidden_state
+        h = base(inputs_embeds=self.embed(input_ids, pixel_values, image_features=image_features), attention_mask=mask,
+                 position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state[:, -1:]
         pos = pos[:, -1:]
+        if K > 1:  # one prefill per prompt, then K copies of its cache
+            cache.batch_repeat_interleave(K)
+            h, pos, mask = h.repeat_interleave(K, 0), pos.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)
+            B *= K
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         lengths = torch.zeros(B, dtype=torch.long, device=dev)
         finish = ["length"] * B
-        toks, lps, seen = [], [], [[] for _ in range(B)]  # seen: each row's ids, kept only for stop strings
+        toks, lps, scs, seen = [], [], [], [[] for _ in range(B)]  # seen: each row's ids, kept only for stop strings
         T = mask.shape[1]
         mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)  # the new tokens' columns, used one by one
         for step in range(max_new_tokens):
@@ -500,11 +518,15 @@ class VLM(nn.Module):
                     drop = sp.cumsum(-1) - sp > top_p
                     probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            elif diversity_penalty and K > 1:
+                nxt, sc = self._diverse_step(logits - lse[:, None], done, K, diversity_penalty)
             else:
                 nxt = logits.argmax(-1)
             lp = logits.gather(1, nxt[:, None]).squeeze(1) - lse
-            nxt, lp = nxt.masked_fill(done, fill), lp.masked_fill(done, 0.0)
-            toks.append(nxt); lps.append(lp)
+            if not (diversity_penalty and K > 1):
+                sc = lp
+            nxt, lp, sc = nxt.masked_fill(done, fill), lp.masked_fill(done, 0.0), sc.masked_fill(done, 0.0)
+            toks.append(nxt); lps.append(lp); scs.append(sc)
             lengths += ~done
             hit = (nxt[:, None] == end_ids).any(-1) & ~done
             if stop_strings or (len(end_ids) and hit.any()):  # per-row work only when a row may have ended
@@ -526,10 +548,28 @@ class VLM(nn.Module):
                      position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
         tokens = torch.stack(toks, 1) if toks else input_ids.new_zeros(B, 0)
         logprobs = torch.stack(lps, 1) if lps else torch.zeros(B, 0, device=dev)
+        scores = torch.stack(scs, 1) if scs else torch.zeros(B, 0, device=dev)
         text = None
         if tokenizer is not None:
             text = [tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(tokens.tolist(), lengths.tolist())]
-        return Generation(tokens, logprobs, lengths, finish, text)
+        return Generation(tokens, logprobs, scores, lengths, finish, text)
+
+    @staticmethod
+    def _diverse_step(logprobs, done, K, penalty):
+        """One step of group beam search with one beam per group: rows are groups of K; row k of a group
+        takes the argmax of its log-probs minus penalty x the count of that token among the choices of
+        rows 0..k-1 of its group at this step (rows that already ended do not count). Returns the
+        tokens and their penalised scores, (B,) each."""
+        lp = logprobs.view(-1, K, logprobs.shape[-1])
+        live = (~done).view(-1, K).float()
+        counts = torch.zeros_like(lp[:, 0])
+        toks, scores = [], []
+        for k in range(K):
+            s = lp[:, k] - penalty * counts
+            t = s.argmax(-1)
+            toks.append(t); scores.append(s.gather(1, t[:, None]).squeeze(1))
+            counts.scatter_add_(1, t[:, None], live[:, k:k + 1])
+        return torch.stack(toks, 1).view(-1), torch.stack(scores, 1).view(-1)
 
     # -------------------------------------------------------------------------
     # 4. saving and loading

@@ -25,6 +25,7 @@ Output (out_dir):
                             ("image" is relative to out_dir/images, LLaVA's image-folder convention)
     captions.json, captions_val.json   stage-1 captions, one per scene, same record format
     pairs.json, pairs_val.json         DPO pairs in CSR's format: {"id", "image", "conversations", "rejected_conversations"}
+    prompts.json            self-rewarding prompts in CSR's format: {"id", "image", "input"}, one per training scene
     test.jsonl              held-out short-answer questions, one per line:
                             {"question_id", "image", "text", "answer", "type", "scene_id"[, "probe"]}
     scenes.json             {"train": [scene, ...], "val": [...], "test": [...]}
@@ -993,6 +994,12 @@ def main():
     # DPO pairs (pairs.json, pairs_val.json): the true answer vs the prior's, own seed stream
     pairs = {split: make_pairs(scenes[split], split, random.Random(f"{seed}:{split}:pairs")) for split in ('train', 'val')}
 
+    # self-rewarding prompts (selfreward.py), CSR's format {id, image, input}: one describe prompt per
+    # training scene, own seed stream (CSR samples its descriptions on COCO train images)
+    prompt_rng = random.Random(f"{seed}:train:prompts")
+    prompts = [{'id': scene['id'], 'image': f"train/{scene['id']}.png",
+                'input': f"{IMAGE_TOKEN}\n{prompt_rng.choice(DESCRIBE_PROMPTS)}"} for scene in scenes['train']]
+
     # LLaVA stage 1 (projector alignment, `plain` template): one caption per scene, the true description
     captions = {split: [caption_record(scene, f"{split}/{scene['id']}.png") for scene in scenes[split]]
                 for split in ('train', 'val')}
@@ -1036,6 +1043,7 @@ def main():
     write_json(os.path.join(out_dir, 'captions_val.json'), captions['val'])
     write_json(os.path.join(out_dir, 'pairs.json'), pairs['train'][0])
     write_json(os.path.join(out_dir, 'pairs_val.json'), pairs['val'][0])
+    write_json(os.path.join(out_dir, 'prompts.json'), prompts)
     write_jsonl(os.path.join(out_dir, 'test.jsonl'), test_rows)
     write_json(os.path.join(out_dir, 'scenes.json'), scenes)
     eval_dir = os.path.join(out_dir, 'eval')
