@@ -2,7 +2,7 @@
 Speed and memory, side by side against the obvious alternative, in one run. Prints tables and writes JSON.
 
     python bench.py                       # everything this machine can run (a few minutes on 2 CPU cores)
-    python bench.py --which=loss          # one section: loss | sft | gen | dpo | all
+    python bench.py --which=loss          # one section: loss | sft | gen | dpo | csr | all
     python bench.py --rounds=3            # each case 3 times, in turn with its rival (a shared machine's noise)
     python bench.py --device=cuda         # on a GPU: adds our Triton kernel, liger-kernel and
                                           # cut-cross-entropy (when installed) at 7B-like shapes
@@ -19,6 +19,11 @@ Sections:
         log-probs), full fine-tuning vs LoRA. Memory here is the whole footprint the step needs (models,
         gradients, AdamW state, activations): what a reference copy costs is the point. On CUDA the
         allocator's peak; on CPU a count of those tensors (RSS was too noisy to tell the cases apart).
+  csr   calibrated self-rewarding's sentence-tree search (sentence_tree.grow_trees) on the shapes world
+        (prepare_shapes.py's prompts, its CLIP as the scorer, csr_model as the VLM): pairs/s and
+        sentences/s batched over prompts and live nodes vs one prompt at a time, node by node (one
+        generate call per node and one scorer call per level, as the released code runs it); the trees
+        must come out the same.
 
 How memory is measured. On CPU every case runs in a fresh process: after its inputs are built, the
 process's peak-RSS mark is reset (Linux: write 5 to /proc/self/clear_refs) and the case's peak is
@@ -39,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-which = "all"            # loss | sft | gen | dpo | all
+which = "all"            # loss | sft | gen | dpo | csr | all
 device = "auto"          # auto | cpu | cuda
 out = "bench.json"       # results (written atomically)
 repeats = 3              # timed runs per case (median), after one warm-up
@@ -55,6 +60,8 @@ image_size, patch_size = 96, 8       # -> 144 image tokens
 sft_batch, sft_seq, sft_answer = 8, 512, 64  # per sample: 144 image + prompt, the last 64 tokens supervised
 gen_batch, gen_prompt, gen_new = 16, 32, 32  # prompt = image tokens + gen_prompt text tokens
 dpo_pairs, dpo_lora_r = 4, 16        # pairs per DPO step (8 sequences of sft_seq tokens, sft_answer supervised); LoRA rank
+csr_model = ""           # the VLM for csr: a checkpoint dir; '' = the world's LM + CLIP tower with a fresh projector
+csr_prompts, csr_batches = 32, [1, 8, 32]  # prompts searched; prompts per batch (1 = node by node as well)
 case = ""                # internal: run one case in this process and print its JSON (the parent sets it)
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
@@ -289,9 +296,48 @@ def dpo_case(reference, lora):
                 activations=sum(saved.values()), sec=sec, pairs_s=B / sec, mem_kind="tensor accounting")
 
 
+def csr_case(batch):
+    """CSR's search over csr_prompts prompts, `batch` at a time (batch 1: one node per generate call too)."""
+    import hashlib
+    import data as D
+    import model as M
+    import sentence_tree as S
+    if csr_model:
+        vlm = M.VLM.from_pretrained(csr_model)
+    else:
+        torch.manual_seed(0)
+        vlm = M.VLM.from_parts(lm="models/shapes/lm", vision="models/shapes/clip", template="chat")
+    vlm = vlm.to(dev).eval()
+    scorer = S.ClipScorer("models/shapes/clip", dev)
+    prompts = D.load_prompts("data/shapes/prompts.json", "data/shapes/images", csr_prompts)
+    search = dict(max_new_tokens=24, max_nodes=1 if batch == 1 else 0)
+    stats = {}
+
+    def run(ps):
+        trees = []
+        for b in range(0, len(ps), batch):
+            part = ps[b:b + batch]
+            images = [D.load_image(p["path"]) for p in part]
+            px = torch.stack([D.process_image(im, vlm.image_processor) for im in images]).to(dev)
+            ids = [D.build_prompt("<image>\n" + p["prompt"], vlm.tokenizer, "chat", vlm.image_token_id, vlm.num_image_tokens)
+                   for p in part]
+            with torch.no_grad():
+                trees += S.grow_trees(vlm, ids, vlm.encode_images(px), scorer, scorer.image_embeds(images), search, stats=stats)
+        return trees
+    run(prompts[:2])  # warm-up
+    stats.clear()
+    t0 = time.perf_counter()
+    trees = run(prompts)
+    sec = time.perf_counter() - t0
+    n_pairs = sum(S.pick_pair(t)[0] is not None for t in trees)
+    digest = hashlib.sha1(json.dumps([[n["sentence"] for n in t] for t in trees]).encode()).hexdigest()[:12]
+    return dict(sec=sec, pairs_s=n_pairs / sec, sentences_s=stats["sentences"] / sec, pairs=n_pairs,
+                sentences=stats["sentences"], generate_calls=stats["generate_calls"], trees=digest)
+
+
 if case:  # child: run one case, print its JSON as the last line
     name, *args = json.loads(case)
-    fn = dict(loss=loss_case, sft=sft_case, gen=gen_case, dpo=dpo_case)[name]
+    fn = dict(loss=loss_case, sft=sft_case, gen=gen_case, dpo=dpo_case, csr=csr_case)[name]
     print(json.dumps(fn(*args)))
     sys.exit(0)
 
@@ -322,7 +368,7 @@ def run_rounds(cases):
             out[c] = bad[0]
             continue
         sec = statistics.median(r["sec"] for r in rs)
-        rates = {k: rs[0][k] * rs[0]["sec"] / sec for k in ("tok_s", "tflops", "pairs_s") if k in rs[0]}
+        rates = {k: rs[0][k] * rs[0]["sec"] / sec for k in ("tok_s", "tflops", "pairs_s", "sentences_s") if k in rs[0]}
         out[c] = dict(rs[0], sec=sec, round_secs=[r["sec"] for r in rs], **rates)
     return out
 
@@ -432,6 +478,25 @@ if which in ("dpo", "all"):
         print(f"{'LoRA' if lora else 'full':>8s} {ref:>13s} {fmt_mem(r['mem']):>10s} {1e3 * r['sec']:6.0f}ms"
               + (f" {r['mem_vs_copy']:9.2f} {r['mem_vs_full_copy']:13.2f}" if "mem_vs_copy" in r else ""))
     results["dpo"] = rows
+
+if which in ("csr", "all"):
+    print(f"\nCSR sentence-tree search, {csr_prompts} shapes prompts, K 5 diverse proposals, best 1 + worst 2 kept"
+          f" ({csr_model or 'the world LM + CLIP tower, fresh projector'})")
+    done = run_rounds([("csr", b) for b in csr_batches])
+    rows = []
+    print(f"{'prompts/batch':>13s} {'time':>7s} {'pairs/s':>8s} {'sentences/s':>11s} {'generate calls':>14s} {'vs node by node':>15s} {'trees':>12s}")
+    one = done.get(("csr", 1))
+    for (_, b), r in done.items():
+        r.update(batch=b)
+        rows.append(r)
+        if "error" in r:
+            print(f"{b:13d}  error: {r['error'][:80]}")
+            continue
+        if one and "error" not in one:
+            r.update(speedup=r["pairs_s"] / one["pairs_s"] if one["pairs_s"] else float("nan"), same_trees=r["trees"] == one["trees"])
+        print(f"{b:13d} {r['sec']:6.1f}s {r['pairs_s']:8.2f} {r['sentences_s']:11.1f} {r['generate_calls']:14d}"
+              f" {r.get('speedup', float('nan')):14.2f}x {r['trees']:>12s}")
+    results["csr"] = rows
 
 results["seconds"] = time.time() - t_start
 from data import write_atomic  # noqa: E402

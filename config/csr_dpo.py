@@ -6,7 +6,7 @@
 #   torchrun --standalone --nproc_per_node=8 dpo.py config/csr_dpo.py
 # Data: CSR's format, {"id", "image", "conversations", "rejected_conversations"} (json list).
 init_from = "llava-hf/llava-1.5-7b-hf"
-data_path = "data/csr/pairs_iter1.json"
+data_path = "out/csr-sample1/pairs.json"   # from: torchrun ... selfreward.py config/csr_sample.py
 val_data_path = None
 image_root = "data/coco/train2014"
 beta = 0.1
