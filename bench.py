@@ -310,7 +310,7 @@ def csr_case(batch):
     vlm = vlm.to(dev).eval()
     scorer = S.ClipScorer("models/shapes/clip", dev)
     prompts = D.load_prompts("data/shapes/prompts.json", "data/shapes/images", csr_prompts)
-    search = dict(max_new_tokens=24, max_nodes=1 if batch == 1 else 0)
+    search = dict(max_new_tokens=24, max_chars=256, max_nodes=1 if batch == 1 else 0)  # config/shapes_csr.py's caps
     stats = {}
 
     def run(ps):
