@@ -80,7 +80,7 @@ identity = dict(mode=mode, init_from=init_from, data_path=data_path, clip_path=c
                 **{k: v for k, v in search.items() if k != "max_nodes"})
 
 prompts = D.load_prompts(data_path, image_root, max_prompts, image_prefix)  # checked before any model is loaded
-run = T.setup(seed, device, dtype if dtype != "auto" else "auto")
+run = T.setup(seed, device, dtype)
 dist, dev, log = run.dist, run.device, run.log
 os.makedirs(out_dir, exist_ok=True)
 settings_path = os.path.join(out_dir, "settings.json")
@@ -180,7 +180,7 @@ if dist.master:
     n_nodes = sum(len(r["nodes"]) - 1 for r in rows)
     n_leaves = sum(sum(n["final"] for n in r["nodes"]) for r in rows)
     summary = dict(prompts=len(rows), pairs=len(pairs), skipped=skipped, nodes=n_nodes, leaves=n_leaves,
-                   searched_now=len(mine) * dist.world_size, seconds=round(elapsed, 1),
+                   searched_now=len(todo), seconds=round(elapsed, 1),
                    sentences_per_s_rank0=round(stats.get("sentences", 0) / max(elapsed, 1e-9), 2),
                    prompts_per_s=round(len(todo) / max(elapsed, 1e-9), 3), settings=identity)
     D.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
