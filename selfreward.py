@@ -136,7 +136,8 @@ for b in range(0, len(mine), batch_size):
     px = torch.stack([D.process_image(im, vlm.image_processor, vlm.config["pad_to_square"]) for im in images]).to(dev)
     ids = [D.build_prompt(D.IMAGE_PLACEHOLDER + "\n" + p["prompt"], tok, template, vlm.image_token_id,
                           vlm.num_image_tokens) for p in batch]
-    # sampling draws from a stream fixed by the seed and the batch's first prompt: a resumed run samples as a fresh one
+    # proposal='sample' draws from a stream fixed by the seed and the batch's first prompt: the same prompts, ranks
+    # and batch size give the same trees ('diverse' is greedy: the same trees whatever the batching)
     gen = torch.Generator(dev).manual_seed(seed * 1_000_003 + batch[0]["_src"][1])
     with torch.no_grad(), run.autocast:
         feats = vlm.encode_images(px)
