@@ -82,9 +82,13 @@ def test_dpo_loss_and_gradients_match_materialised_logits(loss_type, ls):
     torch.testing.assert_close(r_rew, 0.5 * (pr - rr).detach(), rtol=1e-4, atol=1e-5)
     assert not c_rew.requires_grad
     assert len(g_ours) > 10
+    scale = max(p.grad.abs().max().item() for p in policy.parameters() if p.grad is not None)
     for n, p in policy.named_parameters():
         if p.grad is not None:
-            torch.testing.assert_close(g_ours[n], p.grad, rtol=1e-3, atol=1e-6, msg=n)
+            # atol relative to the model's largest gradient: ipo's squared loss makes gradients large, and
+            # fp32 sums over the vocabulary in another order (chunked fused loss vs full logits) differ by
+            # ~1e-6 of it, which is all there is in gradients that are zero in exact arithmetic (key biases)
+            torch.testing.assert_close(g_ours[n], p.grad, rtol=1e-3, atol=1e-5 * scale, msg=lambda m: f"{n}: {m}")
 
 
 def test_dpo_loss_known_values_and_errors():
