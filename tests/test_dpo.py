@@ -334,8 +334,13 @@ def test_torchrun_two_processes_match_one(dpo_setup, tmp_path, distributed, refe
     run_script("dpo.py", common + [f"--out_dir={two}", f"--distributed={distributed}", f"--reference={reference}"], nproc=2)
     la, lb = [r for r in log(one) if "loss" in r], [r for r in log(two) if "loss" in r]
     assert len(la) == len(lb) == 2
-    for ra, rb in zip(la, lb):
+    for step, (ra, rb) in enumerate(zip(la, lb)):
         for k in M_METRICS:
+            if k == "rewards/accuracies" and step == 0:
+                # step 1: policy == reference, every margin is 0 up to fp32 noise, and the accuracy
+                # (margin > 0) counts that noise: 0.0 vs 0.125 seen in CI. The margins themselves are compared.
+                assert abs(ra["rewards/margins"]) < 1e-5 and abs(rb["rewards/margins"]) < 1e-5
+                continue
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), k
     va = [r for r in log(one) if "val/loss" in r][-1]
     vb = [r for r in log(two) if "val/loss" in r][-1]
