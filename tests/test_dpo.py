@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import data as D
 import model as M
-from conftest import run_script, tiny_configs
+from conftest import run_script, tiny_configs, tiny_world_vlm
 
 IMG = 127
 
@@ -247,17 +247,9 @@ def test_missing_image_and_truncated_image_are_errors(tmp_path, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def dpo_setup(shapes, tmp_path_factory):
     """A tiny chat-template VLM saved as a checkpoint, and the dpo.py arguments for the tiny world's pairs."""
-    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig
     d = os.path.dirname(shapes[0].split("=", 1)[1])
-    tok = AutoTokenizer.from_pretrained(f"{d}/tokenizer")
-    lm = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                     num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=48, patch_size=16)
-    torch.manual_seed(0)
     base = str(tmp_path_factory.mktemp("dpo") / "base")
-    M.VLM.from_parts(lm=lm, vision=vision, tokenizer=tok, template="chat").save_pretrained(base)
+    tiny_world_vlm(d).save_pretrained(base)
     return [f"--init_from={base}", f"--data_path={d}/pairs.json", f"--val_data_path={d}/pairs_val.json",
             f"--image_root={d}/images", "--device=cpu", "--dtype=float32", "--num_workers=0"]
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import data as D
 import model as M
 import sentence_tree as S
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, tiny_world_vlm
 
 CLIP = os.path.join(ROOT, "models", "shapes", "clip")
 
@@ -102,16 +102,8 @@ def test_search_settings_are_checked():
 @pytest.fixture(scope="module")
 def world(shapes, tmp_path_factory):
     """The tiny shapes world, a tiny untrained chat-template VLM on its tokenizer, saved as a checkpoint."""
-    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig
     d = os.path.dirname(shapes[0].split("=", 1)[1])
-    tok = AutoTokenizer.from_pretrained(f"{d}/tokenizer")
-    lm = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                     num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=48, patch_size=16)
-    torch.manual_seed(0)
-    vlm = M.VLM.from_parts(lm=lm, vision=vision, tokenizer=tok, template="chat")
+    vlm = tiny_world_vlm(d, max_positions=1024)
     with torch.no_grad():  # sharper next-token distributions (tied embeddings): no near-ties for argmax to flip on
         vlm.lm.get_input_embeddings().weight.mul_(4.0)
     ckpt = str(tmp_path_factory.mktemp("csr") / "base")
