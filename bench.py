@@ -314,16 +314,8 @@ def csr_case(batch):
     stats = {}
 
     def run(ps):
-        trees = []
-        for b in range(0, len(ps), batch):
-            part = ps[b:b + batch]
-            images = [D.load_image(p["path"]) for p in part]
-            px = torch.stack([D.process_image(im, vlm.image_processor) for im in images]).to(dev)
-            ids = [D.build_prompt("<image>\n" + p["prompt"], vlm.tokenizer, "chat", vlm.image_token_id, vlm.num_image_tokens)
-                   for p in part]
-            with torch.no_grad():
-                trees += S.grow_trees(vlm, ids, vlm.encode_images(px), scorer, scorer.image_embeds(images), search, stats=stats)
-        return trees
+        with torch.no_grad():
+            return [t for b in range(0, len(ps), batch) for t in S.search_prompts(vlm, scorer, ps[b:b + batch], search, stats=stats)]
     run(prompts[:2])  # warm-up
     stats.clear()
     t0 = time.perf_counter()

@@ -119,7 +119,6 @@ log(f"{len(prompts)} prompts in {data_path}: {len(prompts) - len(todo)} already 
 
 vlm = M.VLM.from_pretrained(init_from, dtype=run.ptdtype).to(dev).eval()
 scorer = S.ClipScorer(clip_path, dev, run.ptdtype)
-tok, template = vlm.tokenizer, vlm.config["template"]
 journal_path = os.path.join(out_dir, f"trees.rank{dist.rank}.jsonl")
 if os.path.exists(journal_path):  # a crash mid-write leaves half a line: cut it, so new lines start clean
     with open(journal_path, "rb+") as f:
@@ -132,16 +131,11 @@ t0 = time.time()
 bar = tqdm(total=len(mine), disable=not dist.master, unit="prompt", desc="csr", dynamic_ncols=True)
 for b in range(0, len(mine), batch_size):
     batch = mine[b:b + batch_size]
-    images = [D.load_image(p["path"]) for p in batch]
-    px = torch.stack([D.process_image(im, vlm.image_processor, vlm.config["pad_to_square"]) for im in images]).to(dev)
-    ids = [D.build_prompt(D.IMAGE_PLACEHOLDER + "\n" + p["prompt"], tok, template, vlm.image_token_id,
-                          vlm.num_image_tokens) for p in batch]
     # proposal='sample' draws from a stream fixed by the seed and the batch's first prompt: the same prompts, ranks
     # and batch size give the same trees ('diverse' is greedy: the same trees whatever the batching)
     gen = torch.Generator(dev).manual_seed(seed * 1_000_003 + batch[0]["_src"][1])
     with torch.no_grad(), run.autocast:
-        feats = vlm.encode_images(px)
-        trees = S.grow_trees(vlm, ids, feats, scorer, scorer.image_embeds(images), search, gen, stats)
+        trees = S.search_prompts(vlm, scorer, batch, search, gen, stats)
     for p, tree in zip(batch, trees):
         chosen, rejected, skipped = S.pick_pair(tree, path_length)
         row = dict(id=p["id"], image=p["image"], prompt=p["prompt"], chosen=chosen, rejected=rejected,

@@ -229,6 +229,7 @@ def grow_trees(vlm, prompts, image_features, scorer, image_embeds, search, gener
     while live:
         chunk = c["max_nodes"] or len(live)
         new = []  # (prompt, node id)
+        seen = set()  # (prompt, parent, sentence): a node's children all come from this level
         for s in range(0, len(live), chunk):
             part = live[s:s + chunk]
             g = _propose(vlm, [(p, trees[p][i]["tokens"]) for p, i in part], prompts, image_features, c, generator)
@@ -241,20 +242,17 @@ def grow_trees(vlm, prompts, image_features, scorer, image_embeds, search, gener
                 new_toks = g.tokens[r, :n].tolist()
                 vals = (g.scores if c["lm_score"] == "penalised" else g.logprobs)[r, :n]
                 sentence = g.text[r].strip()
-                siblings = [q for q in trees[p][1:] if q["parent"] == parent]
-                if any(q["sentence"] == sentence for q in siblings):
+                if (p, parent, sentence) in seen:
                     stats["duplicates"] += 1
                     continue
+                seen.add((p, parent, sentence))
                 tokens = par["tokens"] + new_toks
-                text = tok.decode(tokens, skip_special_tokens=True).strip()
+                text = tok.decode(tokens, skip_special_tokens=True).strip() if sentence else par["text"]
                 ended = g.finish[r] == "eos" or (eos is not None and eos in new_toks)
-                depth = par["length"] + 1
-                final = (ended or len(text) >= c["max_chars"]
-                         or bool(c["max_sentences"] and depth >= c["max_sentences"]))
-                node = dict(new_node(parent, sentence, text if sentence else par["text"], final,
-                                     lm=vals.mean().item() if n else 0.0), tokens=tokens)
-                if not sentence:  # nothing but end-of-sequence (or nothing at all): the parent's response is complete
-                    node["final"] = True
+                # no sentence (nothing but end-of-sequence, or nothing at all): the parent's response is complete
+                final = (not sentence or ended or len(text) >= c["max_chars"]
+                         or bool(c["max_sentences"] and par["length"] + 1 >= c["max_sentences"]))
+                node = dict(new_node(parent, sentence, text, final, lm=vals.mean().item() if n else 0.0), tokens=tokens)
                 trees[p].append(node)
                 new.append((p, len(trees[p]) - 1))
         # the scorer: every new sentence of the level in one call
@@ -276,6 +274,18 @@ def grow_trees(vlm, prompts, image_features, scorer, image_embeds, search, gener
                                            c["path_length"])]
         live.sort()
     return trees
+
+
+def search_prompts(vlm, scorer, prompts, search, generator=None, stats=None):
+    """grow_trees for prompts as data.load_prompts gives them (dicts with 'prompt' and the image's 'path'):
+    the images loaded and prepared as training prepares them (the model's template and padding), each
+    encoded once by the VLM and once by the scorer. Call under torch.no_grad (and autocast)."""
+    images = [D.load_image(p["path"]) for p in prompts]
+    dev = next(vlm.parameters()).device
+    px = torch.stack([D.process_image(im, vlm.image_processor, vlm.config["pad_to_square"]) for im in images]).to(dev)
+    ids = [D.build_prompt(D.IMAGE_PLACEHOLDER + "\n" + p["prompt"], vlm.tokenizer, vlm.config["template"],
+                          vlm.image_token_id, vlm.num_image_tokens) for p in prompts]
+    return grow_trees(vlm, ids, vlm.encode_images(px), scorer, scorer.image_embeds(images), search, generator, stats)
 
 
 def tree_record(tree, path_length="sentences"):

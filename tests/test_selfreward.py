@@ -171,16 +171,12 @@ SEARCH = dict(max_new_tokens=6, max_sentences=3, proposals=4)
 
 def test_batched_trees_equal_one_prompt_and_one_node_at_a_time(world):
     vlm = world["vlm"]
-    prompts, ids, px = prompt_batch(world, 3)
+    prompts = D.load_prompts(f"{world['dir']}/prompts.json", f"{world['dir']}/images", 3)
     scorer = S.ClipScorer(CLIP)
-    from PIL import Image
-    emb = scorer.image_embeds([Image.open(p["path"]).convert("RGB") for p in prompts])
-    feats = vlm.encode_images(px)
-    stats = {}
-    batched = S.grow_trees(vlm, ids, feats, scorer, emb, SEARCH, stats=stats)
-    alone_stats = {}
-    alone = [S.grow_trees(vlm, [ids[i]], feats[i:i + 1], scorer, emb[i:i + 1], dict(SEARCH, max_nodes=1), stats=alone_stats)[0]
-             for i in range(3)]
+    stats, alone_stats = {}, {}
+    with torch.no_grad():
+        batched = S.search_prompts(vlm, scorer, prompts, SEARCH, stats=stats)
+        alone = [S.search_prompts(vlm, scorer, [p], dict(SEARCH, max_nodes=1), stats=alone_stats)[0] for p in prompts]
     for a, b in zip(batched, alone):
         assert [(n["parent"], n["sentence"], n["final"]) for n in a] == [(n["parent"], n["sentence"], n["final"]) for n in b]
         assert [n["lm"] for n in a] == pytest.approx([n["lm"] for n in b], abs=1e-4)
