@@ -489,6 +489,7 @@ class VLM(nn.Module):
         fill = (eos_ids + stop_ids + [0])[0]
 
         K = int(group_size)
+        diverse = bool(diversity_penalty) and K > 1
         if K < 1 or (diversity_penalty and temperature > 0):
             raise ValueError("group_size must be >= 1, and diversity_penalty needs greedy decoding (temperature 0)")
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
@@ -518,12 +519,12 @@ class VLM(nn.Module):
                     drop = sp.cumsum(-1) - sp > top_p
                     probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            elif diversity_penalty and K > 1:
+            elif diverse:
                 nxt, sc = self._diverse_step(logits - lse[:, None], done, K, diversity_penalty)
             else:
                 nxt = logits.argmax(-1)
             lp = logits.gather(1, nxt[:, None]).squeeze(1) - lse
-            if not (diversity_penalty and K > 1):
+            if not diverse:
                 sc = lp
             nxt, lp, sc = nxt.masked_fill(done, fill), lp.masked_fill(done, 0.0), sc.masked_fill(done, 0.0)
             toks.append(nxt); lps.append(lp); scs.append(sc)
