@@ -5,6 +5,7 @@ checkpoint, same data, same steps, only the method differs; >= 3 seeds).
 
     python experiment.py config/exp_base.py                 # the base model: stage 1 + stage 2, 3 seeds
     python experiment.py config/exp_base.py --seeds=[1,2,3,4,5]
+    python experiment.py config/exp_csr.py --only="['base','csr1']"   # some of a config's runs
 
 An experiment config defines `runs`: {name: {"steps": [command, ...], "model": dir}}. Commands are
 python scripts with arguments, run in order from the repository root; in them and in "model",
@@ -32,6 +33,7 @@ import prepare_shapes as W
 out_dir = "out/exp"
 seeds = [1, 2, 3]
 runs = {}                  # set by the experiment config (see the docstring)
+only = []                  # run and tabulate only these runs of the config, e.g. --only="['base','csr1']"
 eval_args = ""             # extra arguments for every evaluate.py call
 threads = 0                # OMP/torch threads of each step (0 = torch's default)
 # -----------------------------------------------------------------------------
@@ -97,6 +99,10 @@ def figure(metrics, task, split, metric):
 
 if not runs:
     raise SystemExit("no runs: give an experiment config, e.g. python experiment.py config/exp_base.py")
+if unknown := [n for n in only if n not in runs]:
+    raise SystemExit(f"--only names runs the config does not have: {unknown}; it has {list(runs)}")
+if only:  # a run's steps may start from another run's model: keep the config's order, so those come first
+    runs = {n: spec for n, spec in runs.items() if n in only}
 os.makedirs(out_dir, exist_ok=True)
 results_path = os.path.join(out_dir, "results.json")
 results = json.load(open(results_path)) if os.path.exists(results_path) else {}
