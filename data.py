@@ -1011,6 +1011,39 @@ def cot_answer(text):
     return None if i < 0 else text[i + len(COT_MARKER):].strip()
 
 
+# --- checking a sampled answer against the gold one (selfreward.py mode=answer, LLaVA-Reasoner's mining)
+
+_NUMBER = re.compile(r"([-+]?(?:\d+\.?\d*|\.\d+))\s*(%|[a-z]+)?")
+
+
+def read_number(text):
+    """A short answer that is a number, with at most one unit word after it, as (value, unit or ''):
+    '12', '1,024', '-3.5', '40%', '12 cm', 'two' (a number word VQA normalisation reads); else None."""
+    t = str(text).strip().lower().replace(",", "").rstrip(".")
+    m = _NUMBER.fullmatch(t) or _NUMBER.fullmatch(normalize_vqa(text))
+    return None if m is None else (float(m.group(1)), m.group(2) or "")
+
+
+def answer_correct(pred, q, tolerance=0.05):
+    """Whether the short answer pred is right for q (a question as benchmark_question gives it):
+      options   the option letter extract_letter reads equals the gold letter
+      numbers   relaxed accuracy (ChartQA's, which LLaVA-Reasoner's mining uses for numbers): within
+                `tolerance` of a gold number, relative (a gold 0 only matches 0); units must agree when
+                both answers give one ('12 cm' matches '12', not '12 m')
+      otherwise normalize_vqa(pred) equals a normalised gold answer (exact match, not VQA's 3-of-10)."""
+    if "options" in q:
+        return extract_letter(pred, len(q["options"]), q["options"]) == q["answer"]
+    p, norm = read_number(pred), normalize_vqa(pred)
+    for gold in q["answers"]:
+        g = read_number(gold)
+        if p is not None and g is not None:
+            if (not p[1] or not g[1] or p[1] == g[1]) and abs(p[0] - g[0]) <= tolerance * abs(g[0]):
+                return True
+        elif norm == normalize_vqa(gold):
+            return True
+    return False
+
+
 # --- CHAIR (Rohrbach et al. 2018; LisaAnne/Hallucination utils/chair.py and data/synonyms.txt)
 
 _IRREGULAR = dict(men="man", women="woman", people="person", children="child", mice="mouse", geese="goose",
@@ -1400,18 +1433,71 @@ def prompt_from_record(rec):
     return dict(id=rec.get("id"), image=images[0], prompt=text.replace(IMAGE_PLACEHOLDER, "").strip())
 
 
-def load_prompts(path, image_root=None, limit=0, image_prefix=""):
+DIRECT_SUFFIXES = (SHORT_SUFFIX, MC_SUFFIX, "Answer the question with a short answer.")  # the last: LLaVA-Reasoner's
+
+
+def question_from_record(rec):
+    """A question with its gold short answer, for CoT answer sampling -> dict(id, image, prompt (with
+    COT_SUFFIX, <image> removed) and the gold: options + answer (a letter) or answers [..]). Either
+      - a question record: question (or text), answer (or answers), options (optional), image, as
+        data.benchmark_question reads a 'cot' question, or
+      - a LLaVA conversation: the first human turn is the question, the first gpt turn the gold (the
+        text after its last '### Answer:' when it has one); options are read from the question
+        ('A. ...' lines or 'Options: (A) ...'), the gold then read as a letter.
+    A direct-answer suffix on the question is replaced by the CoT one. Raises DataError."""
+    if not isinstance(rec, dict):
+        raise DataError(f"record is a {type(rec).__name__}, not an object", "malformed record")
+    images = record_images(rec)
+    if len(images) != 1:
+        raise DataError(f"answer sampling needs exactly one image per question, got {len(images)}", "image count mismatch")
+    if "conversations" in rec and "question" not in rec and "text" not in rec:
+        check_conversations(rec["conversations"])
+        turns = rec["conversations"]
+        human = next((t["value"] for t in turns if ROLES[t["from"]] == "user"), None)
+        gpt = next((t["value"] for t in turns if ROLES[t["from"]] == "assistant"), None)
+        if human is None or gpt is None:
+            raise DataError("needs a human turn (the question) and a gpt turn (the gold answer)", "malformed record")
+        text = human.replace(IMAGE_PLACEHOLDER, "").strip()
+        gold = cot_answer(gpt) if COT_MARKER in gpt else gpt.strip()
+        if not gold:
+            raise DataError(f"no gold answer in the gpt turn {gpt!r:.60}", "no gold answer")
+        q = dict(id=rec.get("id"), image=images[0])
+        opts = parse_options(text)
+        if opts:
+            letter = extract_letter(gold, len(opts), opts)
+            if letter is None:
+                raise DataError(f"the gold answer {gold!r:.40} names none of the options", "no gold answer")
+            q.update(options=opts, answer=letter)
+        else:
+            q["answers"] = [gold]
+    else:
+        if "answer" not in rec and "answers" not in rec:
+            raise DataError("no gold answer: needs 'answer' (or 'answers')", "no gold answer")
+        b = benchmark_question(dict(rec, question_id=rec.get("question_id", rec.get("id", 0))), "cot")
+        text = b["prompt"].replace(COT_SUFFIX, "").strip()
+        q = dict(id=rec.get("question_id", rec.get("id")), image=images[0],
+                 **{k: b[k] for k in ("options", "answer", "answers") if k in b})
+    for suffix in DIRECT_SUFFIXES:
+        text = text.replace(suffix, "").strip()
+    if not text:
+        raise DataError("empty question", "no prompt")
+    return dict(q, prompt=with_suffix(text, COT_SUFFIX))
+
+
+def load_prompts(path, image_root=None, limit=0, image_prefix="", kind="prompt"):
     """The prompts of a .json / .jsonl file (the first `limit` when limit > 0), each with _src, the
     image's full path under 'path' (image_root / image_prefix + image: CSR's file names images
     000000442786.jpg, COCO's train2014 folder holds COCO_train2014_000000442786.jpg) and a unique id;
-    every image is checked to exist. The first bad record raises DataError naming the file, record
-    and problem."""
+    every image is checked to exist. kind: 'prompt' (prompt_from_record: CSR's describe prompts) or
+    'question' (question_from_record: questions with a gold answer). The first bad record raises
+    DataError naming the file, record and problem."""
     root = image_root if image_root is not None else os.path.dirname(path)
     raw = read_json_file(path)
+    parse = dict(prompt=prompt_from_record, question=question_from_record)[kind]
     out, seen = [], set()
     for i, rec in enumerate(raw[:limit] if limit else raw):
         try:
-            p = prompt_from_record(rec)
+            p = parse(rec)
             p["image"] = os.path.join(os.path.dirname(p["image"]), image_prefix + os.path.basename(p["image"]))
             p["path"] = p["image"] if os.path.isabs(p["image"]) else os.path.join(root, p["image"])
             check_image_file(p["path"])
@@ -1424,3 +1510,15 @@ def load_prompts(path, image_root=None, limit=0, image_prefix=""):
         seen.add(p["id"])
         out.append(dict(p, _src=(path, i)))
     return out
+
+
+def prompt_inputs(prompts, vlm):
+    """Prompts as load_prompts gives them (dicts with 'prompt' and the image's 'path') -> (prompt id
+    lists, (B, 3, H, W) pixels on the model's device, the PIL images): the image first, as LLaVA's
+    eval scripts put it, each prepared as training prepares it (the model's template and padding)."""
+    images = [load_image(p["path"]) for p in prompts]
+    dev = next(vlm.parameters()).device
+    px = torch.stack([process_image(im, vlm.image_processor, vlm.config["pad_to_square"]) for im in images]).to(dev)
+    ids = [build_prompt(IMAGE_PLACEHOLDER + "\n" + p["prompt"], vlm.tokenizer, vlm.config["template"],
+                        vlm.image_token_id, vlm.num_image_tokens) for p in prompts]
+    return ids, px, images

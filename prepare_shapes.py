@@ -26,6 +26,8 @@ Output (out_dir):
     captions.json, captions_val.json   stage-1 captions, one per scene, same record format
     pairs.json, pairs_val.json         DPO pairs in CSR's format: {"id", "image", "conversations", "rejected_conversations"}
     prompts.json            self-rewarding prompts in CSR's format: {"id", "image", "input"}, one per training scene
+    questions.json          answer-checked mining questions (selfreward.py mode=answer) on training scenes:
+                            {"question_id", "image", "question", "answer", "answers": [10], "category"}
     test.jsonl              held-out short-answer questions, one per line:
                             {"question_id", "image", "text", "answer", "type", "scene_id"[, "probe"]}
     scenes.json             {"train": [scene, ...], "val": [...], "test": [...]}
@@ -73,6 +75,7 @@ vocab_size = 1024       # BPE target; the world's text is small, so the real siz
 short_answer_p = 0.5    # share of short-answer questions given LLaVA's "single word or phrase" suffix
 single_turn_p = 0.3     # share of scenes that also get a one-question record
 pair_other_p = 0.3      # pairs.json: share of the scenes without a missing partner that give a colour-confusion pair
+n_questions = 2000      # questions.json: multi-step questions on training scenes for answer-checked mining
 # evaluation sets (eval/), on their own held-out scenes; sizes are questions per file, small enough
 # that a tiny CPU model runs the whole suite in minutes
 n_eval = 600            # eval scenes; POPE needs many: only ~1 in 5 has a shape whose partner is missing
@@ -773,10 +776,10 @@ def vqa_question(scene, rng, category):
     return None if qa is None else (qa[0].removesuffix(SHORT_SUFFIX), qa[1])
 
 
-def cycle_rows(scenes, n, categories, ask):
+def cycle_rows(scenes, n, categories, ask, image=eval_image):
     """n rows whose categories take turns; the scenes are visited in turn (round again if needed) and a
     scene where ask(scene, category) gives None, or a question already asked of it, is passed over.
-    Stops short of n only if the scenes run out of questions."""
+    Stops short of n only if the scenes run out of questions. image(scene) is the row's image path."""
     rows, seen = [], set()
     for step in range(20 * n if scenes else 0):
         if len(rows) == n:
@@ -787,7 +790,7 @@ def cycle_rows(scenes, n, categories, ask):
         if row is None or (scene['id'], row['question']) in seen:
             continue
         seen.add((scene['id'], row['question']))
-        rows.append({'question_id': len(rows), 'image': eval_image(scene), **row, 'category': category})
+        rows.append({'question_id': len(rows), 'image': image(scene), **row, 'category': category})
     return rows
 
 
@@ -812,7 +815,7 @@ def make_vqa(scenes, rng, n):
     return cycle_rows(scenes, n, VQA_CATEGORIES, ask)
 
 
-def make_cot(scenes, rng, n):
+def make_cot(scenes, rng, n, image=eval_image):
     """Multi-step questions {question_id, image, question, answer, answers, category (a COT_KINDS
     kind), rationale}: the rationale is the gold chain in the training form, ending in a line
     '### Answer: <answer>'. A 'neighbor' that falls back to another kind is passed over, so the
@@ -823,7 +826,7 @@ def make_cot(scenes, rng, n):
             return None
         return {'question': question, 'answer': short, 'answers': human_answers(short),
                 'rationale': cot_format(question, rationale, short)[1]}
-    return cycle_rows(scenes, n, COT_KINDS, ask)
+    return cycle_rows(scenes, n, COT_KINDS, ask, image)
 
 
 def make_chair(scenes, n):
@@ -1000,6 +1003,13 @@ def main():
     prompts = [{'id': scene['id'], 'image': f"train/{scene['id']}.png",
                 'input': f"{IMAGE_TOKEN}\n{prompt_rng.choice(DESCRIBE_PROMPTS)}"} for scene in scenes['train']]
 
+    # LLaVA-Reasoner's mining questions (selfreward.py mode=answer): multi-step questions with a gold
+    # short answer on the training scenes, the kinds in turn, own seed stream (the paper mines on the
+    # training splits of its VQA and multiple-choice sets); the gold chain is left out
+    questions = [{k: v for k, v in row.items() if k != 'rationale'} for row in
+                 make_cot(scenes['train'], random.Random(f"{seed}:train:questions"), n_questions,
+                          lambda scene: f"train/{scene['id']}.png")]
+
     # LLaVA stage 1 (projector alignment, `plain` template): one caption per scene, the true description
     captions = {split: [caption_record(scene, f"{split}/{scene['id']}.png") for scene in scenes[split]]
                 for split in ('train', 'val')}
@@ -1044,6 +1054,7 @@ def main():
     write_json(os.path.join(out_dir, 'pairs.json'), pairs['train'][0])
     write_json(os.path.join(out_dir, 'pairs_val.json'), pairs['val'][0])
     write_json(os.path.join(out_dir, 'prompts.json'), prompts)
+    write_json(os.path.join(out_dir, 'questions.json'), questions)
     write_jsonl(os.path.join(out_dir, 'test.jsonl'), test_rows)
     write_json(os.path.join(out_dir, 'scenes.json'), scenes)
     eval_dir = os.path.join(out_dir, 'eval')

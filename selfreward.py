@@ -1,9 +1,14 @@
 """
-Self-rewarding: the model answers prompts, rewards its own answers, and keeps one preference pair per
-prompt for dpo.py. mode=csr is calibrated self-rewarding (Zhou et al. 2024, CSR): a sentence-level
-tree search whose sentence reward mixes the model's own confidence with an image-text scorer's
-(CLIP); the best and the worst whole description become chosen and rejected. The rules, with each
-choice of the paper vs the released code as a named option, are in sentence_tree.py.
+Self-rewarding: the model answers prompts, rewards its own answers, and keeps preference pairs for
+dpo.py. Two modes:
+  csr     calibrated self-rewarding (Zhou et al. 2024, CSR): a sentence-level tree search whose
+          sentence reward mixes the model's own confidence with an image-text scorer's (CLIP); the
+          best and the worst whole description become chosen and rejected, one pair per prompt. The
+          rules, with each choice of the paper vs the released code as a named option, are in
+          sentence_tree.py.
+  answer  LLaVA-Reasoner's mining (Zhang et al. 2024): N sampled chains of thought per question with
+          a gold short answer, checked against it; questions with a sample accuracy inside the band
+          give up to 3 (correct, incorrect) pairs each. The rules are in answer_pairs.py.
 
 The shapes world (after `python prepare_shapes.py` and a base model, e.g. `python sft.py`):
     python selfreward.py config/shapes_csr.py --init_from=out/sft
@@ -11,17 +16,27 @@ then DPO on the pairs (LoRA, the adapters-off reference) and again from the merg
     python dpo.py config/shapes_csr_dpo.py --init_from=out/sft --data_path=out/selfreward/pairs.json
 Three iterations over 3 seeds, with the ablations, evaluated in one table:
     python experiment.py config/exp_csr.py
-LLaVA-1.5-7B on CSR's 12,856 COCO prompts, 8 GPUs (prompts are sharded over ranks, gathered in order):
+LLaVA-1.5-7B on CSR's 12,856 COCO prompts, 8 GPUs (batches of prompts are sharded over ranks, gathered in order):
     torchrun --standalone --nproc_per_node=8 selfreward.py config/csr_sample.py
+LLaVA-Reasoner's pairs on the shapes world's training questions, from a CoT-SFT model:
+    python selfreward.py config/shapes_reasoner_sample.py --init_from=out/shapes_cot_sft
 
-Input (data_path, .json or .jsonl): CSR's {id, image, input} or LLaVA conversations (first human turn).
+Input (data_path, .json or .jsonl; data.load_prompts says what each record may look like):
+  csr     CSR's {id, image, input} or LLaVA conversations (the first human turn)
+  answer  {id, image, question (+ options), answer} or LLaVA conversations (gold = the gpt turn, the
+          text after its '### Answer:' if any); the CoT suffix replaces a direct-answer one
 Written to out_dir, each atomically:
-  pairs.json    CSR's pair format, which dpo.py reads: id, image, conversations [prompt, chosen],
-                rejected_conversations [prompt, rejected], plus chosen_score / rejected_score
-  trees.jsonl   every scored tree (nodes: parent, sentence, text, lm, clip, reward, score, final)
-  summary.json  counts (prompts, pairs, skipped by reason, sentences), timing, the settings
-A journal (trees.rank<r>.jsonl, one line per finished prompt) makes a crashed or stopped run resume:
-run the same command again and only the prompts not yet in it are searched.
+  pairs.json    csr: CSR's pair format: id, image, conversations [prompt, chosen], rejected_conversations
+                [prompt, rejected], chosen_score / rejected_score. answer: LLaVA-Reasoner's: id, image,
+                question, chosen, rejected, accuracy (the question's). dpo.py reads both.
+  trees.jsonl   csr: every scored tree (nodes: parent, sentence, text, lm, clip, reward, score, final)
+  samples.jsonl answer: every question's samples (text, answer read, correct) and accuracy
+  summary.json  counts (prompts, pairs, skipped by reason, ...), timing, the settings
+A journal (<trees|samples>.rank<r>.jsonl, one line per finished prompt) makes a crashed or stopped run
+resume: run the same command again and only the prompts not yet in it are done. The batches, not the
+prompts, are dealt to the ranks, and each batch samples from a stream fixed by the seed and its first
+prompt: the same file, seed and batch size give the same samples on any number of ranks (a resumed
+run draws its remaining prompts' samples afresh).
 """
 import glob
 import json
@@ -33,26 +48,33 @@ from tqdm import tqdm
 
 import data as D
 import model as M
+import answer_pairs as A
 import sentence_tree as S
 import training as T
 
 # -----------------------------------------------------------------------------
-mode = "csr"               # 'csr' (the sentence-tree search); 'answer' is LLaVA-Reasoner's (not yet)
+mode = "csr"               # 'csr' (CSR's sentence-tree search) | 'answer' (LLaVA-Reasoner's answer-checked sampling)
 init_from = "out/sft"      # our checkpoint, a llava-hf directory or a hub id
 data_path = "data/shapes/prompts.json"
 image_root = "data/shapes/images"
 image_prefix = ""          # put before each image file name (CSR's prompt file + COCO train2014: 'COCO_train2014_')
-clip_path = "models/shapes/clip"  # the scorer: a CLIPModel directory or hub id (openai/clip-vit-large-patch14-336)
+clip_path = "models/shapes/clip"  # csr's scorer: a CLIPModel directory or hub id (openai/clip-vit-large-patch14-336)
 out_dir = "out/selfreward"
 max_prompts = 0            # 0 = every prompt of the file; else the first n
-batch_size = 16            # prompts searched together (every live node of all of them in one generate call)
-# the search (sentence_tree.SEARCH_DEFAULTS says what each does)
+batch_size = 16            # prompts done together (csr: every live node of all of them in one generate call)
+temperature = 1.0          # sampling: csr's proposal='sample', and answer mode (the paper samples at 1.0-1.2)
+top_p = 1.0
+max_new_tokens = 0         # 0 = the mode's default: 70 per sentence (csr, as released), 256 per answer (answer)
+# mode=answer (answer_pairs.py)
+samples = 32               # CoT answers sampled per question
+tolerance = 0.05           # relative tolerance of a numeric answer
+min_accuracy = 0.25        # a question gives pairs when its sample accuracy lies in [min_accuracy, max_accuracy]
+max_accuracy = 0.85
+pairs_per_question = 3
+# mode=csr: the search (sentence_tree.SEARCH_DEFAULTS says what each does)
 proposals = 5
 proposal = "diverse"       # 'diverse' | 'sample'
 diversity_penalty = 3.0
-temperature = 1.0          # 'sample' only
-top_p = 1.0                # 'sample' only
-max_new_tokens = 70
 max_chars = 1024
 max_sentences = 0
 keep_best = 1
@@ -70,16 +92,29 @@ dtype = "auto"             # auto = bfloat16 on CUDA, float32 elsewhere
 from configurator import configure  # noqa: E402
 config = configure(globals())
 # -----------------------------------------------------------------------------
-if mode != "csr":
-    raise ValueError(f"mode must be 'csr' (mode 'answer' is not built yet), got {mode!r}")
-search = {k: config[k] for k in S.SEARCH_DEFAULTS if k != "max_nodes"}
-search["max_nodes"] = max_nodes
-S.check_search(search)
-# what the trees depend on: a journal written under other settings must not be continued
-identity = dict(mode=mode, init_from=init_from, data_path=data_path, clip_path=clip_path, seed=seed,
-                **{k: v for k, v in search.items() if k != "max_nodes"})
+if mode not in ("csr", "answer"):
+    raise ValueError(f"mode must be 'csr' or 'answer', got {mode!r}")
+max_new_tokens = max_new_tokens or dict(csr=70, answer=256)[mode]
+# what the journal's rows depend on: a journal written under other settings must not be continued
+identity = dict(mode=mode, init_from=init_from, data_path=data_path, image_prefix=image_prefix, seed=seed,
+                batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+if mode == "csr":
+    search = {k: config[k] for k in S.SEARCH_DEFAULTS if k != "max_nodes"}
+    search.update(max_nodes=max_nodes, max_new_tokens=max_new_tokens)
+    S.check_search(search)
+    identity.update(clip_path=clip_path, **{k: v for k, v in search.items() if k != "max_nodes"})
+    if search["proposal"] == "diverse":  # greedy: the trees do not depend on the batching or the sampling knobs
+        for k in ("batch_size", "temperature", "top_p"):
+            identity.pop(k)
+else:  # the band and the pair count are applied when the pairs are written: changing them needs no new samples
+    if not (samples >= 2 and 0 <= min_accuracy <= max_accuracy <= 1 and pairs_per_question >= 1 and temperature > 0):
+        raise ValueError("answer mode needs samples >= 2, 0 <= min_accuracy <= max_accuracy <= 1, "
+                         "pairs_per_question >= 1 and temperature > 0")
+    identity.update(samples=samples, tolerance=tolerance)
+journal_name = dict(csr="trees", answer="samples")[mode]
 
-prompts = D.load_prompts(data_path, image_root, max_prompts, image_prefix)  # checked before any model is loaded
+# checked before any model is loaded
+prompts = D.load_prompts(data_path, image_root, max_prompts, image_prefix, kind=dict(csr="prompt", answer="question")[mode])
 run = T.setup(seed, device, dtype)
 dist, dev, log = run.dist, run.device, run.log
 os.makedirs(out_dir, exist_ok=True)
@@ -88,9 +123,9 @@ if dist.master:
     if os.path.exists(settings_path):
         old = json.load(open(settings_path))
         diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-        if diff and glob.glob(os.path.join(out_dir, "trees.rank*.jsonl")):
-            raise SystemExit(f"{out_dir} holds trees searched with other settings ({', '.join(diff)}); "
-                             f"use another out_dir, or delete its trees.rank*.jsonl to start over")
+        if diff and glob.glob(os.path.join(out_dir, f"{journal_name}.rank*.jsonl")):
+            raise SystemExit(f"{out_dir} holds {journal_name} made with other settings ({', '.join(diff)}); "
+                             f"use another out_dir, or delete its {journal_name}.rank*.jsonl to start over")
     D.write_atomic(settings_path, json.dumps(identity, indent=1))
 if dist.ddp:
     torch.distributed.barrier()
@@ -99,7 +134,7 @@ if dist.ddp:
 def read_journal(d):
     """{prompt id: tree row} from every rank's journal (a crash can leave half a last line: skipped)."""
     done = {}
-    for path in sorted(glob.glob(os.path.join(d, "trees.rank*.jsonl"))):
+    for path in sorted(glob.glob(os.path.join(d, f"{journal_name}.rank*.jsonl"))):
         for line in open(path, encoding="utf-8"):
             try:
                 row = json.loads(line)
@@ -113,39 +148,48 @@ done = read_journal(out_dir)
 if dist.ddp:  # every rank reads the journals before any rank appends to its own: the same todo list everywhere
     torch.distributed.barrier()
 todo = [p for p in prompts if p["id"] not in done]
-mine = todo[dist.rank::dist.world_size]
-log(f"{len(prompts)} prompts in {data_path}: {len(prompts) - len(todo)} already searched, {len(todo)} to go "
+batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+mine = batches[dist.rank::dist.world_size]  # whole batches: the same batches on any number of ranks
+log(f"{len(prompts)} prompts in {data_path}: {len(prompts) - len(todo)} already done, {len(todo)} to go "
     f"over {dist.world_size} rank(s)")
 
 vlm = M.VLM.from_pretrained(init_from, dtype=run.ptdtype).to(dev).eval()
-scorer = S.ClipScorer(clip_path, dev, run.ptdtype)
-journal_path = os.path.join(out_dir, f"trees.rank{dist.rank}.jsonl")
+scorer = S.ClipScorer(clip_path, dev, run.ptdtype) if mode == "csr" else None
+journal_path = os.path.join(out_dir, f"{journal_name}.rank{dist.rank}.jsonl")
 if os.path.exists(journal_path):  # a crash mid-write leaves half a line: cut it, so new lines start clean
     with open(journal_path, "rb+") as f:
         text = f.read()
         if text and not text.endswith(b"\n"):
             f.truncate(text.rfind(b"\n") + 1)
 journal = open(journal_path, "a", encoding="utf-8")
-stats = {}
+GOLD = ("options", "answer", "answers")
+stats = {"sentences": 0, "samples": 0}
 t0 = time.time()
-bar = tqdm(total=len(mine), disable=not dist.master, unit="prompt", desc="csr", dynamic_ncols=True)
-for b in range(0, len(mine), batch_size):
-    batch = mine[b:b + batch_size]
-    # proposal='sample' draws from a stream fixed by the seed and the batch's first prompt: the same prompts, ranks
-    # and batch size give the same trees ('diverse' is greedy: the same trees whatever the batching)
+bar = tqdm(total=sum(map(len, mine)), disable=not dist.master, unit="prompt", desc=mode, dynamic_ncols=True)
+for batch in mine:
+    # sampling draws from a stream fixed by the seed and the batch's first prompt ('diverse' is greedy)
     gen = torch.Generator(dev).manual_seed(seed * 1_000_003 + batch[0]["_src"][1])
     with torch.no_grad(), run.autocast:
-        trees = S.search_prompts(vlm, scorer, batch, search, gen, stats)
-    for p, tree in zip(batch, trees):
-        chosen, rejected, skipped = S.pick_pair(tree, path_length)
-        row = dict(id=p["id"], image=p["image"], prompt=p["prompt"], chosen=chosen, rejected=rejected,
-                   skipped=skipped, nodes=S.tree_record(tree, path_length))
+        if mode == "csr":
+            trees = S.search_prompts(vlm, scorer, batch, search, gen, stats)
+        else:
+            texts = A.sample_answers(vlm, batch, samples, temperature, top_p, max_new_tokens, gen)
+    for i, p in enumerate(batch):
+        row = dict(id=p["id"], image=p["image"], prompt=p["prompt"])
+        if mode == "csr":
+            chosen, rejected, skipped = S.pick_pair(trees[i], path_length)
+            row.update(chosen=chosen, rejected=rejected, skipped=skipped, nodes=S.tree_record(trees[i], path_length))
+        else:
+            checked = A.check_answers(p, texts[i], tolerance)
+            row.update({k: p[k] for k in GOLD if k in p}, samples=checked,
+                       accuracy=sum(c["correct"] for c in checked) / len(checked))
+            stats["samples"] += len(checked)
         journal.write(json.dumps(row) + "\n")
     journal.flush()
     os.fsync(journal.fileno())
     bar.update(len(batch))
     dt = time.time() - t0
-    bar.set_postfix_str(f"{stats['sentences'] / dt:.1f} sentences/s")
+    bar.set_postfix_str(f"{stats['sentences'] / dt:.1f} sentences/s" if mode == "csr" else f"{stats['samples'] / dt:.1f} samples/s")
 journal.close()
 bar.close()
 elapsed = time.time() - t0
@@ -159,6 +203,31 @@ if dist.master:
     if missing:
         raise SystemExit(f"{len(missing)} prompts have no tree (first: {missing[0]}); run again to finish them")
     rows = [done[p["id"]] for p in prompts]
+    D.write_atomic(os.path.join(out_dir, f"{journal_name}.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    timing = dict(searched_now=len(todo), seconds=round(elapsed, 1), prompts_per_s=round(len(todo) / max(elapsed, 1e-9), 3))
+if dist.master and mode == "answer":
+    pairs, skipped = [], {}
+    for r in rows:
+        acc, picked, why = A.pick_pairs(r["samples"], r["id"], seed, min_accuracy, max_accuracy, pairs_per_question)
+        if why:
+            skipped[why] = skipped.get(why, 0) + 1
+        pairs += [dict(id=f"{r['id']}_{k}", image=r["image"], question=r["prompt"], chosen=c, rejected=rj, accuracy=acc)
+                  for k, (c, rj) in enumerate(picked)]
+    D.write_atomic(os.path.join(out_dir, "pairs.json"), json.dumps(pairs, indent=1))
+    n_samples = sum(len(r["samples"]) for r in rows)
+    no_marker = sum(s["answer"] is None for r in rows for s in r["samples"])
+    kept = len(rows) - sum(skipped.values())
+    summary = dict(questions=len(rows), kept=kept, below_band=skipped.get("below band", 0),
+                   above_band=skipped.get("above band", 0), pairs=len(pairs), samples=n_samples,
+                   no_marker=no_marker, sample_accuracy=sum(r["accuracy"] for r in rows) / max(len(rows), 1),
+                   band=[min_accuracy, max_accuracy], skipped=skipped, **timing,
+                   samples_per_s_rank0=round(stats["samples"] / max(elapsed, 1e-9), 2), settings=identity)
+    D.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
+    print(f"\n| questions | kept | below band | above band | pairs | sample accuracy | no marker | samples/s (rank 0) |\n"
+          f"|---|---|---|---|---|---|---|---|\n| {len(rows)} | {kept} | {summary['below_band']} | {summary['above_band']} | "
+          f"{len(pairs)} | {100 * summary['sample_accuracy']:.1f}% | {no_marker} of {n_samples} | {summary['samples_per_s_rank0']} |")
+    print(f"wrote {out_dir}/pairs.json, samples.jsonl, summary.json")
+if dist.master and mode == "csr":
     pairs, skipped = [], {}
     for r in rows:
         if r["skipped"]:
@@ -170,14 +239,11 @@ if dist.master:
                       "conversations": [human, {"from": "gpt", "value": ch["text"]}],
                       "rejected_conversations": [human, {"from": "gpt", "value": rj["text"]}],
                       "chosen_score": ch["score"], "rejected_score": rj["score"]})
-    D.write_atomic(os.path.join(out_dir, "trees.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     D.write_atomic(os.path.join(out_dir, "pairs.json"), json.dumps(pairs, indent=1))
     n_nodes = sum(len(r["nodes"]) - 1 for r in rows)
     n_leaves = sum(sum(n["final"] for n in r["nodes"]) for r in rows)
-    summary = dict(prompts=len(rows), pairs=len(pairs), skipped=skipped, nodes=n_nodes, leaves=n_leaves,
-                   searched_now=len(todo), seconds=round(elapsed, 1),
-                   sentences_per_s_rank0=round(stats.get("sentences", 0) / max(elapsed, 1e-9), 2),
-                   prompts_per_s=round(len(todo) / max(elapsed, 1e-9), 3), settings=identity)
+    summary = dict(prompts=len(rows), pairs=len(pairs), skipped=skipped, nodes=n_nodes, leaves=n_leaves, **timing,
+                   sentences_per_s_rank0=round(stats["sentences"] / max(elapsed, 1e-9), 2), settings=identity)
     D.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
     margin = [p["chosen_score"] - p["rejected_score"] for p in pairs]
     print(f"\n| prompts | pairs | skipped | nodes / tree | leaves / tree | mean score margin | prompts/s |\n|---|---|---|---|---|---|---|\n"

@@ -280,11 +280,7 @@ def search_prompts(vlm, scorer, prompts, search, generator=None, stats=None):
     """grow_trees for prompts as data.load_prompts gives them (dicts with 'prompt' and the image's 'path'):
     the images loaded and prepared as training prepares them (the model's template and padding), each
     encoded once by the VLM and once by the scorer. Call under torch.no_grad (and autocast)."""
-    images = [D.load_image(p["path"]) for p in prompts]
-    dev = next(vlm.parameters()).device
-    px = torch.stack([D.process_image(im, vlm.image_processor, vlm.config["pad_to_square"]) for im in images]).to(dev)
-    ids = [D.build_prompt(D.IMAGE_PLACEHOLDER + "\n" + p["prompt"], vlm.tokenizer, vlm.config["template"],
-                          vlm.image_token_id, vlm.num_image_tokens) for p in prompts]
+    ids, px, images = D.prompt_inputs(prompts, vlm)
     return grow_trees(vlm, ids, vlm.encode_images(px), scorer, scorer.image_embeds(images), search, generator, stats)
 
 

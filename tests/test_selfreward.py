@@ -225,7 +225,7 @@ def test_selfreward_writes_pairs_dpo_reads_and_resumes(world, tmp_path):
     for f in ("pairs.json", "trees.jsonl", "summary.json"):
         os.remove(f"{out}/{f}")
     p = run_script("selfreward.py", sr_args(world, out, "--max_prompts=6"))
-    assert "4 already searched, 2 to go" in p.stdout
+    assert "4 already done, 2 to go" in p.stdout
     assert open(f"{out}/pairs.json").read() == pairs_json
     # other settings, same out_dir: refused instead of mixing trees of two searches
     r = subprocess.run([sys.executable, "selfreward.py", *sr_args(world, out, "--max_prompts=6", "--lam=0.5")], cwd=ROOT,

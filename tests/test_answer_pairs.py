@@ -1,0 +1,167 @@
+"""LLaVA-Reasoner's answer-checked pair mining (selfreward.py mode=answer): the answer matcher on
+hand-made cases, the accuracy band and the pair draw, the question formats and their errors, and the
+script end to end (samples journal, resume, torchrun, pairs dpo.py reads)."""
+import json
+import os
+
+import pytest
+import torch
+
+import answer_pairs as A
+import data as D
+from conftest import ROOT, run_script, tiny_world_vlm
+
+MC = dict(options=["red", "blue", "green"], answer="B")
+
+
+@pytest.mark.parametrize("pred, q, right", [
+    ("B", MC, True), ("(B)", MC, True), ("The answer is B.", MC, True), ("blue", MC, True),  # the option's text
+    ("A", MC, False), ("C. green", MC, False), ("red or blue", MC, False),
+    ("12", dict(answers=["12"]), True), ("12.5", dict(answers=["12"]), True), ("11.4", dict(answers=["12"]), True),
+    ("12.7", dict(answers=["12"]), False), ("11.3", dict(answers=["12"]), False),  # outside 5 %
+    ("1,000", dict(answers=["1020"]), True), ("40%", dict(answers=["41%"]), True),
+    ("12 cm", dict(answers=["12"]), True), ("12 cm", dict(answers=["12 cm"]), True), ("12 cm", dict(answers=["12 m"]), False),
+    ("two", dict(answers=["2"]), True), ("0", dict(answers=["0"]), True), ("0.01", dict(answers=["0"]), False),
+    ("Red circle.", dict(answers=["red circle"]), True), ("the circle", dict(answers=["circle", "ring"]), True),
+    ("square", dict(answers=["circle", "ring"]), False),
+])
+def test_answer_matcher_by_hand(pred, q, right):
+    assert D.answer_correct(pred, q) is right
+
+
+def test_marker_missing_repeated_or_empty():
+    q = dict(answers=["3"])
+    rows = A.check_answers(q, ["It has 3.\n### Answer: 3", "### Answer: 4\nno wait\n### Answer: 3", "I count 3.",
+                               "### Answer: 3\n### Answer: 4", "### Answer:"])
+    assert [(r["answer"], r["correct"]) for r in rows] == [("3", True), ("3", True), (None, False), ("4", False), ("", False)]
+
+
+def samples(right, wrong):
+    return [dict(text=f"r{i}", correct=True) for i in range(right)] + [dict(text=f"w{i}", correct=False) for i in range(wrong)]
+
+
+def test_band_and_pair_draw():
+    # 32 samples: 7 right = 0.219 < 0.25, 8 right = 0.25 kept (the band is closed), 27 = 0.844 kept, 28 = 0.875 above
+    assert A.pick_pairs(samples(7, 25), "q", 1)[1:] == ([], "below band")
+    assert A.pick_pairs(samples(28, 4), "q", 1)[1:] == ([], "above band")
+    for right in (8, 27):
+        acc, pairs, why = A.pick_pairs(samples(right, 32 - right), "q", 1)
+        assert acc == right / 32 and why is None and len(pairs) == 3 and len(set(pairs)) == 3
+        assert all(c.startswith("r") and r.startswith("w") for c, r in pairs)
+    # the draw is fixed by seed and question id, not by the order the samples came in
+    s = samples(10, 22)
+    assert A.pick_pairs(s, "q", 1) == A.pick_pairs(s[::-1], "q", 1)
+    assert A.pick_pairs(s, "q", 1)[1] != A.pick_pairs(s, "q", 2)[1] or A.pick_pairs(s, "q", 1)[1] != A.pick_pairs(s, "p", 1)[1]
+    # identical texts count once: 1 distinct right x 1 distinct wrong is one pair, however many copies
+    dup = [dict(text="r", correct=True)] * 4 + [dict(text="w", correct=False)] * 4
+    assert A.pick_pairs(dup, "q", 1)[1] == [("r", "w")]
+    assert A.pick_pairs(samples(0, 4), "q", 1, min_accuracy=0.0)[1:] == ([], "all incorrect")
+
+
+def test_question_formats(tmp_path):
+    img = tmp_path / "a.png"
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(img)
+    recs = [{"question_id": 1, "image": "a.png", "question": "How many?", "answer": 3},
+            {"id": "s", "image": "a.png", "question": "Which colour?", "options": ["red", "blue"], "answer": "blue"},
+            {"id": "c", "image": "a.png", "conversations": [
+                {"from": "human", "value": "<image>\nWhat shape?\nAnswer the question using a single word or phrase."},
+                {"from": "gpt", "value": "I see a ring.\n### Answer: ring"}]},
+            {"id": "m", "image": "a.png", "conversations": [
+                {"from": "human", "value": "<image>\nWhich?\nA. cat\nB. dog\nAnswer with the option's letter from the given choices directly."},
+                {"from": "gpt", "value": "B"}]}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    got = D.load_prompts(str(tmp_path / "q.jsonl"), str(tmp_path), kind="question")
+    cot = "\n" + D.COT_SUFFIX
+    assert [(q["id"], q["prompt"]) for q in got] == [("1", "How many?" + cot), ("s", "Which colour?\nA. red\nB. blue" + cot),
+                                                     ("c", "What shape?" + cot), ("m", "Which?\nA. cat\nB. dog" + cot)]
+    assert got[0]["answers"] == ["3"] and (got[1]["options"], got[1]["answer"]) == (["red", "blue"], "B")
+    assert got[2]["answers"] == ["ring"] and got[3]["answer"] == "B"
+
+
+@pytest.mark.parametrize("rec, problem", [
+    ({"id": "x", "image": "a.png", "question": "How many?"}, "no gold answer"),
+    ({"id": "x", "image": "missing.png", "question": "How many?", "answer": "2"}, "image not found"),
+    ({"id": "x", "question": "How many?", "answer": "2"}, "exactly one image"),
+    ({"id": "x", "image": "a.png", "question": "Which?", "options": ["a", "b"], "answer": "C"}, "not an option letter"),
+    ({"id": "x", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhich?\nA. cat\nB. dog"},
+                                                    {"from": "gpt", "value": "a horse"}]}, "names none of the options"),
+    ({"id": "x", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nHi"}]}, "no assistant turn"),
+])
+def test_bad_question_files_name_file_record_and_problem(tmp_path, rec, problem):
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "q.json").write_text(json.dumps([{"id": "ok", "image": "a.png", "question": "Q?", "answer": "1"}, rec]))
+    with pytest.raises(D.DataError, match=rf"q.json: record 1 \(id 'x'\): .*{problem}"):
+        D.load_prompts(str(tmp_path / "q.json"), str(tmp_path), kind="question")
+
+
+# ----------------------------------------------------------------------------- the script
+
+
+@pytest.fixture(scope="module")
+def world(shapes, tmp_path_factory):
+    d = os.path.dirname(shapes[0].split("=", 1)[1])
+    ckpt = str(tmp_path_factory.mktemp("reasoner") / "base")
+    tiny_world_vlm(d, max_positions=1024).save_pretrained(ckpt)
+    return dict(dir=d, ckpt=ckpt)
+
+
+def args(world, out, *extra):
+    return ["--mode=answer", f"--init_from={world['ckpt']}", f"--data_path={world['dir']}/questions.json",
+            f"--image_root={world['dir']}/images", f"--out_dir={out}", "--device=cpu", "--dtype=float32",
+            "--samples=4", "--max_new_tokens=6", "--batch_size=2", "--max_prompts=5", *extra]
+
+
+def test_answer_mode_samples_resumes_and_two_ranks_match_one(world, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    p = run_script("selfreward.py", args(world, one))
+    assert "questions | kept" in p.stdout
+    rows = [json.loads(line) for line in open(f"{one}/samples.jsonl")]
+    questions = D.load_prompts(f"{world['dir']}/questions.json", f"{world['dir']}/images", 5, kind="question")
+    assert [r["id"] for r in rows] == [q["id"] for q in questions]
+    assert all(len(r["samples"]) == 4 and r["answers"] == q["answers"] for r, q in zip(rows, questions))
+    # sampled, not greedy: an untrained model's 4 answers to one question are not all the same
+    assert any(len({s["text"] for s in r["samples"]}) > 1 for r in rows)
+    summary = json.load(open(f"{one}/summary.json"))
+    # the untrained model never writes the marker: every answer wrong, every question below the band
+    assert summary["no_marker"] == summary["samples"] == 20 and summary["below_band"] == 5 and summary["pairs"] == 0
+    # the same batches on 2 ranks: the same samples
+    run_script("selfreward.py", args(world, two), nproc=2)
+    assert open(f"{one}/samples.jsonl").read() == open(f"{two}/samples.jsonl").read()
+    # a crash after the first batch (and half a line), then the same command: the rest is sampled, the first kept
+    journal = f"{one}/samples.rank0.jsonl"
+    lines = open(journal).read().splitlines(keepends=True)
+    open(journal, "w").write("".join(lines[:2]) + lines[2][:30])
+    p = run_script("selfreward.py", args(world, one))
+    assert "2 already done, 3 to go" in p.stdout
+    again = [json.loads(line) for line in open(f"{one}/samples.jsonl")]
+    assert again[:2] == rows[:2] and len(again) == 5
+
+
+def test_answer_mode_pairs_from_a_journal_are_what_dpo_reads(world, tmp_path):
+    """The pairs step on a journal written by hand (a trained model's answers): the band, the pair
+    format and dpo.py's reader, without sampling anything."""
+    out = tmp_path / "sr"
+    out.mkdir()
+    questions = D.load_prompts(f"{world['dir']}/questions.json", f"{world['dir']}/images", 3, kind="question")
+    journal = []
+    for q, n_right in zip(questions, (2, 4, 0)):  # accuracy 0.5 (kept), 1.0 (above), 0.0 (below)
+        gold = q["answers"][0]
+        texts = [f"Reason {i}.\n### Answer: {gold}" for i in range(n_right)] + \
+                [f"Reason {i}.\n### Answer: {gold}{gold}x" for i in range(4 - n_right)]
+        checked = A.check_answers(q, texts)
+        journal.append(dict(id=q["id"], image=q["image"], prompt=q["prompt"], answers=q["answers"], samples=checked,
+                            accuracy=sum(c["correct"] for c in checked) / 4))
+    (out / "samples.rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in journal))
+    run_script("selfreward.py", args(world, str(out), "--max_prompts=3"))
+    summary = json.load(open(out / "summary.json"))
+    assert (summary["kept"], summary["above_band"], summary["below_band"], summary["pairs"]) == (1, 1, 1, 3)
+    pairs = json.load(open(out / "pairs.json"))
+    assert [p["id"] for p in pairs] == [f"{questions[0]['id']}_{k}" for k in range(3)]
+    assert all(p["accuracy"] == 0.5 and p["question"] == questions[0]["prompt"] for p in pairs)
+    loaded = D.load_pairs(str(out / "pairs.json"), f"{world['dir']}/images")  # what dpo.py reads
+    assert all(p["prompt"][0]["value"].startswith("<image>\n") and "### Answer" in p["chosen"] for p in loaded)
+    right = [s["text"] for s in journal[0]["samples"] if s["correct"]]
+    wrong = [s["text"] for s in journal[0]["samples"] if not s["correct"]]
+    assert len({(p["chosen"], p["rejected"]) for p in loaded} & {(a, b) for a in right for b in wrong}) == 3
