@@ -9,9 +9,9 @@ the rules here on hand-made samples.
 
   sample   one VLM.generate call per batch of questions: each prompt (its image included) prefilled
            once and its KV cache copied N times (group_size), then temperature / top-p sampling
-  check    data.cot_answer + data.answer_correct, the rules evaluate.py scores by: the option letter
-           for multiple choice, relaxed numbers (5 %), VQA-normalised exact match otherwise; an
-           answer without the marker is incorrect (and counted)
+  check    data.cot_answer + data.answer_correct: the option letter for multiple choice (as
+           evaluate.py reads it), relaxed numbers (5 %), VQA-normalised exact match otherwise (evaluate.py
+           scores VQA by the soft 3-of-10 rule instead); an answer without the marker is incorrect (and counted)
   pick     accuracy in [min_accuracy, max_accuracy]; up to pairs_per_question distinct (correct,
            incorrect) texts drawn without replacement, from a stream fixed by the seed and the
            question's id, so the pairs do not depend on batching, ranks or resuming

@@ -1433,6 +1433,7 @@ def prompt_from_record(rec):
     return dict(id=rec.get("id"), image=images[0], prompt=text.replace(IMAGE_PLACEHOLDER, "").strip())
 
 
+GOLD_KEYS = ("options", "answer", "answers")  # what question_from_record keeps of the gold
 DIRECT_SUFFIXES = (SHORT_SUFFIX, MC_SUFFIX, "Answer the question with a short answer.")  # the last: LLaVA-Reasoner's
 
 
@@ -1476,7 +1477,7 @@ def question_from_record(rec):
         b = benchmark_question(dict(rec, question_id=rec.get("question_id", rec.get("id", 0))), "cot")
         text = b["prompt"].replace(COT_SUFFIX, "").strip()
         q = dict(id=rec.get("question_id", rec.get("id")), image=images[0],
-                 **{k: b[k] for k in ("options", "answer", "answers") if k in b})
+                 **{k: b[k] for k in GOLD_KEYS if k in b})
     for suffix in DIRECT_SUFFIXES:
         text = text.replace(suffix, "").strip()
     if not text:

@@ -162,7 +162,6 @@ if os.path.exists(journal_path):  # a crash mid-write leaves half a line: cut it
         if text and not text.endswith(b"\n"):
             f.truncate(text.rfind(b"\n") + 1)
 journal = open(journal_path, "a", encoding="utf-8")
-GOLD = ("options", "answer", "answers")
 stats = {"sentences": 0, "samples": 0}
 t0 = time.time()
 bar = tqdm(total=sum(map(len, mine)), disable=not dist.master, unit="prompt", desc=mode, dynamic_ncols=True)
@@ -181,7 +180,7 @@ for batch in mine:
             row.update(chosen=chosen, rejected=rejected, skipped=skipped, nodes=S.tree_record(trees[i], path_length))
         else:
             checked = A.check_answers(p, texts[i], tolerance)
-            row.update({k: p[k] for k in GOLD if k in p}, samples=checked,
+            row.update({k: p[k] for k in D.GOLD_KEYS if k in p}, samples=checked,
                        accuracy=sum(c["correct"] for c in checked) / len(checked))
             stats["samples"] += len(checked)
         journal.write(json.dumps(row) + "\n")
