@@ -5,7 +5,8 @@ chain-of-thought answers from the CoT-SFT model, read the short answer after the
 check it against the gold, keep the questions whose sample accuracy lies inside a band (a question
 the model always or never gets right has no pair worth learning from), and pair correct with
 incorrect chains at random. selfreward.py (mode=answer) runs it over a question file; tests check
-the rules here on hand-made samples.
+the rules here on hand-made samples. And the paper's follow-up use of the DPO model: a verifier that
+picks one of N sampled answers by the DPO reward, beside the majority answer (evaluate.py --best_of=N).
 
   sample   one VLM.generate call per batch of questions: each prompt (its image included) prefilled
            once and its KV cache copied N times (group_size), then temperature / top-p sampling
@@ -15,8 +16,14 @@ the rules here on hand-made samples.
   pick     accuracy in [min_accuracy, max_accuracy]; up to pairs_per_question distinct (correct,
            incorrect) texts drawn without replacement, from a stream fixed by the seed and the
            question's id, so the pairs do not depend on batching, ranks or resuming
+  verify   answer_logps: each answer's summed log-prob under a model, on the tokens DPO trains
+           (data.build_answer); reward = log pi_dpo - log pi_sft, DPO's implicit reward (times 1/beta)
+  vote     majority_index: the most common short answer (letters, numbers by value, VQA-normalised text)
 """
 import random
+from collections import Counter
+
+import torch
 
 import data as D
 
@@ -59,3 +66,54 @@ def pick_pairs(samples, qid, seed, min_accuracy=0.25, max_accuracy=0.85, max_pai
     if not combos:  # only when the band reaches 0 or 1
         return acc, [], "all correct" if right else "all incorrect"
     return acc, random.Random(f"{seed}:{qid}").sample(combos, min(max_pairs, len(combos))), None
+
+
+def answer_logps(vlm, questions, texts, max_words=0, drop_eos=False, max_len=None):
+    """Summed log-probs (len(questions), n) fp32 of texts[i][j], the j-th of n answers to questions[i]
+    (as data.load_prompts gives them), each scored as DPO scores an answer (data.build_answer: the
+    answer's tokens and its end of turn, after the prompt generation used). Each image is encoded once
+    for its n answers. Call under torch.no_grad (and autocast)."""
+    n = len(texts[0])
+    if any(len(t) != n for t in texts):
+        raise ValueError("every question needs the same number of answers")
+    _, px, _ = D.prompt_inputs(questions, vlm)
+    tok = vlm.tokenizer
+    rows = []
+    for j in range(n):  # sample-major: row j * B + i is texts[i][j], so image_repeat=n gives row i its image
+        for q, ts in zip(questions, texts):
+            prompt = [{"from": "human", "value": D.IMAGE_PLACEHOLDER + "\n" + q["prompt"]}]
+            ids, labels, _ = D.build_answer(prompt, ts[j], tok, vlm.config["template"], vlm.image_token_id,
+                                            vlm.num_image_tokens, 1, max_len, max_words, drop_eos)
+            rows.append(dict(input_ids=ids, labels=labels))
+    b = D.collate(rows, tok.pad_token_id)
+    nll = vlm(b["input_ids"].to(px.device), px, b["attention_mask"].to(px.device), b["labels"].to(px.device),
+              reduction="row", image_repeat=n)
+    return -nll.float().view(n, len(questions)).T
+
+
+def vote_key(short, question):
+    """What two short answers must share to count as the same vote: the option letter (multiple
+    choice), the value of a number ('2', 'two', '2.0'), else the VQA-normalised text; None without one."""
+    if not short:
+        return None
+    if "options" in question:
+        return D.extract_letter(short, len(question["options"]), question["options"])
+    number = D.read_number(short)
+    return number[0] if number is not None else D.normalize_vqa(short) or None
+
+
+def majority_index(texts, question):
+    """The index of the first answer giving the most common short answer (self-consistency's majority
+    vote; ties go to the answer seen first); 0 when no answer has one."""
+    keys = [vote_key(D.cot_answer(t), question) for t in texts]
+    counts = Counter(k for k in keys if k is not None)
+    if not counts:
+        return 0
+    top = max(counts.values())
+    return next(i for i, k in enumerate(keys) if k is not None and counts[k] == top)
+
+
+def best_index(rewards):
+    """The index of the highest reward (the first of equal ones)."""
+    rewards = torch.as_tensor(rewards)
+    return int((rewards == rewards.max()).nonzero()[0, 0])

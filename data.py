@@ -1335,28 +1335,41 @@ def truncate_words(text, n):
     return text if not n or len(words) <= n else " ".join(words[:n])
 
 
+def build_answer(prompt, answer, tokenizer, template, image_token_id, num_image_tokens, n_images, max_len=None,
+                 max_words=0, drop_eos=False):
+    """The conversation prompt (LLaVA turns ending with a human one) + answer -> (input_ids, labels,
+    start): only the final answer is supervised (earlier answers in a multi-turn prompt are not), start
+    is its first token. max_words: cut the answer to its first words; drop_eos: leave its end-of-turn
+    token(s) unsupervised (LLaVA-Reasoner: a truncated answer must not learn to stop there). DPO's
+    chosen and rejected, and a best-of-N verifier's candidates, are scored on exactly these tokens."""
+    conv = list(prompt) + [{"from": "gpt", "value": truncate_words(answer, max_words)}]
+    s = build_sample(conv, tokenizer, template, image_token_id, num_image_tokens, n_images=n_images, max_len=max_len)
+    ids, labels = s["input_ids"], s["labels"]
+    start = next(i for i in range(len(labels) - 1, -1, -1) if labels[i] != IGNORE_INDEX and
+                 (i == 0 or labels[i - 1] == IGNORE_INDEX))  # the final answer's first token
+    labels = [IGNORE_INDEX] * start + labels[start:]
+    if drop_eos:
+        special = set(tokenizer.all_special_ids)
+        end = len(labels)
+        while end > start and (labels[end - 1] == IGNORE_INDEX or labels[end - 1] in special):
+            end -= 1
+        labels = labels[:end] + [IGNORE_INDEX] * (len(labels) - end)
+    if all(l == IGNORE_INDEX for l in labels):
+        raise DataError("no supervised tokens left", "no supervised tokens")
+    return ids, labels, start
+
+
 def build_pair(pair, tokenizer, template, image_token_id, num_image_tokens, max_len=None, max_words=0, drop_eos=False):
     """A pair -> dict(chosen_ids, chosen_labels, rejected_ids, rejected_labels): the prompt is shared
-    and unsupervised (earlier answers in a multi-turn prompt too), only the final answer is supervised.
-    drop_eos: leave the answer's end-of-turn token(s) unsupervised (LLaVA-Reasoner: a truncated answer
-    must not learn to stop there)."""
+    and unsupervised, only the final answer is supervised (build_answer)."""
     n_images = len(record_images(pair))
     out, prompt_ids = {}, None
     for side in ("chosen", "rejected"):
-        conv = pair["prompt"] + [{"from": "gpt", "value": truncate_words(pair[side], max_words)}]
-        s = build_sample(conv, tokenizer, template, image_token_id, num_image_tokens, n_images=n_images, max_len=max_len)
-        ids, labels = s["input_ids"], s["labels"]
-        start = next(i for i in range(len(labels) - 1, -1, -1) if labels[i] != IGNORE_INDEX and
-                     (i == 0 or labels[i - 1] == IGNORE_INDEX))  # the final answer's first token
-        labels = [IGNORE_INDEX] * start + labels[start:]
-        if drop_eos:
-            special = set(tokenizer.all_special_ids)
-            end = len(labels)
-            while end > start and (labels[end - 1] == IGNORE_INDEX or labels[end - 1] in special):
-                end -= 1
-            labels = labels[:end] + [IGNORE_INDEX] * (len(labels) - end)
-        if all(l == IGNORE_INDEX for l in labels):
-            raise DataError(f"{side}: no supervised tokens left", "no supervised tokens")
+        try:
+            ids, labels, start = build_answer(pair["prompt"], pair[side], tokenizer, template, image_token_id,
+                                              num_image_tokens, n_images, max_len, max_words, drop_eos)
+        except DataError as e:  # name the side that failed
+            raise DataError(f"{side}: {e}", e.kind) from None
         if prompt_ids is None:
             prompt_ids = ids[:start]
         elif ids[:start] != prompt_ids:

@@ -11,6 +11,11 @@ One benchmark, any checkpoint (ours or llava-hf), question files in LLaVA's form
 Score answers generated elsewhere (LLaVA answer files: question_id + text), no model loaded:
     python evaluate.py --task=pope --data_path=Q.jsonl --predictions=answers.jsonl --out_dir=D
     python evaluate.py --predictions=out/sft/eval      # re-score a shapes run's <task>_predictions.jsonl
+Best-of-N on CoT questions (LLaVA-Reasoner's DPO model as a verifier): init_from (the SFT model) also
+samples N answers per question; each is scored by the DPO reward log pi_verifier - log pi_init_from,
+summed over its tokens; the best one vs the majority answer vs greedy, in one table and best_of.json:
+    python evaluate.py --task=cot --data_path=data/shapes/eval/cot.jsonl --init_from=out/shapes_cot_sft \
+        --best_of=8 --verifier=out/shapes_reasoner_dpo
 Several GPUs (questions are sharded over ranks, gathered, scored on rank 0):
     torchrun --standalone --nproc_per_node=8 evaluate.py --init_from=...
 
@@ -32,6 +37,10 @@ Written to out_dir:
   metrics.json       {split: {metric: fraction, ..., n}} with a split per category ('all' if none),
                      POPE's 'average' of its splits, 'overall' for the others (shapes: {task: {...}})
   run.json           what was run: config, files, timing
+  best_of.json       with --best_of: {split: {greedy, sample, majority, verifier, oracle, n}}: the accuracy
+                     of the greedy answer, of one random sample (the mean over the N), of the majority
+                     answer, of the verifier's pick, and of an oracle that picks a right one when any is
+  best_of_predictions.jsonl   every question's samples, rewards, scores and picks
 """
 import json
 import os
@@ -41,6 +50,7 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
+import answer_pairs as A
 import data as D
 import model as M
 
@@ -63,6 +73,10 @@ show = 3                   # print this many question / answer / truth examples 
 device = "auto"
 dtype = "auto"             # auto = bfloat16 on CUDA, float32 elsewhere; or float32 | bfloat16 | float16
 seed = 1337
+# best-of-N on the cot questions (LLaVA-Reasoner's verifier; answer_pairs.py has the rules)
+best_of = 0                # N > 0: also sample N CoT answers per question and compare ways of picking one
+best_of_temperature = 1.0  # the paper samples at 1.0-1.2
+verifier = ""              # the DPO checkpoint: reward log pi_verifier(answer) - log pi_init_from(answer); '' = majority only
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 config = configure(globals())
@@ -73,6 +87,10 @@ if task == "short":
     task = "vqa"
 if task not in D.BENCHMARKS + ("shapes",):
     raise ValueError(f"task must be one of {D.BENCHMARKS + ('shapes',)}, got {task!r}")
+if best_of and (task not in ("cot", "shapes") or predictions):
+    raise ValueError("best_of samples answers to the cot questions: use it with task=cot or shapes, without predictions")
+if verifier and not best_of:
+    raise ValueError("verifier picks one of best_of sampled answers: set best_of too")
 
 # the runs: (task, question file, answer file to score or None)
 if task == "shapes":
@@ -92,6 +110,7 @@ synonyms = D.read_synonyms(synonyms_path) if "chair" in questions else None
 if predictions:
     rows = {t: D.attach_answers(questions[t], D.read_answers(answers), answers) for t, _, answers in runs}
     master, elapsed, n_generated = int(os.environ.get("RANK", 0)) == 0, 0.0, 0
+    sampled_rows = None
     out_dir = out_dir or os.path.splitext(predictions.rstrip("/"))[0] + "_scored"
 else:
     for t, path, _ in runs:
@@ -112,24 +131,14 @@ else:
     out_dir = out_dir or (os.path.join(init_from, "eval") if os.path.isdir(init_from)
                           else os.path.join("out", "eval", init_from.replace("/", "--")))
 
-    def generate(t, qs):
-        """This rank's share of the questions answered, gathered from every rank, in file order."""
+    def over_ranks(qs, answer, desc):
+        """answer(batch) -> one dict per question of this rank's batches, gathered from every rank, in file order."""
         mine = [dict(q, _i=i) for i, q in enumerate(qs)][dist.rank::dist.world_size]
         done = []
-        bar = tqdm(total=len(mine), disable=not master, unit="question", desc=t)
+        bar = tqdm(total=len(mine), disable=not master, unit="question", desc=desc)
         for i in range(0, len(mine), batch_size):
             batch = mine[i:i + batch_size]
-            # LLaVA's eval scripts put the image first: '<image>\n' + question
-            prompts = [D.build_prompt(("<image>\n" if q["image"] else "") + q["prompt"], tok, template,
-                                      vlm.image_token_id, vlm.num_image_tokens, n_images=int(q["image"] is not None))
-                       for q in batch]
-            ids, mask = D.collate_prompts(prompts, tok.pad_token_id)
-            images = [D.process_image(D.load_image(os.path.join(image_root, q["image"])), vlm.image_processor,
-                                      vlm.config["pad_to_square"]) for q in batch if q["image"]]
-            px = torch.stack(images).to(dev) if images else None  # rows without an image simply have no image tokens
-            gen = vlm.generate(ids.to(dev), px, mask.to(dev), max_new_tokens=max_new_tokens or MAX_NEW[t],
-                               temperature=temperature, top_p=top_p, generator=rng)
-            done += [dict(q, text=text.strip()) for q, text in zip(batch, gen.text)]
+            done += answer(batch)
             bar.update(len(batch))
         bar.close()
         if dist.ddp:
@@ -138,10 +147,40 @@ else:
             done = [r for part in parts for r in part]
         return [{k: v for k, v in r.items() if k != "_i"} for r in sorted(done, key=lambda r: r["_i"])]
 
-    t0 = time.time()
-    rows = {t: generate(t, questions[t]) for t in questions}
-    elapsed, n_generated = time.time() - t0, sum(len(r) for r in rows.values())
+    def greedy(t, batch):
+        # LLaVA's eval scripts put the image first: '<image>\n' + question
+        prompts = [D.build_prompt(("<image>\n" if q["image"] else "") + q["prompt"], tok, template,
+                                  vlm.image_token_id, vlm.num_image_tokens, n_images=int(q["image"] is not None))
+                   for q in batch]
+        ids, mask = D.collate_prompts(prompts, tok.pad_token_id)
+        images = [D.process_image(D.load_image(os.path.join(image_root, q["image"])), vlm.image_processor,
+                                  vlm.config["pad_to_square"]) for q in batch if q["image"]]
+        px = torch.stack(images).to(dev) if images else None  # rows without an image simply have no image tokens
+        gen = vlm.generate(ids.to(dev), px, mask.to(dev), max_new_tokens=max_new_tokens or MAX_NEW[t],
+                           temperature=temperature, top_p=top_p, generator=rng)
+        return [dict(q, text=text.strip()) for q, text in zip(batch, gen.text)]
 
+    def sampled(batch):
+        """best_of answers per question, and with a verifier their rewards."""
+        qs = [dict(q, path=os.path.join(image_root, q["image"])) for q in batch]
+        texts = A.sample_answers(vlm, qs, best_of, best_of_temperature, top_p, max_new_tokens or MAX_NEW["cot"], rng)
+        rewards = [[0.0] * best_of for _ in qs]
+        if ver is not None:
+            rewards = (A.answer_logps(ver, qs, texts) - A.answer_logps(vlm, qs, texts)).tolist()
+        return [dict(q, samples=ts, rewards=r) for q, ts, r in zip(batch, texts, rewards)]
+
+    t0 = time.time()
+    rows = {t: over_ranks(questions[t], lambda b, t=t: greedy(t, b), t) for t in questions}
+    elapsed, n_generated = time.time() - t0, sum(len(r) for r in rows.values())
+    sampled_rows = None
+    if best_of:
+        if any(q["image"] is None for q in questions["cot"]):
+            raise ValueError("best_of: every cot question needs an image")
+        ver = M.VLM.from_pretrained(verifier, dtype=getattr(torch, dtype)).to(dev).eval() if verifier else None
+        t1 = time.time()
+        with torch.no_grad():
+            sampled_rows = over_ranks(questions["cot"], sampled, f"cot best-of-{best_of}")
+        sample_seconds = time.time() - t1
 
 if master:
     metrics, preds = {}, {}
@@ -172,7 +211,34 @@ if master:
     if n_generated:
         print(f"{n_generated} questions answered in {elapsed:.1f}s ({n_generated / elapsed:.1f} questions/s)")
 
+    # best-of-N: every way of picking one of the same N samples, scored by the cot rule
+    if sampled_rows is not None:
+        greedy_score = {p["question_id"]: p["score"] for p in preds["cot"]}
+        picks = ["greedy", "sample", "majority"] + (["verifier"] if verifier else []) + ["oracle"]
+        best_rows = []
+        for r in sampled_rows:
+            scores = [D.judge("cot", dict(r, text=t))["score"] for t in r["samples"]]
+            m, v = A.majority_index(r["samples"], r), A.best_index(r["rewards"])
+            best_rows.append(dict(question_id=r["question_id"], category=r.get("category"), prompt=r["prompt"],
+                                  samples=r["samples"], rewards=r["rewards"], scores=scores, majority_pick=m,
+                                  verifier_pick=v if verifier else None, greedy=greedy_score[r["question_id"]],
+                                  sample=sum(scores) / len(scores), majority=scores[m],
+                                  verifier=scores[v] if verifier else None, oracle=max(scores)))
+        best = {c: dict({k: sum(r[k] for r in g) / len(g) for k in picks}, n=len(g))
+                for c, g in D.by_category(best_rows).items()}
+        if len(best) > 1:
+            best["overall"] = dict({k: sum(r[k] for r in best_rows) / len(best_rows) for k in picks}, n=len(best_rows))
+        print(f"\ncot best-of-{best_of} (T={best_of_temperature}): accuracy of the answer each rule picks; "
+              f"sample = one random sample, oracle = right if any sample is")
+        print(f"{'split':12s}" + "".join(f" {k:>9s}" for k in picks))
+        for split, m in best.items():
+            print(f"{split:12s}" + "".join(f" {100 * m[k]:9.1f}" for k in picks))
+        print(f"{best_of * len(best_rows)} answers sampled{' and verified' if verifier else ''} in {sample_seconds:.1f}s")
+
     os.makedirs(out_dir, exist_ok=True)
+    if sampled_rows is not None:
+        D.write_atomic(os.path.join(out_dir, "best_of_predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in best_rows))
+        D.write_atomic(os.path.join(out_dir, "best_of.json"), json.dumps(best, indent=2))
     names = {t: f"{t}_predictions.jsonl" if task == "shapes" else "predictions.jsonl" for t in preds}
     for t, ps in preds.items():
         D.write_atomic(os.path.join(out_dir, names[t]), "".join(json.dumps(p) + "\n" for p in ps))
@@ -182,6 +248,7 @@ if master:
     D.write_atomic(os.path.join(out_dir, "run.json"), json.dumps(dict(
         config=config, task=task, files={t: dict(questions=path, answers=answers) for t, path, answers in runs},
         synonyms=synonyms_path if synonyms else None, init_from=None if predictions else init_from,
+        verifier=verifier or None,
         seconds=round(elapsed, 2), questions=sum(len(r) for r in rows.values())), indent=2))
     print(f"wrote {out_dir}/metrics.json, run.json and " + ", ".join(sorted(set(names.values()))))
 if not predictions and dist.ddp:

@@ -7,7 +7,8 @@ checkpoint, same data, same steps, only the method differs; >= 3 seeds).
     python experiment.py config/exp_base.py --seeds=[1,2,3,4,5]
     python experiment.py config/exp_csr.py --only="['base','csr1']"   # some of a config's runs
 
-An experiment config defines `runs`: {name: {"steps": [command, ...], "model": dir}}. Commands are
+An experiment config defines `runs`: {name: {"steps": [command, ...], "model": dir, "extra": {key: path}}}
+("extra" optional: JSON files the steps wrote, tabulated under metrics[key]). Commands are
 python scripts with arguments, run in order from the repository root; in them and in "model",
 {seed} is the seed, {dir} the run's own directory (<out_dir>/<name>/seed<seed>) and {out} out_dir,
 so a method run starts from the base run of the same seed with e.g. --init_from={out}/base/seed{seed}/stage2.
@@ -49,7 +50,13 @@ ROWS = [("POPE random acc", "pope", "random", "accuracy"), ("POPE popular acc", 
         ("VQA", "vqa", "overall", "accuracy"), ("VQA exist", "vqa", "exist", "accuracy"),
         ("VQA count", "vqa", "count", "accuracy"), ("VQA color", "vqa", "color", "accuracy"),
         ("VQA shape", "vqa", "shape", "accuracy"), ("VQA position", "vqa", "position", "accuracy"),
-        ("CoT", "cot", "overall", "accuracy"), ("CHAIR_S", "chair", "all", "chair_s"),
+        ("CoT", "cot", "overall", "accuracy"), ("CoT compare", "cot", "compare", "accuracy"),
+        ("CoT line color", "cot", "line_color", "accuracy"), ("CoT neighbor", "cot", "neighbor", "accuracy"),
+        ("CoT without '### Answer:'", "cot", "overall", "missing_marker"),
+        ("CoT best-of-N: greedy", "best_of", "overall", "greedy"), ("CoT best-of-N: one sample", "best_of", "overall", "sample"),
+        ("CoT best-of-N: majority", "best_of", "overall", "majority"),
+        ("CoT best-of-N: verifier", "best_of", "overall", "verifier"), ("CoT best-of-N: oracle", "best_of", "overall", "oracle"),
+        ("CHAIR_S", "chair", "all", "chair_s"),
         ("CHAIR_I", "chair", "all", "chair_i"), ("CHAIR recall", "chair", "all", "recall"),
         ("CHAIR hallucinations that are an absent partner", "chair", "all", "partner_share")]
 
@@ -127,6 +134,8 @@ for name, spec in runs.items():
             run_step(f"evaluate.py --init_from={model} {eval_args}", log_path)
         metrics = json.load(open(metrics_path))
         metrics["chair"]["all"]["partner_share"] = partner_share(os.path.join(model, "eval", "chair_predictions.jsonl"))
+        for key, path in spec.get("extra", {}).items():
+            metrics[key] = json.load(open(fill(path, name, seed)))
         results.setdefault(name, {})[str(seed)] = metrics
         D.write_atomic(results_path, json.dumps(results, indent=1))
 

@@ -28,6 +28,11 @@ Output (out_dir):
     prompts.json            self-rewarding prompts in CSR's format: {"id", "image", "input"}, one per training scene
     questions.json          answer-checked mining questions (selfreward.py mode=answer) on training scenes:
                             {"question_id", "image", "question", "answer", "answers": [10], "category"}
+    reasoner_sft.json       LLaVA-Reasoner's CoT SFT mix, LLaVA conversations: each question twice, as separate
+                            single-turn samples, the prompt suffix alone selecting the mode (CoT: rationale
+                            then '### Answer: X'; direct: the short answer), on training scenes other than
+                            questions.json's (while n_train leaves room for both sets)
+    reasoner_direct.json    the same questions' direct copies only: the answer-only (format-only) baseline
     test.jsonl              held-out short-answer questions, one per line:
                             {"question_id", "image", "text", "answer", "type", "scene_id"[, "probe"]}
     scenes.json             {"train": [scene, ...], "val": [...], "test": [...]}
@@ -76,6 +81,7 @@ short_answer_p = 0.5    # share of short-answer questions given LLaVA's "single 
 single_turn_p = 0.3     # share of scenes that also get a one-question record
 pair_other_p = 0.3      # pairs.json: share of the scenes without a missing partner that give a colour-confusion pair
 n_questions = 2000      # questions.json: multi-step questions on training scenes for answer-checked mining
+n_reasoner_sft = 3000   # reasoner_sft.json: CoT SFT questions (each gives a CoT and a direct sample)
 # evaluation sets (eval/), on their own held-out scenes; sizes are questions per file, small enough
 # that a tiny CPU model runs the whole suite in minutes
 n_eval = 600            # eval scenes; POPE needs many: only ~1 in 5 has a shape whose partner is missing
@@ -123,6 +129,7 @@ NUMBER_WORDS = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', '
 SHORT_SUFFIX = "\nAnswer the question using a single word or phrase."
 MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 COT_SUFFIX = "\nGenerate a reason first and then output a short answer."
+DIRECT_SUFFIX = "\nAnswer the question with a short answer."  # LLaVA-Reasoner's direct mode
 COT_ANSWER = "### Answer:"
 IMAGE_TOKEN = '<image>'
 CAPTION_PROMPT = "Describe the image briefly."  # stage-1 captions (the plain template drops it)
@@ -829,6 +836,23 @@ def make_cot(scenes, rng, n, image=eval_image):
     return cycle_rows(scenes, n, COT_KINDS, ask, image)
 
 
+def make_reasoner_sft(rows, rng):
+    """make_cot rows -> (CoT SFT records, direct-only records), LLaVA conversations. The CoT mix has
+    each question twice as separate samples, the suffix alone telling the modes apart (LLaVA-Reasoner:
+    'Generate a reason first ...' -> the rationale and '### Answer: X'; 'Answer the question with a
+    short answer.' -> X), shuffled so that a batch mixes them; the direct file is the direct copies,
+    in question order."""
+    def record(row, mode):
+        suffix, answer = (COT_SUFFIX, row['rationale']) if mode == 'cot' else (DIRECT_SUFFIX, row['answer'])
+        return {'id': f"reasoner_{row['question_id']:05d}_{mode}", 'image': row['image'],
+                'conversations': [{'from': 'human', 'value': f"{IMAGE_TOKEN}\n{row['question']}{suffix}"},
+                                  {'from': 'gpt', 'value': answer}]}
+    direct = [record(r, 'direct') for r in rows]
+    mix = [record(r, 'cot') for r in rows] + direct
+    rng.shuffle(mix)
+    return mix, direct
+
+
 def make_chair(scenes, n):
     """Captioning for CHAIR {question_id, image, text, objects, caption}: the first n scenes, the
     shapes truly there (deduplicated, in order of mention) and the true description."""
@@ -1010,6 +1034,12 @@ def main():
                  make_cot(scenes['train'], random.Random(f"{seed}:train:questions"), n_questions,
                           lambda scene: f"train/{scene['id']}.png")]
 
+    # LLaVA-Reasoner's CoT SFT: the scenes in reverse order, so its questions come from other scenes
+    # than the mining questions' (those take the first ~n_questions scenes); own seed stream
+    reasoner_sft, reasoner_direct = make_reasoner_sft(
+        make_cot(scenes['train'][::-1], random.Random(f"{seed}:train:reasoner_sft"), n_reasoner_sft,
+                 lambda scene: f"train/{scene['id']}.png"), random.Random(f"{seed}:train:reasoner_order"))
+
     # LLaVA stage 1 (projector alignment, `plain` template): one caption per scene, the true description
     captions = {split: [caption_record(scene, f"{split}/{scene['id']}.png") for scene in scenes[split]]
                 for split in ('train', 'val')}
@@ -1055,6 +1085,8 @@ def main():
     write_json(os.path.join(out_dir, 'pairs_val.json'), pairs['val'][0])
     write_json(os.path.join(out_dir, 'prompts.json'), prompts)
     write_json(os.path.join(out_dir, 'questions.json'), questions)
+    write_json(os.path.join(out_dir, 'reasoner_sft.json'), reasoner_sft)
+    write_json(os.path.join(out_dir, 'reasoner_direct.json'), reasoner_direct)
     write_jsonl(os.path.join(out_dir, 'test.jsonl'), test_rows)
     write_json(os.path.join(out_dir, 'scenes.json'), scenes)
     eval_dir = os.path.join(out_dir, 'eval')
@@ -1082,6 +1114,10 @@ def main():
               + f"; {n_believed[split]} scenes talked about with their missing partner (prior_noise {prior_noise})")
     for split, name in (('train', 'pairs.json'), ('val', 'pairs_val.json')):
         print(f"  {name}: {len(pairs[split][0])} preference pairs: " + ", ".join(f"{k} {v}" for k, v in pairs[split][1].items()))
+    n_kinds = Counter(r['category'] for r in questions)
+    print(f"  questions.json: {len(questions)} mining questions: " + ", ".join(f"{k} {n_kinds[k]}" for k in COT_KINDS))
+    print(f"  reasoner_sft.json: {len(reasoner_sft)} samples ({len(reasoner_direct)} questions, CoT + direct); "
+          f"reasoner_direct.json: {len(reasoner_direct)}")
     types = Counter(r['type'] for r in test_rows)
     probes = Counter(r['probe'] for r in test_rows if 'probe' in r)
     print(f"  test.jsonl: {len(test_rows)} questions: "

@@ -1,6 +1,7 @@
 """LLaVA-Reasoner's answer-checked pair mining (selfreward.py mode=answer): the answer matcher on
 hand-made cases, the accuracy band and the pair draw, the question formats and their errors, and the
-script end to end (samples journal, resume, torchrun, pairs dpo.py reads)."""
+script end to end (samples journal, resume, torchrun, pairs dpo.py reads); best-of-N's majority vote
+and verifier reward by hand and against dpo.py's scoring, and evaluate.py --best_of end to end."""
 import json
 import os
 
@@ -165,3 +166,73 @@ def test_answer_mode_pairs_from_a_journal_are_what_dpo_reads(world, tmp_path):
     right = [s["text"] for s in journal[0]["samples"] if s["correct"]]
     wrong = [s["text"] for s in journal[0]["samples"] if not s["correct"]]
     assert len({(p["chosen"], p["rejected"]) for p in loaded} & {(a, b) for a in right for b in wrong}) == 3
+
+
+# --- best-of-N: the majority vote and the verifier's pick (evaluate.py --best_of)
+
+def test_majority_vote_by_hand():
+    q_num, q_mc = dict(answers=["2"] * 10), dict(options=["red", "green", "blue"], answer="B")
+    # '2', 'two' and '2.0' are one vote; the answer without a marker votes for nothing
+    texts = ["a\n### Answer: 3", "b\n### Answer: two", "no marker 3", "c\n### Answer: 2.0", "d\n### Answer: 3 ",
+             "e\n### Answer: 2"]
+    assert A.majority_index(texts, q_num) == 1  # 2 has three votes, 3 two; the first '2' is at 1
+    assert A.majority_index(["x\n### Answer: 3", "y\n### Answer: 2"], q_num) == 0  # a tie: the first seen
+    assert A.majority_index(["none", "### Answer:"], q_num) == 0  # no votes at all
+    # letters as evaluate.py reads them: '(B)', 'B. green' and 'green' are one vote
+    mc = ["### Answer: A", "### Answer: (B)", "### Answer: C", "### Answer: B. green", "### Answer: green"]
+    assert A.majority_index(mc, q_mc) == 1
+    assert A.vote_key("Two.", q_num) == A.vote_key("2", q_num) == 2.0
+    assert A.vote_key("The Red ", dict(answers=["red"])) == "red" and A.vote_key(None, q_num) is None
+
+
+def test_best_index_takes_the_first_of_equal_rewards():
+    assert A.best_index([0.5, 2.0, -1.0, 2.0]) == 1 and A.best_index(torch.tensor([-3.0, -2.0])) == 1
+
+
+def test_answer_logps_batched_match_one_at_a_time_and_the_dpo_reward(world):
+    """answer_logps over 2 questions x 3 answers (one forward, each image encoded once) equals each
+    answer scored alone on build_pair's chosen tokens (what dpo.py trains), and a model verifying
+    itself gives every answer the reward 0."""
+    vlm = tiny_world_vlm(world["dir"]).eval()
+    qs = D.load_prompts(f"{world['dir']}/questions.json", f"{world['dir']}/images", 2, kind="question")
+    texts = [["The top row has a red circle.\n### Answer: 1", "### Answer: 0", "I count none."],
+             ["Yes.", "The left column has a blue square and a red ring. One of them is red.\n### Answer: 1", "x"]]
+    with torch.no_grad():
+        got = A.answer_logps(vlm, qs, texts)
+        assert got.shape == (2, 3)
+        for i, q in enumerate(qs):
+            for j, t in enumerate(texts[i]):
+                pair = dict(image=q["image"], prompt=[{"from": "human", "value": "<image>\n" + q["prompt"]}],
+                            chosen=t, rejected=t)
+                b = D.build_pair(pair, vlm.tokenizer, "chat", vlm.image_token_id, vlm.num_image_tokens)
+                _, px, _ = D.prompt_inputs([q], vlm)
+                ids = torch.tensor([b["chosen_ids"]])
+                alone = -vlm(ids, px, torch.ones_like(ids), torch.tensor([b["chosen_labels"]]), reduction="row")
+                assert got[i, j].item() == pytest.approx(alone.item(), abs=1e-4)
+        assert torch.equal(A.answer_logps(vlm, qs, texts) - got, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="same number of answers"):
+        A.answer_logps(vlm, qs, [texts[0], texts[1][:2]])
+
+
+def test_evaluate_best_of_verifier_vs_majority(world, tmp_path):
+    """evaluate.py --best_of: N samples per cot question, scored by the cot rule; every pick's accuracy
+    lies between 0 and the oracle's, 'sample' is the mean over the N, and the verifier picks the
+    highest reward. With the model as its own verifier every reward is 0: it picks the first sample."""
+    d, out = world["dir"], tmp_path / "bo"
+    qs = [json.loads(line) for line in open(f"{d}/eval/cot.jsonl")][:4]
+    (tmp_path / "cot.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
+    common = ["--task=cot", f"--data_path={tmp_path}/cot.jsonl", f"--image_root={d}/images", f"--init_from={world['ckpt']}",
+              "--best_of=3", "--max_new_tokens=8", "--batch_size=3", "--device=cpu"]
+    run_script("evaluate.py", common + [f"--verifier={world['ckpt']}", f"--out_dir={out}"])
+    best, rows = json.load(open(out / "best_of.json")), [json.loads(line) for line in open(out / "best_of_predictions.jsonl")]
+    assert [r["question_id"] for r in rows] == [q["question_id"] for q in qs]
+    for r in rows:
+        assert len(r["samples"]) == len(r["scores"]) == len(r["rewards"]) == 3
+        assert r["rewards"] == [pytest.approx(0.0, abs=1e-4)] * 3 and r["verifier_pick"] == A.best_index(r["rewards"])
+        assert r["sample"] == pytest.approx(sum(r["scores"]) / 3) and r["oracle"] == max(r["scores"])
+        assert r["majority_pick"] == A.majority_index(r["samples"], r)
+    overall = best["overall"]  # 4 questions of 3 kinds: a split per kind and the pooled one
+    assert overall["n"] == 4 and set(overall) == {"greedy", "sample", "majority", "verifier", "oracle", "n"}
+    assert all(0 <= overall[k] <= overall["oracle"] for k in ("sample", "majority", "verifier"))
+    # the greedy column is the ordinary cot evaluation of the same run
+    assert overall["greedy"] == pytest.approx(json.load(open(out / "metrics.json"))["overall"]["accuracy"])

@@ -630,6 +630,35 @@ def test_eval_cot(eval_set):
         assert r['rationale'] == ps.cot_format(r['question'], '\n'.join(steps), r['answer'])[1]
 
 
+def test_reasoner_sft_files(tmp_path):
+    """LLaVA-Reasoner's CoT SFT mix: every question twice, a CoT and a direct sample told apart by the
+    suffix alone, the CoT chain ending '### Answer: X' with X the direct answer and the truth; shuffled;
+    the direct file is the mix's direct half; no scene shared with the mining questions."""
+    r = run_script(tmp_path, '--n_train=80', '--n_questions=20', '--n_reasoner_sft=30')
+    assert r.returncode == 0, r.stdout + r.stderr
+    scenes = {s['id']: s for s in json.loads((tmp_path / 'scenes.json').read_text())['train']}
+    mix = json.loads((tmp_path / 'reasoner_sft.json').read_text())
+    direct = json.loads((tmp_path / 'reasoner_direct.json').read_text())
+    assert len(mix) == 60 and len(direct) == 30 and sorted(map(json.dumps, direct)) == sorted(
+        json.dumps(m) for m in mix if m['id'].endswith('_direct'))
+    assert [m['id'].endswith('_cot') for m in mix] != [True] * 30 + [False] * 30  # mixed, not in blocks
+    by_question = {}
+    for m in mix:
+        human, gpt = m['conversations']
+        assert human['from'] == 'human' and gpt['from'] == 'gpt' and human['value'].startswith('<image>\n')
+        by_question.setdefault(m['id'].rsplit('_', 1)[0], {})[m['id'].rsplit('_', 1)[1]] = (m['image'], human['value'], gpt['value'])
+    assert len(by_question) == 30
+    for pair in by_question.values():
+        (image, cot_q, chain), (image2, direct_q, short) = pair['cot'], pair['direct']
+        assert image == image2 and cot_q.endswith(ps.COT_SUFFIX) and direct_q.endswith(ps.DIRECT_SUFFIX)
+        question = cot_q.removeprefix('<image>\n').removesuffix(ps.COT_SUFFIX)
+        assert direct_q == f"<image>\n{question}{ps.DIRECT_SUFFIX}"
+        assert chain.split('\n')[-1] == f"{ps.COT_ANSWER} {short}" and chain.count(ps.COT_ANSWER) == 1
+        assert short == truth(scenes[image.split('/')[1][:-4]], question)
+    mined = {q['image'] for q in json.loads((tmp_path / 'questions.json').read_text())}
+    assert not mined & {m['image'] for m in mix}
+
+
 def test_eval_chair(eval_set):
     out, scenes, _, rows = eval_set
     lines = (out / 'eval' / 'synonyms.txt').read_text().splitlines()
