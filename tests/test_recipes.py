@@ -1,5 +1,5 @@
-"""The real LLaVA-1.5 recipes (config/llava15_7b_stage{1,2}.py), run end to end with tiny stand-ins
-for Vicuna-7B and CLIP ViT-L/14-336 saved on disk in the same formats: everything a lab's run does
+"""The real LLaVA-1.5 recipes (config/llava15_7b_stage{1,2}.py) and LLaVA-Reasoner's (CoT SFT, DPO),
+run end to end with tiny stand-ins for Vicuna-7B and CLIP ViT-L/14-336 saved on disk in the same formats: everything a lab's run does
 up to the size of the weights (hub-style loading, <image> token added to the tokenizer, freezing,
 the plain and vicuna_v1 templates, checkpoint hand-over from stage 1 to stage 2)."""
 import os
@@ -7,7 +7,7 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tokenizer, run_sft as run, tiny_configs
+from conftest import make_tokenizer, run_script, run_sft as run, tiny_configs
 
 
 def _save_tiny_hub_models(root, tokenizer):
@@ -70,3 +70,35 @@ def test_shapes_stage1_then_stage2(shapes, tmp_path):
     assert all(torch.equal(w2[k], w1[k]) for k in w1 if k.startswith("vision."))
     assert not torch.equal(w2["projector.linear_1.weight"], w1["projector.linear_1.weight"])
     assert not torch.equal(w2["lm.model.layers.0.mlp.up_proj.weight"], w1["lm.model.layers.0.mlp.up_proj.weight"])
+
+
+def test_reasoner_recipe_cot_sft_then_dpo(shapes, tmp_path):
+    """LLaVA-Reasoner's real recipe files (config/reasoner_cot_sft.py, config/reasoner_dpo.py) from a
+    tiny llava-hf checkpoint on the small world's CoT mix and hand-made pairs in the paper's format:
+    CoT SFT moves all three parts (the vision tower at its own small lr), DPO moves the LM only."""
+    import json
+    import model as M
+    d = os.path.dirname(shapes[0].split("=", 1)[1])
+    tok = make_tokenizer()
+    v, t = tiny_configs(vocab_size=len(tok), image_size=48, patch_size=16)
+    torch.manual_seed(0)
+    hf = str(tmp_path / "llava-hf")
+    M.VLM.from_parts(lm=t, vision=v, tokenizer=tok).save_llava_hf(hf)
+    small = ["--max_steps=2", "--global_batch_size=4", "--micro_batch_size=2", "--num_workers=0",
+             "--device=cpu", "--dtype=float32", f"--image_root={d}/images"]
+    sft, dpo = str(tmp_path / "sft"), str(tmp_path / "dpo")
+    run(["config/reasoner_cot_sft.py", f"--init_from={hf}", f"--data_path={d}/reasoner_sft.json", f"--out_dir={sft}", *small])
+    w0 = M.VLM.from_pretrained(hf).state_dict()
+    w1 = load_file(os.path.join(sft, "model.safetensors"))
+    for part in ("vision.", "projector.", "lm."):
+        assert any(not torch.equal(w1[k], w0[k]) for k in w1 if k.startswith(part)), part
+    questions = json.load(open(f"{d}/questions.json"))[:4]
+    pairs = [dict(id=f"q{i}", image=q["image"], question=q["question"] + "\nGenerate a reason first and then output a short answer.",
+                  chosen=f"Right reason.\n### Answer: {q['answer']}", rejected="Wrong reason.\n### Answer: purple")
+             for i, q in enumerate(questions)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    run_script("dpo.py", ["config/reasoner_dpo.py", f"--init_from={sft}", f"--data_path={tmp_path}/pairs.jsonl",
+                          f"--out_dir={dpo}", *small])
+    w2 = load_file(os.path.join(dpo, "model.safetensors"))
+    assert all(torch.equal(w2[k], w1[k]) for k in w1 if k.startswith(("vision.", "projector.")))
+    assert any(not torch.equal(w2[k], w1[k]) for k in w1 if k.startswith("lm."))
