@@ -598,6 +598,8 @@ BENCHMARKS = ("pope", "mc", "vqa", "cot", "chair")
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 COT_SUFFIX = "Generate a reason first and then output a short answer."
+DIRECT_SUFFIX = "Answer the question with a short answer."  # LLaVA-Reasoner's direct mode
+MODE_SUFFIXES = (SHORT_SUFFIX, MC_SUFFIX, COT_SUFFIX, DIRECT_SUFFIX)
 COT_MARKER = "### Answer:"
 CHAIR_PROMPT = "Describe the image in detail."
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -607,6 +609,13 @@ POPE_SPLITS = ("random", "popular", "adversarial")
 def with_suffix(text, suffix):
     """text + '\\n' + suffix, unless the text already carries it (LLaVA's own question files do)."""
     return text if suffix in text else text.rstrip() + "\n" + suffix
+
+
+def strip_modes(text):
+    """The question without the suffixes that select an answer mode (MODE_SUFFIXES), stripped."""
+    for suffix in MODE_SUFFIXES:
+        text = text.replace(suffix, "")
+    return text.strip()
 
 
 def option_lines(question, options):
@@ -1447,7 +1456,6 @@ def prompt_from_record(rec):
 
 
 GOLD_KEYS = ("options", "answer", "answers")  # what question_from_record keeps of the gold
-DIRECT_SUFFIXES = (SHORT_SUFFIX, MC_SUFFIX, "Answer the question with a short answer.")  # the last: LLaVA-Reasoner's
 
 
 def question_from_record(rec):
@@ -1488,11 +1496,10 @@ def question_from_record(rec):
         if "answer" not in rec and "answers" not in rec:
             raise DataError("no gold answer: needs 'answer' (or 'answers')", "no gold answer")
         b = benchmark_question(dict(rec, question_id=rec.get("question_id", rec.get("id", 0))), "cot")
-        text = b["prompt"].replace(COT_SUFFIX, "").strip()
+        text = b["prompt"]
         q = dict(id=rec.get("question_id", rec.get("id")), image=images[0],
                  **{k: b[k] for k in GOLD_KEYS if k in b})
-    for suffix in DIRECT_SUFFIXES:
-        text = text.replace(suffix, "").strip()
+    text = strip_modes(text)  # a direct-answer suffix makes way for the CoT one
     if not text:
         raise DataError("empty question", "no prompt")
     return dict(q, prompt=with_suffix(text, COT_SUFFIX))

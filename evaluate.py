@@ -67,6 +67,8 @@ predictions = ""           # score this answer file (shapes: a directory of <tas
 out_dir = ""               # '' = <init_from>/eval (a hub id: out/eval/<org>--<name>), or <predictions>_scored
 batch_size = 32
 max_new_tokens = 0         # 0 = the task's default (MAX_NEW below)
+prompt_suffix = ""         # '' = each task's own mode suffix; else this one instead, e.g. LLaVA-Reasoner's direct
+                           # mode on CoT questions: --task=vqa --prompt_suffix='Answer the question with a short answer.'
 temperature = 0.0          # 0 = greedy, as LLaVA's evals
 top_p = 1.0                # nucleus sampling when temperature > 0
 show = 3                   # print this many question / answer / truth examples per task
@@ -107,6 +109,9 @@ else:
 # every file is read and checked before a model is loaded: a bad record costs seconds, not a model load
 questions = {t: D.read_benchmark(path, t, pope_annotation_dir or None) for t, path, _ in runs}
 synonyms = D.read_synonyms(synonyms_path) if "chair" in questions else None
+if prompt_suffix:  # the same questions in another answer mode
+    questions = {t: [dict(q, prompt=D.with_suffix(D.strip_modes(q["prompt"]), prompt_suffix)) for q in qs]
+                 for t, qs in questions.items()}
 if predictions:
     rows = {t: D.attach_answers(questions[t], D.read_answers(answers), answers) for t, _, answers in runs}
     master, elapsed, n_generated = int(os.environ.get("RANK", 0)) == 0, 0.0, 0

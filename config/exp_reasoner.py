@@ -2,7 +2,9 @@
 # base steps are reused): the format-only baseline (direct answers only) vs CoT SFT (CoT + direct copies
 # of the same questions), then from the CoT-SFT model: mine answer-checked pairs on other scenes'
 # questions, DPO on them, and best-of-8 on the CoT eval set with the DPO model as the verifier
-# (reward log pi_dpo / pi_sft of candidates the SFT model samples) vs the majority answer vs greedy.
+# (reward log pi_dpo / pi_sft of candidates the SFT model samples) vs the majority answer vs greedy;
+# every model also answers the CoT eval questions in the direct mode. Two variations of the DPO step:
+# ten times its lr, and four times the mining questions.
 # Held equal: the seed's base checkpoint, the 3,000 SFT questions and the optimizer steps (the direct
 # baseline takes 2 epochs of its half-size file), the evaluation suite.
 #   python experiment.py config/exp_reasoner.py
@@ -11,16 +13,38 @@ seeds = [1, 2, 3]
 _BASE = ["sft.py config/shapes_stage1.py --seed={seed} --out_dir={dir}/stage1",
          "sft.py config/shapes_stage2.py --seed={seed} --init_from={dir}/stage1 --out_dir={dir}/stage2"]
 _SFT = "{out}/cot_sft/seed{seed}/sft"
+
+
+def direct(model):
+    """The CoT eval questions answered in the direct mode (LLaVA-Reasoner's suffix), scored like VQA."""
+    return (f"evaluate.py --task=vqa --data_path=data/shapes/eval/cot.jsonl --init_from={model} "
+            "--prompt_suffix='Answer the question with a short answer.' --out_dir={dir}/direct_cot")
+
+
+_DIRECT = {"direct_cot": "{dir}/direct_cot/metrics.json"}
+
+
+def reasoner(sample="", dpo="", pairs=None):
+    """From the seed's CoT-SFT model: mine pairs (unless given), DPO on them, best-of-8 with the DPO
+    model as the verifier of the SFT model's samples, and the direct-mode answers of the DPO model."""
+    steps = []
+    if pairs is None:
+        steps.append(f"selfreward.py config/shapes_reasoner_sample.py --seed={{seed}} --init_from={_SFT} --out_dir={{dir}}/pairs {sample}")
+        pairs = "{dir}/pairs/pairs.json"
+    steps += [f"dpo.py config/shapes_reasoner_dpo.py --seed={{seed}} --init_from={_SFT} --data_path={pairs} --out_dir={{dir}}/dpo {dpo}",
+              f"evaluate.py --task=cot --data_path=data/shapes/eval/cot.jsonl --init_from={_SFT} --best_of=8 "
+              "--verifier={dir}/dpo --seed={seed} --out_dir={dir}/best_of", direct("{dir}/dpo")]
+    return {"steps": steps, "model": "{dir}/dpo", "extra": {"best_of": "{dir}/best_of/best_of.json", **_DIRECT}}
 runs = {
-    "base": {"steps": _BASE, "model": "{dir}/stage2"},
+    "base": {"steps": _BASE + [direct("{dir}/stage2")], "model": "{dir}/stage2", "extra": _DIRECT},
     "direct_sft": {"steps": ["sft.py config/shapes_direct_sft.py --seed={seed} --init_from={out}/base/seed{seed}/stage2 "
-                             "--out_dir={dir}/sft"], "model": "{dir}/sft"},
+                             "--out_dir={dir}/sft", direct("{dir}/sft")], "model": "{dir}/sft", "extra": _DIRECT},
     "cot_sft": {"steps": ["sft.py config/shapes_cot_sft.py --seed={seed} --init_from={out}/base/seed{seed}/stage2 "
-                          "--out_dir={dir}/sft"], "model": "{dir}/sft"},
-    "cot_dpo": {"steps": [f"selfreward.py config/shapes_reasoner_sample.py --seed={{seed}} --init_from={_SFT} --out_dir={{dir}}/pairs",
-                          f"dpo.py config/shapes_reasoner_dpo.py --seed={{seed}} --init_from={_SFT} "
-                          "--data_path={dir}/pairs/pairs.json --out_dir={dir}/dpo",
-                          f"evaluate.py --task=cot --data_path=data/shapes/eval/cot.jsonl --init_from={_SFT} --best_of=8 "
-                          "--verifier={dir}/dpo --seed={seed} --out_dir={dir}/best_of"],
-                "model": "{dir}/dpo", "extra": {"best_of": "{dir}/best_of/best_of.json"}},
+                          "--out_dir={dir}/sft", direct("{dir}/sft")], "model": "{dir}/sft", "extra": _DIRECT},
+    "cot_dpo": reasoner(),
+    # the DPO recipe's lr is the paper's ratio to its SFT; ten times that, on the same pairs
+    "cot_dpo_lr10": reasoner(dpo="--lr_lm=2.5e-4", pairs="{out}/cot_dpo/seed{seed}/pairs/pairs.json"),
+    # all 2,000 mining questions instead of 500: about 4x the pairs (and DPO steps)
+    "cot_dpo_2000q": reasoner(sample="--max_prompts=2000"),
 }
+

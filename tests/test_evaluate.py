@@ -155,6 +155,19 @@ def test_score_only_shapes_suite(tmp_path):
     assert "CHAIR_s" in header and "no_marker" in header and "f1" in header
 
 
+def test_prompt_suffix_asks_the_same_questions_in_another_mode(tmp_path):
+    """--prompt_suffix replaces the task's mode suffix: the CoT questions asked for a direct answer
+    (LLaVA-Reasoner's suffix) and scored by the VQA rule."""
+    d = make_suite(tmp_path, {"cot": SUITE["cot"][:2]})
+    write_jsonl(d / "direct.jsonl", [dict(question_id=q["question_id"], text=a) for q, a in zip(read(d / "cot.jsonl"), ["3", "2"])])
+    run(["--task=vqa", f"--data_path={d}/cot.jsonl", f"--predictions={d}/direct.jsonl", f"--out_dir={tmp_path}/out",
+         "--prompt_suffix=Answer the question with a short answer."])
+    preds = read(tmp_path / "out" / "predictions.jsonl")
+    assert [p["prompt"] for p in preds] == [q + "\nAnswer the question with a short answer." for q in
+                                             ("How many red objects are in the top row?", "How many blue objects?")]
+    assert [p["score"] for p in preds] == [0.0, 1.0]
+
+
 def llava_pope_layout(d):
     """SUITE's POPE questions laid out as LLaVA ships POPE: llava_pope_test.jsonl (question_id, image,
     text, category; no label; the suffix already in some texts) and POPE's coco/coco_pope_<category>.json
