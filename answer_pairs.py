@@ -38,14 +38,16 @@ def sample_answers(vlm, questions, n, temperature=1.0, top_p=1.0, max_new_tokens
     return [[t.strip() for t in out.text[i * n:(i + 1) * n]] for i in range(len(questions))]
 
 
-def check_answers(question, texts, tolerance=0.05):
+def check_answers(question, texts, tolerance=0.05, by_chain=False):
     """Each sampled text -> dict(text, answer (after the last '### Answer:'; None when the marker is
-    missing), correct)."""
+    missing), correct). by_chain: an oracle for analysis, not the method: correct only when the whole
+    text is the question's gold chain ('rationale') verbatim, reasoning and answer alike."""
     rows = []
     for t in texts:
         short = D.cot_answer(t)
-        rows.append(dict(text=t, answer=short,
-                         correct=bool(short) and D.answer_correct(short, question, tolerance)))
+        correct = t.strip() == question["rationale"].strip() if by_chain else \
+            bool(short) and D.answer_correct(short, question, tolerance)
+        rows.append(dict(text=t, answer=short, correct=correct))
     return rows
 
 

@@ -691,6 +691,9 @@ def benchmark_question(rec, task):
             raise DataError("needs 'answer' (the right option's letter)", "malformed record")
         return opts, gold_letter(rec["answer"], opts)
 
+    def chain():  # a cot question's gold reasoning chain, when the file has one (the shapes world's do)
+        return dict(rationale=rec["rationale"]) if task == "cot" and isinstance(rec.get("rationale"), str) else {}
+
     def asked(suffix):  # 'question' is the bare question (options get listed); 'text' is the whole prompt
         if "options" in rec and rec.get("question") is not None:
             return with_suffix(option_lines(text_field("question"), rec["options"]), suffix)
@@ -734,10 +737,10 @@ def benchmark_question(rec, task):
                 all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in answers)):
             raise DataError("needs 'answers' (a list of strings) or 'answer' (a string)", "malformed record")
         suffix = SHORT_SUFFIX if task == "vqa" else COT_SUFFIX
-        return dict(q, prompt=asked(suffix), answers=[str(a) for a in answers])
+        return dict(q, prompt=asked(suffix), answers=[str(a) for a in answers], **chain())
     if task == "cot":
         opts, answer = choices()
-        return dict(q, prompt=asked(COT_SUFFIX), options=opts, answer=answer)
+        return dict(q, prompt=asked(COT_SUFFIX), options=opts, answer=answer, **chain())
     # chair
     objects = rec.get("objects")
     if not (isinstance(objects, list) and all(isinstance(o, str) for o in objects)):
@@ -1208,7 +1211,9 @@ def score(task, rows, synonyms=None):
     (every question pooled) when there is more than one split:
       mc     accuracy, no_letter (share of answers with no option letter), n
       vqa    accuracy (mean VQA score), n
-      cot    accuracy, missing_marker (share without '### Answer:'), n
+      cot    accuracy, missing_marker (share without '### Answer:'), n; with a gold 'rationale' per
+             question also chain_exact (the answer is the gold chain, verbatim) and
+             right_answer_wrong_chain (a right short answer after any other chain)
       chair  chair_s, chair_i, recall, avg_len, n
     """
     if task == "pope":
@@ -1225,6 +1230,10 @@ def score(task, rows, synonyms=None):
             m["no_letter"] = sum(v["pred"] is None for v in verdicts) / len(group)
         if task == "cot":
             m["missing_marker"] = sum(v["missing_marker"] for v in verdicts) / len(group)
+            if all("rationale" in r for r in group):  # the truth is known: was the reasoning itself right?
+                exact = [r["text"].strip() == r["rationale"].strip() for r in group]
+                m["chain_exact"] = sum(exact) / len(group)
+                m["right_answer_wrong_chain"] = sum(v["score"] > 0 and not e for v, e in zip(verdicts, exact)) / len(group)
         return dict(m, n=len(group))
 
     if not rows:
@@ -1466,7 +1475,9 @@ def question_from_record(rec):
       - a LLaVA conversation: the first human turn is the question, the first gpt turn the gold (the
         text after its last '### Answer:' when it has one); options are read from the question
         ('A. ...' lines or 'Options: (A) ...'), the gold then read as a letter.
-    A direct-answer suffix on the question is replaced by the CoT one. Raises DataError."""
+    A direct-answer suffix on the question is replaced by the CoT one. The gold chain, when the record
+    has one ('rationale', or a gpt turn with '### Answer:'), comes along as 'rationale': never used to
+    check an answer, only to count how often a right answer came after another chain. Raises DataError."""
     if not isinstance(rec, dict):
         raise DataError(f"record is a {type(rec).__name__}, not an object", "malformed record")
     images = record_images(rec)
@@ -1483,7 +1494,7 @@ def question_from_record(rec):
         gold = cot_answer(gpt) if COT_MARKER in gpt else gpt.strip()
         if not gold:
             raise DataError(f"no gold answer in the gpt turn {gpt!r:.60}", "no gold answer")
-        q = dict(id=rec.get("id"), image=images[0])
+        q = dict(id=rec.get("id"), image=images[0], **(dict(rationale=gpt) if COT_MARKER in gpt else {}))
         opts = parse_options(text)
         if opts:
             letter = extract_letter(gold, len(opts), opts)
@@ -1498,7 +1509,7 @@ def question_from_record(rec):
         b = benchmark_question(dict(rec, question_id=rec.get("question_id", rec.get("id", 0))), "cot")
         text = b["prompt"]
         q = dict(id=rec.get("question_id", rec.get("id")), image=images[0],
-                 **{k: b[k] for k in GOLD_KEYS if k in b})
+                 **{k: b[k] for k in GOLD_KEYS + ("rationale",) if k in b})
     text = strip_modes(text)  # a direct-answer suffix makes way for the CoT one
     if not text:
         raise DataError("empty question", "no prompt")

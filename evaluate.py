@@ -204,6 +204,7 @@ if master:
     # one table: a row per task and split, a column per metric any of them has
     columns = [("n", "n"), ("accuracy", "acc"), ("precision", "prec"), ("recall", "recall"), ("f1", "f1"),
                ("yes_ratio", "yes"), ("no_letter", "no_letter"), ("missing_marker", "no_marker"),
+               ("chain_exact", "chain"), ("right_answer_wrong_chain", "lucky"),
                ("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("avg_len", "words")]
     columns = [(k, h) for k, h in columns if any(k in m for splits in metrics.values() for m in splits.values())]
     print(f"\n{'task':6s} {'split':12s}" + "".join(f" {h:>9s}" for _, h in columns))

@@ -27,7 +27,7 @@ Output (out_dir):
     pairs.json, pairs_val.json         DPO pairs in CSR's format: {"id", "image", "conversations", "rejected_conversations"}
     prompts.json            self-rewarding prompts in CSR's format: {"id", "image", "input"}, one per training scene
     questions.json          answer-checked mining questions (selfreward.py mode=answer) on training scenes:
-                            {"question_id", "image", "question", "answer", "answers": [10], "category"}
+                            {"question_id", "image", "question", "answer", "answers": [10], "rationale", "category"}
     reasoner_sft.json       LLaVA-Reasoner's CoT SFT mix, LLaVA conversations: each question twice, as separate
                             single-turn samples, the prompt suffix alone selecting the mode (CoT: rationale
                             then '### Answer: X'; direct: the short answer), on training scenes other than
@@ -1029,10 +1029,10 @@ def main():
 
     # LLaVA-Reasoner's mining questions (selfreward.py mode=answer): multi-step questions with a gold
     # short answer on the training scenes, the kinds in turn, own seed stream (the paper mines on the
-    # training splits of its VQA and multiple-choice sets); the gold chain is left out
-    questions = [{k: v for k, v in row.items() if k != 'rationale'} for row in
-                 make_cot(scenes['train'], random.Random(f"{seed}:train:questions"), n_questions,
-                          lambda scene: f"train/{scene['id']}.png")]
+    # training splits of its VQA and multiple-choice sets); the gold chain comes along, never used to
+    # check an answer, only to count right answers reached by another chain
+    questions = make_cot(scenes['train'], random.Random(f"{seed}:train:questions"), n_questions,
+                         lambda scene: f"train/{scene['id']}.png")
 
     # LLaVA-Reasoner's CoT SFT: the scenes in reverse order, so its questions come from other scenes
     # than the mining questions' (those take the first ~n_questions scenes); own seed stream

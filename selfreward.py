@@ -31,7 +31,8 @@ Written to out_dir, each atomically:
                 question, chosen, rejected, accuracy (the question's). dpo.py reads both.
   trees.jsonl   csr: every scored tree (nodes: parent, sentence, text, lm, clip, reward, score, final)
   samples.jsonl answer: every question's samples (text, answer read, correct) and accuracy
-  summary.json  counts (prompts, pairs, skipped by reason, ...), timing, the settings
+  summary.json  counts (prompts, pairs, skipped by reason, ...), timing, the settings; answer mode with the
+                gold chains known ('rationale'): the share of right answers, and of chosen ones, after another chain
 A journal (<trees|samples>.rank<r>.jsonl, one line per finished prompt) makes a crashed or stopped run
 resume: run the same command again and only the prompts not yet in it are done. The batches, not the
 prompts, are dealt to the ranks, and each batch samples from a stream fixed by the seed and its first
@@ -68,6 +69,8 @@ max_new_tokens = 0         # 0 = the mode's default: 70 per sentence (csr, as re
 # mode=answer (answer_pairs.py)
 samples = 32               # CoT answers sampled per question
 tolerance = 0.05           # relative tolerance of a numeric answer
+check = "answer"           # 'answer': LLaVA-Reasoner's check of the short answer | 'chain': an oracle for analysis,
+                           # right = the whole answer is the question's gold chain verbatim (needs 'rationale')
 min_accuracy = 0.25        # a question gives pairs when its sample accuracy lies in [min_accuracy, max_accuracy]
 max_accuracy = 0.85
 pairs_per_question = 3
@@ -110,11 +113,16 @@ else:  # the band and the pair count are applied when the pairs are written: cha
     if not (samples >= 2 and 0 <= min_accuracy <= max_accuracy <= 1 and pairs_per_question >= 1 and temperature > 0):
         raise ValueError("answer mode needs samples >= 2, 0 <= min_accuracy <= max_accuracy <= 1, "
                          "pairs_per_question >= 1 and temperature > 0")
-    identity.update(samples=samples, tolerance=tolerance)
+    if check not in ("answer", "chain"):
+        raise ValueError(f"check must be 'answer' or 'chain', got {check!r}")
+    identity.update(samples=samples, tolerance=tolerance, check=check)
 journal_name = dict(csr="trees", answer="samples")[mode]
 
 # checked before any model is loaded
 prompts = D.load_prompts(data_path, image_root, max_prompts, image_prefix, kind=dict(csr="prompt", answer="question")[mode])
+if mode == "answer" and check == "chain" and (no_chain := [p["id"] for p in prompts if "rationale" not in p]):
+    raise SystemExit(f"{data_path}: check=chain needs each question's gold chain ('rationale'); "
+                     f"{len(no_chain)} have none (first: id {no_chain[0]!r})")
 run = T.setup(seed, device, dtype)
 dist, dev, log = run.dist, run.device, run.log
 os.makedirs(out_dir, exist_ok=True)
@@ -179,7 +187,7 @@ for batch in mine:
             chosen, rejected, skipped = S.pick_pair(trees[i], path_length)
             row.update(chosen=chosen, rejected=rejected, skipped=skipped, nodes=S.tree_record(trees[i], path_length))
         else:
-            checked = A.check_answers(p, texts[i], tolerance)
+            checked = A.check_answers(p, texts[i], tolerance, by_chain=check == "chain")
             row.update({k: p[k] for k in D.GOLD_KEYS if k in p}, samples=checked,
                        accuracy=sum(c["correct"] for c in checked) / len(checked))
             stats["samples"] += len(checked)
@@ -205,26 +213,37 @@ if dist.master:
     D.write_atomic(os.path.join(out_dir, f"{journal_name}.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     timing = dict(searched_now=len(todo), seconds=round(elapsed, 1), prompts_per_s=round(len(todo) / max(elapsed, 1e-9), 3))
 if dist.master and mode == "answer":
-    pairs, skipped = [], {}
+    # where the file gives each question's gold chain (the shapes world's does): how often a right short
+    # answer, and a pair's chosen answer, came after another chain (the check sees the short answer only)
+    chain = {p["id"]: p["rationale"].strip() for p in prompts if "rationale" in p}
+    pairs, skipped, chosen_wrong = [], {}, []
     for r in rows:
         acc, picked, why = A.pick_pairs(r["samples"], r["id"], seed, min_accuracy, max_accuracy, pairs_per_question)
         if why:
             skipped[why] = skipped.get(why, 0) + 1
+        if r["id"] in chain:
+            chosen_wrong += [c.strip() != chain[r["id"]] for c, _ in picked]
         pairs += [dict(id=f"{r['id']}_{k}", image=r["image"], question=r["prompt"], chosen=c, rejected=rj, accuracy=acc)
                   for k, (c, rj) in enumerate(picked)]
     D.write_atomic(os.path.join(out_dir, "pairs.json"), json.dumps(pairs, indent=1))
     n_samples = sum(len(r["samples"]) for r in rows)
     no_marker = sum(s["answer"] is None for r in rows for s in r["samples"])
     kept = len(rows) - sum(skipped.values())
+    right_wrong = [s["text"].strip() != chain[r["id"]] for r in rows if r["id"] in chain for s in r["samples"] if s["correct"]]
+    chains = dict(right_answer_wrong_chain=sum(right_wrong) / len(right_wrong) if right_wrong else None,
+                  chosen_wrong_chain=sum(chosen_wrong) / len(chosen_wrong) if chosen_wrong else None) if chain else {}
     summary = dict(questions=len(rows), kept=kept, below_band=skipped.get("below band", 0),
                    above_band=skipped.get("above band", 0), pairs=len(pairs), samples=n_samples,
                    no_marker=no_marker, sample_accuracy=sum(r["accuracy"] for r in rows) / max(len(rows), 1),
-                   band=[min_accuracy, max_accuracy], skipped=skipped, **timing,
+                   band=[min_accuracy, max_accuracy], skipped=skipped, **chains, **timing,
                    samples_per_s_rank0=round(stats["samples"] / max(elapsed, 1e-9), 2), settings=identity)
     D.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
     print(f"\n| questions | kept | below band | above band | pairs | sample accuracy | no marker | samples/s (rank 0) |\n"
           f"|---|---|---|---|---|---|---|---|\n| {len(rows)} | {kept} | {summary['below_band']} | {summary['above_band']} | "
           f"{len(pairs)} | {100 * summary['sample_accuracy']:.1f}% | {no_marker} of {n_samples} | {summary['samples_per_s_rank0']} |")
+    if chains:
+        print(f"of the right answers, {100 * (chains['right_answer_wrong_chain'] or 0):.1f}% came after a chain other "
+              f"than the gold one; of the pairs' chosen answers, {100 * (chains['chosen_wrong_chain'] or 0):.1f}%")
     print(f"wrote {out_dir}/pairs.json, samples.jsonl, summary.json")
 if dist.master and mode == "csr":
     pairs, skipped = [], {}

@@ -3,8 +3,8 @@
 # of the same questions), then from the CoT-SFT model: mine answer-checked pairs on other scenes'
 # questions, DPO on them, and best-of-8 on the CoT eval set with the DPO model as the verifier
 # (reward log pi_dpo / pi_sft of candidates the SFT model samples) vs the majority answer vs greedy;
-# every model also answers the CoT eval questions in the direct mode. Two variations of the DPO step:
-# ten times its lr, and four times the mining questions.
+# every model also answers the CoT eval questions in the direct mode. Variations of the DPO step: ten
+# times its lr; four times the mining questions; pairs checked by the whole chain (an oracle).
 # Held equal: the seed's base checkpoint, the 3,000 SFT questions and the optimizer steps (the direct
 # baseline takes 2 epochs of its half-size file), the evaluation suite.
 #   python experiment.py config/exp_reasoner.py
@@ -46,5 +46,8 @@ runs = {
     "cot_dpo_lr10": reasoner(dpo="--lr_lm=2.5e-4", pairs="{out}/cot_dpo/seed{seed}/pairs/pairs.json"),
     # all 2,000 mining questions instead of 500: about 4x the pairs (and DPO steps)
     "cot_dpo_2000q": reasoner(sample="--max_prompts=2000"),
+    # an oracle no real data set offers, to measure what the outcome check costs: a sample counts as
+    # right only when its whole chain is the gold one (selfreward.py --check=chain)
+    "cot_dpo_chain": reasoner(sample="--check=chain"),
 }
 

@@ -37,6 +37,14 @@ def test_marker_missing_repeated_or_empty():
     assert [(r["answer"], r["correct"]) for r in rows] == [("3", True), ("3", True), (None, False), ("4", False), ("", False)]
 
 
+def test_chain_oracle_checks_the_whole_chain():
+    """check=chain (analysis only): a right short answer after another chain is not right."""
+    q = dict(answers=["1"], rationale="The top row has a red circle. It is red.\n### Answer: 1")
+    texts = [q["rationale"] + "\n", "The top row has a red ring. It is red.\n### Answer: 1", "### Answer: 0"]
+    assert [r["correct"] for r in A.check_answers(q, texts)] == [True, True, False]
+    assert [r["correct"] for r in A.check_answers(q, texts, by_chain=True)] == [True, False, False]
+
+
 def samples(right, wrong):
     return [dict(text=f"r{i}", correct=True) for i in range(right)] + [dict(text=f"w{i}", correct=False) for i in range(wrong)]
 
@@ -63,7 +71,7 @@ def test_question_formats(tmp_path):
     img = tmp_path / "a.png"
     from PIL import Image
     Image.new("RGB", (8, 8)).save(img)
-    recs = [{"question_id": 1, "image": "a.png", "question": "How many?", "answer": 3},
+    recs = [{"question_id": 1, "image": "a.png", "question": "How many?", "answer": 3, "rationale": "I count three.\n### Answer: 3"},
             {"id": "s", "image": "a.png", "question": "Which colour?", "options": ["red", "blue"], "answer": "blue"},
             {"id": "c", "image": "a.png", "conversations": [
                 {"from": "human", "value": "<image>\nWhat shape?\nAnswer the question using a single word or phrase."},
@@ -78,6 +86,8 @@ def test_question_formats(tmp_path):
                                                      ("c", "What shape?" + cot), ("m", "Which?\nA. cat\nB. dog" + cot)]
     assert got[0]["answers"] == ["3"] and (got[1]["options"], got[1]["answer"]) == (["red", "blue"], "B")
     assert got[2]["answers"] == ["ring"] and got[3]["answer"] == "B"
+    # the gold chain rides along where there is one (never used by the check)
+    assert [q.get("rationale") for q in got] == ["I count three.\n### Answer: 3", None, "I see a ring.\n### Answer: ring", None]
 
 
 @pytest.mark.parametrize("rec, problem", [
@@ -140,6 +150,16 @@ def test_answer_mode_samples_resumes_and_two_ranks_match_one(world, tmp_path):
     assert again[:2] == rows[:2] and len(again) == 5
 
 
+def test_chain_check_needs_the_gold_chains(world, tmp_path):
+    import subprocess, sys
+    qs = [{k: v for k, v in q.items() if k != "rationale"} for q in json.load(open(f"{world['dir']}/questions.json"))[:3]]
+    (tmp_path / "q.json").write_text(json.dumps(qs))
+    a = args(world, str(tmp_path / "out"), "--check=chain")
+    a[2] = f"--data_path={tmp_path}/q.json"
+    p = subprocess.run([sys.executable, "selfreward.py", *a], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "check=chain needs each question's gold chain" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_answer_mode_pairs_from_a_journal_are_what_dpo_reads(world, tmp_path):
     """The pairs step on a journal written by hand (a trained model's answers): the band, the pair
     format and dpo.py's reader, without sampling anything."""
@@ -151,6 +171,8 @@ def test_answer_mode_pairs_from_a_journal_are_what_dpo_reads(world, tmp_path):
         gold = q["answers"][0]
         texts = [f"Reason {i}.\n### Answer: {gold}" for i in range(n_right)] + \
                 [f"Reason {i}.\n### Answer: {gold}{gold}x" for i in range(4 - n_right)]
+        if n_right == 2:  # one right answer after the gold chain itself, one after another chain
+            texts[0] = q["rationale"]
         checked = A.check_answers(q, texts)
         journal.append(dict(id=q["id"], image=q["image"], prompt=q["prompt"], answers=q["answers"], samples=checked,
                             accuracy=sum(c["correct"] for c in checked) / 4))
@@ -158,6 +180,10 @@ def test_answer_mode_pairs_from_a_journal_are_what_dpo_reads(world, tmp_path):
     run_script("selfreward.py", args(world, str(out), "--max_prompts=3"))
     summary = json.load(open(out / "summary.json"))
     assert (summary["kept"], summary["above_band"], summary["below_band"], summary["pairs"]) == (1, 1, 1, 3)
+    # 6 right answers, 1 after the gold chain; the kept question's 3 pairs over its 2 right x 2 wrong texts
+    assert summary["right_answer_wrong_chain"] == pytest.approx(5 / 6)
+    chosen = [p["chosen"] for p in json.load(open(out / "pairs.json"))]
+    assert summary["chosen_wrong_chain"] == pytest.approx(sum(c != questions[0]["rationale"] for c in chosen) / 3)
     pairs = json.load(open(out / "pairs.json"))
     assert [p["id"] for p in pairs] == [f"{questions[0]['id']}_{k}" for k in range(3)]
     assert all(p["accuracy"] == 0.5 and p["question"] == questions[0]["prompt"] for p in pairs)

@@ -167,6 +167,21 @@ def test_score_cot():
     assert D.judge("cot", rows[1]) == dict(pred=None, score=0.0, missing_marker=True)
     assert D.judge("cot", rows[2]) == dict(pred="B", score=1.0, missing_marker=False)
 
+
+def test_score_cot_against_the_gold_chain():
+    """With the gold chain known (the shapes world's cot.jsonl), how often the answer is the chain
+    verbatim, and how often a right short answer came after another chain."""
+    gold = "The top row has a red circle. It is red.\n### Answer: 1"
+    rows = [dict(text=gold + "\n", answers=["1"], rationale=gold),                             # the chain: right
+            dict(text="The top row has a red ring. It is red.\n### Answer: 1", answers=["1"], rationale=gold),  # lucky
+            dict(text="The top row has nothing.\n### Answer: 0", answers=["1"], rationale=gold),   # wrong
+            dict(text="no marker", answers=["1"], rationale=gold)]
+    m = D.score("cot", rows)["all"]
+    assert (m["accuracy"], m["chain_exact"], m["right_answer_wrong_chain"]) == (0.5, 0.25, 0.25)
+    assert "chain_exact" not in D.score("cot", [dict(r) for r in rows[:1]] + [dict(text="x", answers=["1"])])["all"]
+    q = D.benchmark_question(dict(question_id=1, image="x.png", question="How many?", answer="1", rationale=gold), "cot")
+    assert q["rationale"] == gold and "rationale" not in D.benchmark_question(dict(question_id=1, question="How many?", answers=["1"]), "vqa")
+
 # ----------------------------------------------------------------------------- CHAIR
 
 SYNONYMS = """dog, puppy, doggy
