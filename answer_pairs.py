@@ -18,6 +18,7 @@ picks one of N sampled answers by the DPO reward, beside the majority answer (ev
            question's id, so the pairs do not depend on batching, ranks or resuming
   verify   answer_logps: each answer's summed log-prob under a model, on the tokens DPO trains
            (data.build_answer); reward = log pi_dpo - log pi_sft, DPO's implicit reward (times 1/beta)
+  rank     ranking_auc: how often a reward orders a question's samples as their scores do
   vote     majority_index: the most common short answer (letters, numbers by value, VQA-normalised text)
 """
 import random
@@ -119,3 +120,17 @@ def best_index(rewards):
     """The index of the highest reward (the first of equal ones)."""
     rewards = torch.as_tensor(rewards)
     return int((rewards == rewards.max()).nonzero()[0, 0])
+
+
+def ranking_auc(rewards, scores):
+    """Within-question AUC: over every pair of samples of the same question with different scores, the
+    share the reward orders like the score (ties count half); None without such pairs. rewards and
+    scores are lists (one per question) of per-sample lists."""
+    agree = pairs = 0.0
+    for rs, ss in zip(rewards, scores):
+        for i in range(len(ss)):
+            for j in range(len(ss)):
+                if ss[i] > ss[j]:
+                    pairs += 1
+                    agree += 1.0 if rs[i] > rs[j] else 0.5 if rs[i] == rs[j] else 0.0
+    return agree / pairs if pairs else None

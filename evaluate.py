@@ -37,9 +37,10 @@ Written to out_dir:
   metrics.json       {split: {metric: fraction, ..., n}} with a split per category ('all' if none),
                      POPE's 'average' of its splits, 'overall' for the others (shapes: {task: {...}})
   run.json           what was run: config, files, timing
-  best_of.json       with --best_of: {split: {greedy, sample, majority, verifier, oracle, n}}: the accuracy
-                     of the greedy answer, of one random sample (the mean over the N), of the majority
-                     answer, of the verifier's pick, and of an oracle that picks a right one when any is
+  best_of.json       with --best_of: {split: {greedy, sample, majority, verifier, oracle, n, verifier_auc}}:
+                     the accuracy of the greedy answer, of one random sample (the mean over the N), of
+                     the majority answer, of the verifier's pick, of an oracle that picks a right one
+                     when any is; and how often the reward ranks a question's better sample higher
   best_of_predictions.jsonl   every question's samples, rewards, scores and picks
 """
 import json
@@ -234,11 +235,16 @@ if master:
                 for c, g in D.by_category(best_rows).items()}
         if len(best) > 1:
             best["overall"] = dict({k: sum(r[k] for r in best_rows) / len(best_rows) for k in picks}, n=len(best_rows))
+        if verifier:  # does the reward rank a question's better samples above its worse ones? (0.5 = chance)
+            for split, g in list(D.by_category(best_rows).items()) + [("overall", best_rows)]:
+                if split in best:
+                    best[split]["verifier_auc"] = A.ranking_auc([r["rewards"] for r in g], [r["scores"] for r in g])
         print(f"\ncot best-of-{best_of} (T={best_of_temperature}): accuracy of the answer each rule picks; "
               f"sample = one random sample, oracle = right if any sample is")
         print(f"{'split':12s}" + "".join(f" {k:>9s}" for k in picks))
         for split, m in best.items():
-            print(f"{split:12s}" + "".join(f" {100 * m[k]:9.1f}" for k in picks))
+            print(f"{split:12s}" + "".join(f" {100 * m[k]:9.1f}" for k in picks)
+                  + (f"   reward AUC {m['verifier_auc']:.3f}" if m.get("verifier_auc") is not None else ""))
         print(f"{best_of * len(best_rows)} answers sampled{' and verified' if verifier else ''} in {sample_seconds:.1f}s")
 
     os.makedirs(out_dir, exist_ok=True)

@@ -59,6 +59,7 @@ ROWS = [("POPE random acc", "pope", "random", "accuracy"), ("POPE popular acc", 
         ("CoT best-of-N: greedy", "best_of", "overall", "greedy"), ("CoT best-of-N: one sample", "best_of", "overall", "sample"),
         ("CoT best-of-N: majority", "best_of", "overall", "majority"),
         ("CoT best-of-N: verifier", "best_of", "overall", "verifier"), ("CoT best-of-N: oracle", "best_of", "overall", "oracle"),
+        ("CoT best-of-N: verifier's within-question AUC", "best_of", "overall", "verifier_auc"),
         ("CHAIR_S", "chair", "all", "chair_s"),
         ("CHAIR_I", "chair", "all", "chair_i"), ("CHAIR recall", "chair", "all", "recall"),
         ("CHAIR hallucinations that are an absent partner", "chair", "all", "partner_share")]

@@ -211,6 +211,13 @@ def test_majority_vote_by_hand():
     assert A.vote_key("The Red ", dict(answers=["red"])) == "red" and A.vote_key(None, q_num) is None
 
 
+def test_ranking_auc_by_hand():
+    # question 1: the right sample's reward above both wrong ones: 2 of 2 pairs; question 2: one pair
+    # tied (a half), one ordered against the score (0): 0.5 of 2
+    assert A.ranking_auc([[3.0, 1.0, 2.0], [1.0, 1.0, 0.0]], [[1.0, 0.0, 0.0], [1.0, 0.0, 1.0]]) == pytest.approx(2.5 / 4)
+    assert A.ranking_auc([[1.0, 2.0]], [[1.0, 1.0]]) is None  # no pair with different scores
+
+
 def test_best_index_takes_the_first_of_equal_rewards():
     assert A.best_index([0.5, 2.0, -1.0, 2.0]) == 1 and A.best_index(torch.tensor([-3.0, -2.0])) == 1
 
@@ -258,7 +265,8 @@ def test_evaluate_best_of_verifier_vs_majority(world, tmp_path):
         assert r["sample"] == pytest.approx(sum(r["scores"]) / 3) and r["oracle"] == max(r["scores"])
         assert r["majority_pick"] == A.majority_index(r["samples"], r)
     overall = best["overall"]  # 4 questions of 3 kinds: a split per kind and the pooled one
-    assert overall["n"] == 4 and set(overall) == {"greedy", "sample", "majority", "verifier", "oracle", "n"}
+    assert overall["n"] == 4 and set(overall) == {"greedy", "sample", "majority", "verifier", "oracle", "n", "verifier_auc"}
+    assert overall["verifier_auc"] in (None, 0.5)  # every reward 0: every ordered pair a tie
     assert all(0 <= overall[k] <= overall["oracle"] for k in ("sample", "majority", "verifier"))
     # the greedy column is the ordinary cot evaluation of the same run
     assert overall["greedy"] == pytest.approx(json.load(open(out / "metrics.json"))["overall"]["accuracy"])
