@@ -113,6 +113,8 @@ synonyms = D.read_synonyms(synonyms_path) if "chair" in questions else None
 if prompt_suffix:  # the same questions in another answer mode
     questions = {t: [dict(q, prompt=D.with_suffix(D.strip_modes(q["prompt"]), prompt_suffix)) for q in qs]
                  for t, qs in questions.items()}
+if best_of and (no_image := [q["question_id"] for q in questions["cot"] if q["image"] is None]):
+    raise ValueError(f"best_of: every cot question needs an image; question_id {no_image[0]!r} has none")
 if predictions:
     rows = {t: D.attach_answers(questions[t], D.read_answers(answers), answers) for t, _, answers in runs}
     master, elapsed, n_generated = int(os.environ.get("RANK", 0)) == 0, 0.0, 0
@@ -180,8 +182,6 @@ else:
     elapsed, n_generated = time.time() - t0, sum(len(r) for r in rows.values())
     sampled_rows = None
     if best_of:
-        if any(q["image"] is None for q in questions["cot"]):
-            raise ValueError("best_of: every cot question needs an image")
         ver = M.VLM.from_pretrained(verifier, dtype=getattr(torch, dtype)).to(dev).eval() if verifier else None
         t1 = time.time()
         with torch.no_grad():
