@@ -38,6 +38,8 @@ Fixes versus nanoGPT:
 - '--key' without '=' is an error, not a crash on an assert.
 - printing happens only on rank 0 (env RANK, set by torchrun), so a DDP run
   doesn't repeat every override once per process.
+- configure() installs errors.excepthook: a ConfigError, a data.DataError or a missing file ends the
+  script with one line naming the file, record and problem, not a traceback (see errors.py).
 """
 
 import ast
@@ -46,11 +48,13 @@ import os
 import sys
 import types
 
+import errors
+
 _CONFIG_TYPES = (int, float, bool, str, type(None), list, tuple, dict)
 
 
-class ConfigError(ValueError):
-    """A bad command line or config file."""
+class ConfigError(errors.UserError):
+    """A bad command line, config file or combination of settings."""
 
 
 def _is_config_key(name, value):
@@ -94,6 +98,7 @@ def _check_type(key, value, default, raw=None):
 def configure(g, argv=None):
     """Apply config files and --key=value overrides from argv (default sys.argv[1:]) to the
     dict g (a script's globals()). Returns {key: value} of the final config."""
+    errors.install()
     argv = sys.argv[1:] if argv is None else argv
     verbose = int(os.environ.get('RANK', 0)) == 0
     # snapshot the defaults: keys and types come from the script, not from earlier overrides

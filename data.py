@@ -34,6 +34,8 @@ from functools import lru_cache
 import torch
 from PIL import Image
 
+import errors
+
 IGNORE_INDEX = -100  # label value the loss skips (same as F.cross_entropy's default ignore_index)
 IMAGE_PLACEHOLDER = "<image>"
 TEMPLATES = ("plain", "vicuna_v1", "chat")
@@ -43,8 +45,10 @@ VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class DataError(ValueError):
-    """A problem with one record or sample. `kind` is a short label used to count skips."""
+class DataError(errors.UserError):
+    """A problem with a data file, one record or one sample; the message names the file, the record and
+    the problem. `kind` is a short label used to count skips. A script stops on it with that one line
+    (errors.py), or, where the user asked to skip (skip_bad), counts it and reports the counts."""
 
     def __init__(self, message, kind="bad record"):
         super().__init__(message)
@@ -83,14 +87,16 @@ def parse_spec(spec):
         else:
             path, ratio = split_ratio(os.fspath(item))
         if not (math.isfinite(ratio) and ratio >= 0):
-            raise ValueError(f"{path}: sample ratio must be a finite number >= 0, got {ratio}")
+            raise DataError(f"{path}: sample ratio must be a finite number >= 0, got {ratio}", "bad spec")
         out.append((path, ratio))
     if not out:
-        raise ValueError(f"no data files in {spec!r}")
+        raise DataError(f"no data files in {spec!r}", "bad spec")
     return out
 
 
 def split_ratio(item):
+    """'path' | 'path:ratio' -> (path, ratio). A tail that is not a number after an existing file
+    ('train.json:abc', 'train.json:') is an error, not part of a path that does not exist."""
     if os.path.exists(item):
         return item, 1.0
     path, sep, tail = item.rpartition(":")
@@ -98,7 +104,8 @@ def split_ratio(item):
         try:
             return path, float(tail)
         except ValueError:
-            pass
+            if os.path.exists(path):
+                raise DataError(f"{item}: the sample ratio after ':' must be a number, got {tail!r}", "bad spec") from None
     return item, 1.0
 
 
@@ -109,8 +116,7 @@ def read_json_file(path):
         raise DataError(f"{path}: data file not found", "missing file")
     if not path.endswith((".json", ".jsonl")):
         raise DataError(f"{path}: unknown data file type (expected .json or .jsonl)", "invalid json")
-    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a BOM from Windows editors
-        text = f.read()
+    text = read_text(path)
     if path.endswith(".json"):
         try:
             records = json.loads(text)
@@ -122,7 +128,7 @@ def read_json_file(path):
             if not isinstance(records, list):
                 raise DataError(f"{path}: expected a JSON list of records, got a {type(records).__name__} "
                                 f"(use .jsonl for one object per line)", "invalid json")
-            return records
+            return nonempty(records, path)
     records = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -132,7 +138,27 @@ def read_json_file(path):
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {lineno} (record {len(records)}): invalid JSON: "
                             f"{e.msg} at column {e.colno}", "invalid json") from None
+    return nonempty(records, path)
+
+
+def nonempty(records, path):
+    # an empty file is a mistake (a failed export, the wrong split), not a data set to train on or score
+    if not records:
+        raise DataError(f"{path}: no records (the file is empty)", "empty file")
     return records
+
+
+def read_text(path):
+    """A text file's contents; a file that is not UTF-8 is a DataError naming its line and byte.
+    utf-8-sig: a BOM from Windows editors is tolerated."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text "
+                        f"(byte {raw[e.start]:#04x} at offset {e.start}); save the file as UTF-8", "not utf-8") from None
 
 
 def record_images(record):
@@ -215,7 +241,21 @@ def load_records(spec, image_root=None):
 def image_paths(record, image_root=None):
     """Full paths of a record's images: image_root, else the record's _image_root, else as written."""
     root = image_root if image_root is not None else record.get("_image_root", "")
-    return [p if os.path.isabs(p) else os.path.join(root, p) for p in record_images(record)]
+    return [resolve_image(root, p) for p in record_images(record)]
+
+
+def resolve_image(root, path):
+    """An image path from a data file -> the file to open. Absolute paths are used as written (data
+    sets that keep images on another disk do that on purpose). A relative path is relative to the
+    image root and must stay inside it: '../../x.png' is a DataError, not a silent read of whatever
+    file lies there. Symlinks inside the root are followed (not resolved before the check)."""
+    if os.path.isabs(path):
+        return path
+    full = os.path.join(root, path)
+    if os.path.normpath(path).split(os.sep)[0] == os.pardir:
+        raise DataError(f"image path {path!r} leaves the image root {root or '.'!r} (use a path inside it, "
+                        f"or an absolute path)", "image outside root")
+    return full
 
 def write_atomic(path, text):
     """Write text to a temp file beside path, then os.replace: readers never see half a file, and a
@@ -358,6 +398,10 @@ def build_sample(conversations, tokenizer, template, image_token_id, num_image_t
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}, expected one of {TEMPLATES}")
     check_conversations(conversations)
+    for t, turn in enumerate(conversations):
+        if ROLES[turn["from"]] == "assistant" and not turn["value"].strip():
+            # it would train the end-of-turn token alone: an answer to nothing (skip_bad counts it)
+            raise DataError(f"turn {t}: empty assistant answer", "empty answer")
     messages = to_messages(conversations, system)
     bos = [(tokenizer.bos_token_id, False)] if tokenizer.bos_token_id is not None else []
     if template == "plain":
@@ -448,9 +492,12 @@ class SFTDataset(torch.utils.data.Dataset):
     """
     Records -> dict(input_ids (T,), labels (T,), pixel_values (n_images, 3, H, W) or None, n_images).
     A bad sample raises DataError naming its file and record; with skip_bad=True it is instead
-    counted in self.skipped (by problem kind), warned about once per kind, and returned as None.
-    Call validate() first so text problems are decided and reported once, before training.
-    Note: DataLoader workers count skips in their own copies of self.skipped.
+    counted in self.skipped (by problem kind), warned about once per kind, and returned as
+    {"skipped": kind}, which collate drops and counts in the batch's "skipped" Counter: the training
+    loop sums those, so skips found mid-run (an image that fails only when decoded) reach the final
+    report even from DataLoader workers, whose copies of self.skipped the main process never sees.
+    Call validate(check_images=True) first: text problems and missing or non-image files are then
+    decided and reported once, before training, the same way with or without skip_bad.
     """
 
     def __init__(self, records, tokenizer, image_processor, template, image_token_id, num_image_tokens,
@@ -489,7 +536,7 @@ class SFTDataset(torch.utils.data.Dataset):
             self._warned.add(error.kind)
             warnings.warn(f"skipping bad sample: {error} (further '{error.kind}' samples are only counted)",
                           stacklevel=3)
-        return None
+        return {"skipped": error.kind}
 
     def __getitem__(self, i):
         record = self.records[i]
@@ -508,7 +555,8 @@ class SFTDataset(torch.utils.data.Dataset):
         """
         Build every sample's text (no image decoding) and return the indices that are fine.
         check_images=True also opens each image file's header: catches missing and non-image
-        files, not truncated ones. skip_bad=False: raises the first error.
+        files, not truncated ones (those fail when decoded: an error, or with skip_bad a skip the
+        batch counts). skip_bad=False: raises the first error.
         """
         good = []
         for i, record in enumerate(self.records):
@@ -534,14 +582,20 @@ def check_image_file(path):
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}", "corrupt image") from None
 
 
+def dropped(batch):
+    """(the samples that are there, Counter of the kinds of those skipped: {"skipped": kind} or None)."""
+    skipped = Counter(b["skipped"] for b in batch if b is not None and "skipped" in b)
+    return [b for b in batch if b is not None and "skipped" not in b], skipped
+
+
 def collate(batch, pad_id):
     """
-    Right-pad a list of samples (None = skipped, dropped) into (B, T) tensors. Images of all
-    samples are concatenated in order: the model fills image-token positions in row-major
-    order, which visits the samples, and the images within each, in the same order.
-    Returns None if every sample was skipped.
+    Right-pad a list of samples into (B, T) tensors; skipped samples (None or {"skipped": kind}) are
+    dropped and counted in "skipped" (a Counter of kinds). Images of all samples are concatenated in
+    order: the model fills image-token positions in row-major order, which visits the samples, and
+    the images within each, in the same order. Returns None if every sample was skipped.
     """
-    batch = [b for b in batch if b is not None]
+    batch, skipped = dropped(batch)
     if not batch:
         return None
     if pad_id is None:  # e.g. Llama tokenizers: any id will do, padding is masked and never supervised
@@ -557,7 +611,7 @@ def collate(batch, pad_id):
         attention_mask[row, :n] = 1
     images = [b["pixel_values"] for b in batch if b.get("pixel_values") is not None]
     return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
-                pixel_values=torch.cat(images) if images else None)
+                pixel_values=torch.cat(images) if images else None, skipped=skipped)
 
 # -----------------------------------------------------------------------------
 # 5. sampling
@@ -816,28 +870,38 @@ def read_answers(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: answer file not found", "missing file")
     answers = {}
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                a = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno}: invalid JSON: {e.msg} at column {e.colno}", "invalid json") from None
-            if not (isinstance(a, dict) and "question_id" in a and isinstance(a.get("text"), str)):
-                raise DataError(f"{path}: line {lineno}: an answer needs 'question_id' and 'text' (a string)",
-                                "malformed record")
-            key = str(a["question_id"])  # 1 and "1" are the same question: files disagree on the type
-            if key in answers:
-                raise DataError(f"{path}: line {lineno}: a second answer to question_id {a['question_id']!r}",
-                                "malformed record")
-            answers[key] = a["text"]
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            a = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {lineno}: invalid JSON: {e.msg} at column {e.colno}", "invalid json") from None
+        if not (isinstance(a, dict) and "question_id" in a and isinstance(a.get("text"), str)):
+            raise DataError(f"{path}: line {lineno}: an answer needs 'question_id' and 'text' (a string)",
+                            "malformed record")
+        key = str(a["question_id"])  # 1 and "1" are the same question: files disagree on the type
+        if key in answers:
+            raise DataError(f"{path}: line {lineno}: a second answer to question_id {a['question_id']!r}",
+                            "malformed record")
+        answers[key] = a["text"]
+    if not answers:
+        raise DataError(f"{path}: no answers (the file is empty)", "empty file")
     return answers
 
 
-def attach_answers(questions, answers, path):
-    """questions + {str(question_id): text} -> rows with 'text'; DataError naming the answer file and the
-    first question it does not answer."""
+def attach_answers(questions, answers, path, questions_path="the question file"):
+    """questions + {str(question_id): text} -> rows with 'text'. DataError naming the answer file and the
+    first question it does not answer. Answers whose question_id no question has are not scored: a
+    warning says how many; when none match, the two files do not belong together (DataError)."""
+    known = {str(q["question_id"]) for q in questions}
+    extra = [k for k in answers if k not in known]
+    if len(extra) == len(answers):
+        raise DataError(f"{path}: none of its {len(answers)} answers is to a question of {questions_path} (first "
+                        f"question_id {extra[0]!r}): answers to another question file?", "unmatched answers")
+    if extra:
+        warnings.warn(f"{path}: {len(extra)} of {len(answers)} answers have a question_id that no question of "
+                      f"{questions_path} has (first: {extra[0]!r}); they are not scored", stacklevel=2)
     rows = []
     for q in questions:
         key = str(q["question_id"])
@@ -1096,11 +1160,12 @@ def read_synonyms(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: synonym file not found (CHAIR needs one: 'canonical, synonym, ...' lines)",
                         "missing file")
-    with open(path, encoding="utf-8-sig") as f:
-        try:
-            return parse_synonyms(f.read(), path)
-        except ValueError as e:
-            raise DataError(str(e), "malformed record") from None
+    try:
+        return parse_synonyms(read_text(path), path)
+    except DataError:
+        raise
+    except ValueError as e:
+        raise DataError(str(e), "malformed record") from None
 
 
 def _singulars(word):
@@ -1425,14 +1490,16 @@ class PairDataset(SFTDataset):
 def collate_pairs(batch, pad_id):
     """Pairs -> one batch of 2B rows: the B chosen rows, then the B rejected ones (right-padded together),
     pixel_values of the B pairs once (the model repeats their features for the rejected rows:
-    image_repeat=2), and index (B,), the pairs' dataset indices. None if every pair was skipped."""
-    batch = [b for b in batch if b is not None]
+    image_repeat=2), index (B,), the pairs' dataset indices, and skipped (as collate). None if every
+    pair was skipped."""
+    batch, skipped = dropped(batch)
     if not batch:
         return None
     rows = [dict(input_ids=b["chosen_ids"], labels=b["chosen_labels"], pixel_values=b["pixel_values"]) for b in batch]
     rows += [dict(input_ids=b["rejected_ids"], labels=b["rejected_labels"]) for b in batch]
     out = collate(rows, pad_id)
     out["index"] = torch.tensor([b["index"] for b in batch], dtype=torch.long)
+    out["skipped"] = skipped
     return out
 
 # -----------------------------------------------------------------------------
@@ -1531,7 +1598,7 @@ def load_prompts(path, image_root=None, limit=0, image_prefix="", kind="prompt")
         try:
             p = parse(rec)
             p["image"] = os.path.join(os.path.dirname(p["image"]), image_prefix + os.path.basename(p["image"]))
-            p["path"] = p["image"] if os.path.isabs(p["image"]) else os.path.join(root, p["image"])
+            p["path"] = resolve_image(root, p["image"])
             check_image_file(p["path"])
         except DataError as e:
             raise DataError(f"{where(rec, (path, i))}: {e}", e.kind) from None

@@ -25,6 +25,7 @@ import copy
 import json
 import os
 import time
+from collections import Counter
 
 import torch
 from tqdm import tqdm
@@ -90,19 +91,20 @@ gradient_checkpointing = False
 distributed = "ddp"        # under torchrun: 'ddp' | 'fsdp' (FSDP2: shards weights, grads, AdamW state; and the reference copy)
 seed = 1337
 # -----------------------------------------------------------------------------
-from configurator import configure  # noqa: E402
+from configurator import ConfigError, configure  # noqa: E402
 config = configure(globals())
 # -----------------------------------------------------------------------------
 if loss_type not in M.DPO_LOSSES:
-    raise ValueError(f"loss_type must be one of {M.DPO_LOSSES}, got {loss_type!r}")
+    raise ConfigError(f"loss_type must be one of {M.DPO_LOSSES}, got {loss_type!r}")
 if reference not in ("copy", "adapters_off", "precomputed"):
-    raise ValueError(f"reference must be 'copy', 'adapters_off' or 'precomputed', got {reference!r}")
+    raise ConfigError(f"reference must be 'copy', 'adapters_off' or 'precomputed', got {reference!r}")
 length_norm = length_norm or loss_type == "ipo"
 if reference == "adapters_off" and not lora_r:
-    raise ValueError("reference='adapters_off' needs LoRA (lora_r > 0): without adapters there is nothing to switch off")
+    raise ConfigError("reference='adapters_off' needs LoRA (lora_r > 0): without adapters there is nothing to switch off")
 
 run = T.setup(seed, device, dtype)
 dist, dev, log, master = run.dist, run.device, run.log, run.dist.master
+T.recover(out_dir, run)  # finish (or undo) a checkpoint write a kill interrupted, before anything reads out_dir
 
 # model: the policy, and where the reference comes from ------------------------------
 resume_state = M.load_train_state(out_dir) if init_from == "resume" else None
@@ -148,7 +150,7 @@ val_ds, val_idx = make_dataset(val_data_path) if val_data_path else (None, [])
 if eval_pairs:
     val_idx = val_idx[:eval_pairs]
 if val_ds is not None and not val_idx:
-    raise ValueError(f"{val_data_path}: no usable held-out pairs (set val_data_path=None to train without)")
+    raise D.DataError(f"{val_data_path}: no usable held-out pairs (set val_data_path=None to train without)", "no pairs")
 grad_accum, max_steps, warmup_steps = T.steps(len(train_idx), global_batch_size, micro_batch_size, dist.world_size,
                                               max_steps, epochs, warmup_ratio)
 log(f"{len(train_idx)} training pairs, global batch {global_batch_size} = {micro_batch_size} x {grad_accum} accumulation "
@@ -200,17 +202,18 @@ def precompute_reference(ds, idx, split):
     each rank doing its share. Before the first step the policy IS the reference (LoRA's B is zero)."""
     raw.eval()
     mine, n_real = T.padded_share(idx, dist)
-    rows = []
+    real = set(mine[:n_real])  # the padding repeats pairs of other ranks: leave those to their own rank
+    total = torch.zeros(len(ds), 2, dtype=torch.float64)  # each pair written by exactly one rank: the sum gathers them
     bar = tqdm(D.micro_batches(mine, micro_batch_size), desc=f"reference log-probs ({split})", disable=not master, unit="batch")
-    for b in loader(ds, bar):
+    for b in loader(ds, bar):  # a pair skipped here (skip_bad) is skipped in training too: its row stays 0
         b = to_dev(b)
         with autocast:
             s = sequence_logps(raw, b)[0].double().cpu()
         B = len(b["index"])
-        rows.append(torch.stack([s[:B], s[B:]], 1))
+        for i, row in zip(b["index"].tolist(), torch.stack([s[:B], s[B:]], 1)):
+            if i in real:
+                total[i] = row
     raw.train()
-    total = torch.zeros(len(ds), 2, dtype=torch.float64)  # each pair written by exactly one rank: the sum gathers them
-    total[torch.tensor(mine[:n_real], dtype=torch.long)] = torch.cat(rows)[:n_real]
     return M.all_reduce_sum(total, dist).cpu().float()
 
 
@@ -276,7 +279,8 @@ def evaluate_pairs():
 
 
 log_json = T.JsonLog(out_dir, master, fresh=init_from != "resume",
-                     wandb_config=dict(project=wandb_project, name=wandb_run_name, config=config) if wandb_log else None)
+                     wandb_config=dict(project=wandb_project, name=wandb_run_name, config=config) if wandb_log else None,
+                     resume_step=start_step)
 
 
 def merged(sd):
@@ -305,15 +309,22 @@ model.train()
 batches = iter(loader(train_ds, step_batches(start_step)))
 bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not master, dynamic_ncols=True)
 val, t0, first_val = None, time.time(), None
+skipped = Counter()  # pairs skipped mid-run (skip_bad): images that failed only when decoded
+if start_step >= max_steps:
+    log(f"{out_dir}: already finished ({start_step} of {max_steps} steps); nothing to do")
 if val_ds is not None and start_step == 0:
     val = first_val = evaluate_pairs()
     log("step 0 held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
     log_json(0, **{"val/" + k: v for k, v in val.items()})
+step = start_step - 1
 for step in bar:
     T.set_lr(optimizer, M.lr_factor(step, max_steps, warmup_steps, min_lr_ratio))
     micro = [next(batches) for _ in range(grad_accum)]
     if any(b is None for b in micro):
-        raise RuntimeError(f"step {step}: a micro-batch had only unreadable pairs (skip_bad); use a larger micro_batch_size")
+        raise D.DataError(f"step {step}: every pair of a micro-batch was unreadable (skip_bad); use a larger "
+                          f"micro_batch_size, or fix the images", "unreadable batch")
+    for b in micro:
+        skipped.update(b.pop("skipped"))
     micro = [dict(to_dev(b), split="train") for b in micro]
     n_pairs = M.all_reduce_sum(sum(len(b["index"]) for b in micro), dist).item()
     n_chosen_tok = M.all_reduce_sum(sum((b["labels"][:len(b["index"]), 1:] != D.IGNORE_INDEX).sum() for b in micro), dist).item()
@@ -343,7 +354,11 @@ for step in bar:
     if step + 1 == stop_at_step:
         break
 
-if master:
+skipped = T.gather_counts(skipped, run)
+if skipped:
+    log(f"skipped {sum(skipped.values())} more pairs during training (their images failed to decode): {dict(skipped)}")
+    log_json(step + 1, skipped_mid_run=dict(skipped))
+if master and step >= start_step:
     log(f"done: {step + 1 - start_step} steps in {time.time() - t0:.0f}s; checkpoint in {out_dir}")
     if first_val is not None and val is not None:  # the held-out figures before and after, as a table and as JSON
         print(f"{'held-out pairs':<22}{'before':>10}{'after':>10}")

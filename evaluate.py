@@ -81,7 +81,7 @@ best_of = 0                # N > 0: also sample N CoT answers per question and c
 best_of_temperature = 1.0  # the paper samples at 1.0-1.2
 verifier = ""              # the DPO checkpoint: reward log pi_verifier(answer) - log pi_init_from(answer); '' = majority only
 # -----------------------------------------------------------------------------
-from configurator import configure  # noqa: E402
+from configurator import ConfigError, configure  # noqa: E402
 config = configure(globals())
 # -----------------------------------------------------------------------------
 # short answers and letters need few tokens; a reasoning chain or a detailed caption needs room
@@ -89,11 +89,11 @@ MAX_NEW = dict(pope=16, mc=16, vqa=16, cot=256, chair=128)
 if task == "short":
     task = "vqa"
 if task not in D.BENCHMARKS + ("shapes",):
-    raise ValueError(f"task must be one of {D.BENCHMARKS + ('shapes',)}, got {task!r}")
+    raise ConfigError(f"task must be one of {D.BENCHMARKS + ('shapes',)}, got {task!r}")
 if best_of and (task not in ("cot", "shapes") or predictions):
-    raise ValueError("best_of samples answers to the cot questions: use it with task=cot or shapes, without predictions")
+    raise ConfigError("best_of samples answers to the cot questions: use it with task=cot or shapes, without predictions")
 if verifier and not best_of:
-    raise ValueError("verifier picks one of best_of sampled answers: set best_of too")
+    raise ConfigError("verifier picks one of best_of sampled answers: set best_of too")
 
 # the runs: (task, question file, answer file to score or None)
 if task == "shapes":
@@ -104,7 +104,7 @@ if task == "shapes":
     synonyms_path = synonyms_path or os.path.join(shapes_dir, "synonyms.txt")
 else:
     if not data_path:
-        raise ValueError(f"task {task!r} needs --data_path=<question file>")
+        raise ConfigError(f"task {task!r} needs --data_path=<question file>")
     runs = [(task, data_path, predictions or None)]
     synonyms_path = synonyms_path or os.path.join(os.path.dirname(data_path), "synonyms.txt")
 # every file is read and checked before a model is loaded: a bad record costs seconds, not a model load
@@ -114,24 +114,26 @@ if prompt_suffix:  # the same questions in another answer mode
     questions = {t: [dict(q, prompt=D.with_suffix(D.strip_modes(q["prompt"]), prompt_suffix)) for q in qs]
                  for t, qs in questions.items()}
 if best_of and (no_image := [q["question_id"] for q in questions["cot"] if q["image"] is None]):
-    raise ValueError(f"best_of: every cot question needs an image; question_id {no_image[0]!r} has none")
+    raise D.DataError(f"best_of: every cot question needs an image; question_id {no_image[0]!r} has none", "no image")
 if predictions:
-    rows = {t: D.attach_answers(questions[t], D.read_answers(answers), answers) for t, _, answers in runs}
+    rows = {t: D.attach_answers(questions[t], D.read_answers(answers), answers, path) for t, path, answers in runs}
     master, elapsed, n_generated = int(os.environ.get("RANK", 0)) == 0, 0.0, 0
     sampled_rows = None
     out_dir = out_dir or os.path.splitext(predictions.rstrip("/"))[0] + "_scored"
 else:
-    for t, path, _ in runs:
+    for t, path, _ in runs:  # every image is there and is an image (its header), before the model loads
         for q in questions[t]:
-            if q["image"] is not None and not os.path.isfile(os.path.join(image_root, q["image"])):
-                raise D.DataError(f"{path}: question_id {q['question_id']!r}: image not found: "
-                                  f"{os.path.join(image_root, q['image'])}", "missing image")
+            try:
+                if q["image"] is not None:
+                    D.check_image_file(D.resolve_image(image_root, q["image"]))
+            except D.DataError as e:
+                raise D.DataError(f"{path}: question_id {q['question_id']!r}: {e}", e.kind) from None
     dist = M.init_distributed(seed, None if device == "auto" else device)
     dev, master = dist.device, dist.master
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     vlm = M.VLM.from_pretrained(init_from, dtype=getattr(torch, dtype)).to(dev).eval()
     tok, template = vlm.tokenizer, vlm.config["template"]
     rng = torch.Generator(dev).manual_seed(seed + dist.rank)  # sampling only; each rank draws its own
@@ -161,7 +163,7 @@ else:
                                   vlm.image_token_id, vlm.num_image_tokens, n_images=int(q["image"] is not None))
                    for q in batch]
         ids, mask = D.collate_prompts(prompts, tok.pad_token_id)
-        images = [D.process_image(D.load_image(os.path.join(image_root, q["image"])), vlm.image_processor,
+        images = [D.process_image(D.load_image(D.resolve_image(image_root, q["image"])), vlm.image_processor,
                                   vlm.config["pad_to_square"]) for q in batch if q["image"]]
         px = torch.stack(images).to(dev) if images else None  # rows without an image simply have no image tokens
         gen = vlm.generate(ids.to(dev), px, mask.to(dev), max_new_tokens=max_new_tokens or MAX_NEW[t],
@@ -170,7 +172,7 @@ else:
 
     def sampled(batch):
         """best_of answers per question, and with a verifier their rewards."""
-        qs = [dict(q, path=os.path.join(image_root, q["image"])) for q in batch]
+        qs = [dict(q, path=D.resolve_image(image_root, q["image"])) for q in batch]
         texts = A.sample_answers(vlm, qs, best_of, best_of_temperature, top_p, max_new_tokens or MAX_NEW["cot"], rng)
         rewards = [[0.0] * best_of for _ in qs]
         if ver is not None:

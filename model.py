@@ -13,6 +13,7 @@ Contents:
   6. preference optimisation: dpo_loss (TRL's formulas) and hand-written LoRA in peft's convention
 """
 
+import glob
 import json
 import math
 import os
@@ -765,6 +766,8 @@ def _config_from_llava(raw):
 def _checkpoint_dir(path):
     """A directory as it is; 'org/name' that is not one on disk is a hub id: its config, safetensors,
     tokenizer and processor files from the Hugging Face cache, downloaded if they are not there yet."""
+    if not os.path.exists(path) and os.path.isdir(path + ".new"):
+        return path + ".new"  # a kill between the two renames of a checkpoint swap: the new one is complete
     if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
         return path
     from huggingface_hub import snapshot_download
@@ -819,34 +822,95 @@ def _write_json(path, obj):
         json.dump(obj, f, indent=2, default=str)
 
 
+# A checkpoint directory is swapped in whole, crash-safe at every instant (a kill -9 anywhere leaves one
+# complete checkpoint, found by recover_dir):
+#   1. recover_dir(path): finish or undo an earlier interrupted swap, remove stale temporaries
+#   2. write everything into path.partial, fsync it          killed here: path is untouched, .partial is junk
+#   3. rename path.partial -> path.new                       the commit: from now on the new checkpoint wins
+#   4. move what others wrote into path (log.jsonl, eval/, a DPO reference cache) over to path.new
+#   5. rename path -> path.old, path.new -> path, delete path.old
+# Steps 4-5 are redone from wherever they stopped (each move is a rename, and a rename is atomic).
+# Weights and training state are never carried over from the old directory: a stale
+# model.safetensors.index.json or train_state.pt beside new weights would load as a mixed model.
+_OWNED = ("config.json", "train_state.pt", "model.safetensors.index.json")
+
+
+def _owned(name):
+    return name in _OWNED or name.endswith(".safetensors") or name.startswith("pytorch_model")
+
+
+def _fsync(path):
+    """Flush a file, or a directory's entries, to disk (a kill alone does not need it; a power cut does)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _finish_swap(path):
+    new, old, parent = path + ".new", path + ".old", os.path.dirname(path)
+    if os.path.isdir(path):
+        for name in os.listdir(path):  # keep what others wrote there
+            if not _owned(name) and not os.path.exists(os.path.join(new, name)):
+                os.replace(os.path.join(path, name), os.path.join(new, name))
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(new, path)
+    _fsync(parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(path):
+    """Leave `path` as one complete directory after a write that a kill interrupted: a committed
+    path.new is swapped in (the new checkpoint), a half-written path.partial deleted (the old one
+    stays), a leftover path.old deleted (or put back if path itself is gone). Returns what it did."""
+    path = os.path.abspath(path)
+    new, old, partial = path + ".new", path + ".old", path + ".partial"
+    did = []
+    if os.path.isdir(new):
+        _finish_swap(path)
+        did.append("finished an interrupted swap")
+    if os.path.exists(partial):
+        shutil.rmtree(partial)
+        did.append("removed a half-written checkpoint")
+    if os.path.isdir(old):
+        if os.path.exists(path):
+            shutil.rmtree(old)
+        else:  # cannot happen with this swap (path goes aside only once .new exists); kept for safety
+            os.replace(old, path)
+        did.append("removed the previous checkpoint's leftovers")
+    for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # the temporaries of this code's earlier swap
+        shutil.rmtree(stale, ignore_errors=True)
+    return did
+
+
 class _atomic_dir:
-    """Write a directory under a temporary name beside `path`, then swap it in. The old directory is
-    moved aside first and deleted only after the new one is in place; files in it that the new one
-    does not write (a training log, eval results) are carried over."""
+    """with _atomic_dir(path) as d: write the directory's files into d; on leaving the block they
+    replace `path` as one crash-safe swap (the steps above). An exception inside the block leaves
+    `path` as it was."""
 
     def __init__(self, path):
         self.path = os.path.abspath(path)
+        self.partial = self.path + ".partial"
 
     def __enter__(self):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.path) + ".tmp-", dir=os.path.dirname(self.path))
-        return self.tmp
+        recover_dir(self.path)
+        os.makedirs(self.partial)
+        return self.partial
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            shutil.rmtree(self.partial, ignore_errors=True)
             return False
-        old = None
-        if os.path.exists(self.path):
-            for name in os.listdir(self.path):  # keep what others wrote there (log.jsonl, eval/)
-                if not os.path.exists(os.path.join(self.tmp, name)):
-                    os.replace(os.path.join(self.path, name), os.path.join(self.tmp, name))
-            old = self.path + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        for d, _, files in os.walk(self.partial):
+            for f in files:
+                _fsync(os.path.join(d, f))
+            _fsync(d)
+        os.replace(self.partial, self.path + ".new")
+        _finish_swap(self.path)
         return False
 
 # -----------------------------------------------------------------------------

@@ -92,11 +92,11 @@ seed = 1337
 device = "auto"
 dtype = "auto"             # auto = bfloat16 on CUDA, float32 elsewhere
 # -----------------------------------------------------------------------------
-from configurator import configure  # noqa: E402
+from configurator import ConfigError, configure  # noqa: E402
 config = configure(globals())
 # -----------------------------------------------------------------------------
 if mode not in ("csr", "answer"):
-    raise ValueError(f"mode must be 'csr' or 'answer', got {mode!r}")
+    raise ConfigError(f"mode must be 'csr' or 'answer', got {mode!r}")
 max_new_tokens = max_new_tokens or dict(csr=70, answer=256)[mode]
 # what the journal's rows depend on: a journal written under other settings must not be continued
 identity = dict(mode=mode, init_from=init_from, data_path=data_path, image_prefix=image_prefix, seed=seed,
@@ -111,10 +111,10 @@ if mode == "csr":
             identity.pop(k)
 else:  # the band and the pair count are applied when the pairs are written: changing them needs no new samples
     if not (samples >= 2 and 0 <= min_accuracy <= max_accuracy <= 1 and pairs_per_question >= 1 and temperature > 0):
-        raise ValueError("answer mode needs samples >= 2, 0 <= min_accuracy <= max_accuracy <= 1, "
+        raise ConfigError("answer mode needs samples >= 2, 0 <= min_accuracy <= max_accuracy <= 1, "
                          "pairs_per_question >= 1 and temperature > 0")
     if check not in ("answer", "chain"):
-        raise ValueError(f"check must be 'answer' or 'chain', got {check!r}")
+        raise ConfigError(f"check must be 'answer' or 'chain', got {check!r}")
     identity.update(samples=samples, tolerance=tolerance, check=check)
 journal_name = dict(csr="trees", answer="samples")[mode]
 

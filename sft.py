@@ -15,6 +15,7 @@ Resume an interrupted run exactly where it stopped:
 """
 import json
 import time
+from collections import Counter
 
 import torch
 from tqdm import tqdm
@@ -43,6 +44,7 @@ image_root = "data/shapes/images"
 template = "chat"          # 'plain' (LLaVA stage 1) | 'vicuna_v1' (LLaVA-1.5) | 'chat' (the tokenizer's own chat template)
 max_len = 512              # tokens; text is truncated, an image never is (too long -> error, or skip with skip_bad)
 skip_bad = False           # True: count and skip bad samples (missing/corrupt image, too long...) instead of stopping
+check_images = True        # open every image's header before step 1, so a missing or non-image file stops (or is skipped) now, not hours in
 pad_to_square = True       # LLaVA-1.5: pad images to square with the processor's mean colour
 num_workers = 0            # DataLoader workers for image decoding (use 4-8 on GPU machines)
 # model: pretrained parts (init_from='parts': both; 'scratch': the vision tower only)
@@ -89,6 +91,7 @@ config = configure(globals())
 
 run = T.setup(seed, device, dtype)
 dist, dev, log, master = run.dist, run.device, run.log, run.dist.master
+T.recover(out_dir, run)  # finish (or undo) a checkpoint write a kill interrupted, before anything reads out_dir
 
 # model --------------------------------------------------------------------------
 resume_state = None
@@ -125,7 +128,7 @@ log(f"model: {n_params / 1e6:.2f}M parameters ({', '.join(f'{p} {sum(q.numel() f
 def make_dataset(spec):
     ds = D.SFTDataset(D.load_records(spec, image_root), tok, vlm.image_processor, template, vlm.image_token_id,
                       vlm.num_image_tokens, image_root, max_len=max_len, pad_to_square=pad_to_square, skip_bad=skip_bad)
-    good = ds.validate(check_images=skip_bad)  # decide skips once, up front, identically on every rank
+    good = ds.validate(check_images=check_images)  # decide errors and skips once, up front, identically on every rank
     if ds.skipped:
         log(f"{spec}: skipping {sum(ds.skipped.values())} of {len(ds)} samples: {dict(ds.skipped)}")
     return ds, good
@@ -181,7 +184,8 @@ def evaluate_val():
 
 
 log_json = T.JsonLog(out_dir, master, fresh=init_from != "resume",
-                     wandb_config=dict(project=wandb_project, name=wandb_run_name, config=config) if wandb_log else None)
+                     wandb_config=dict(project=wandb_project, name=wandb_run_name, config=config) if wandb_log else None,
+                     resume_step=start_step)
 
 
 def checkpoint(step, val_loss):
@@ -197,16 +201,23 @@ def checkpoint(step, val_loss):
 vlm.train()
 batches = iter(loader(train_ds, step_batches(start_step)))
 bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not master, dynamic_ncols=True)
-val_loss, tokens_seen, t0 = None, 0, time.time()
+val_loss, train_loss, tokens_seen, t0 = None, None, 0, time.time()
+skipped = Counter()  # samples skipped mid-run (skip_bad): images that failed only when decoded
+if start_step >= max_steps:
+    log(f"{out_dir}: already finished ({start_step} of {max_steps} steps); nothing to do")
 if val_ds is not None and start_step == 0:
     val_loss = evaluate_val()
     log(f"step 0: val loss {val_loss:.4f}")
     log_json(0, val_loss=val_loss)
+step = start_step - 1
 for step in bar:
     T.set_lr(optimizer, M.lr_factor(step, max_steps, warmup_steps, min_lr_ratio))
     micro = [next(batches) for _ in range(grad_accum)]
     if any(b is None for b in micro):
-        raise RuntimeError(f"step {step}: a micro-batch had only unreadable samples (skip_bad); use a larger micro_batch_size")
+        raise D.DataError(f"step {step}: every sample of a micro-batch was unreadable (skip_bad); use a larger "
+                          f"micro_batch_size, or fix the images", "unreadable batch")
+    for b in micro:
+        skipped.update(b.pop("skipped"))
     micro = [to_dev(b) for b in micro]
     n_tok = M.all_reduce_sum(sum((b["labels"][:, 1:] != D.IGNORE_INDEX).sum() for b in micro), dist)
     loss_sum = 0.0
@@ -236,7 +247,11 @@ for step in bar:
     if step + 1 == stop_at_step:
         break
 
-if master:
+skipped = T.gather_counts(skipped, run)
+if skipped:
+    log(f"skipped {sum(skipped.values())} more samples during training (their images failed to decode): {dict(skipped)}")
+    log_json(step + 1, skipped_mid_run=dict(skipped))
+if master and train_loss is not None:
     log(f"done: {step + 1 - start_step} steps in {time.time() - t0:.0f}s, final train loss {train_loss:.4f}"
         + (f", val loss {val_loss:.4f}" if val_loss is not None else "") + f"; checkpoint in {out_dir}")
 T.finish(run)

@@ -9,21 +9,25 @@ top to bottom (as nanochat's chat_sft.py and chat_rl.py share common.py and chec
     steps          gradient accumulation, number of steps and warmup steps from the batch sizes and epochs
     set_lr         the schedule factor applied to every group's base lr
     save / resume  checkpoint (model dir + train_state.pt, one atomic swap; FSDP gathers first), exact resume
+    recover        finish or undo the checkpoint swap a kill interrupted (call before reading out_dir)
     JsonLog        one JSON line per event in out_dir/log.jsonl (and wandb when asked)
     loader, to_device   the DataLoader over a batch sampler, and a batch moved to the device
     padded_share, equal_shares   a rank's share of an evaluation set (all of it / a truncated equal part)
+    gather_counts  a Counter summed over ranks (the samples each rank skipped)
     finish         the end of a torchrun process group
 """
 import functools
 import json
 import math
 import os
-from collections import namedtuple
+from collections import Counter, namedtuple
 from contextlib import nullcontext
 
 import torch
 
+import data as D
 import model as M
+from configurator import ConfigError
 
 Run = namedtuple("Run", "dist device ptdtype autocast log")
 
@@ -77,7 +81,7 @@ def steps(n_train, global_batch_size, micro_batch_size, world_size, max_steps, e
     """(grad_accum, max_steps, warmup_steps). The global batch is fixed; accumulation adapts to the
     world size. max_steps 0: as many steps as `epochs` passes over n_train samples take."""
     if global_batch_size % (micro_batch_size * world_size) != 0:
-        raise ValueError(f"global_batch_size {global_batch_size} must be a multiple of micro_batch_size {micro_batch_size} "
+        raise ConfigError(f"global_batch_size {global_batch_size} must be a multiple of micro_batch_size {micro_batch_size} "
                          f"x world size {world_size}")
     max_steps = max_steps or math.ceil(epochs * n_train / global_batch_size)
     return global_batch_size // (micro_batch_size * world_size), max_steps, math.ceil(warmup_ratio * max_steps)
@@ -111,6 +115,16 @@ def save(out_dir, raw, optimizer, run, fsdp, state, model_state=None):
     M.save_checkpoint(out_dir, raw, osd, dict(state, **extra), model_state=msd)
 
 
+def recover(out_dir, run):
+    """Put out_dir back to one whole checkpoint if a kill interrupted its last write (model.recover_dir:
+    the new one if it was complete, else the old one; stale temporaries removed). The master does it,
+    the other ranks wait, so no rank reads the directory mid-rename."""
+    if run.dist.master:
+        M.recover_dir(out_dir)
+    if run.dist.ddp:
+        torch.distributed.barrier()
+
+
 def resume(optimizer, raw, fsdp, resume_state):
     """Optimizer state and RNG from a checkpoint's train state; returns the step to start from."""
     if resume_state is None:
@@ -124,14 +138,30 @@ def resume(optimizer, raw, fsdp, resume_state):
     return resume_state["step"]
 
 
+def _row_step(line):
+    """A log row's step; None for a line a kill cut short (it goes with the lost steps)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return None
+
+
 class JsonLog:
     """out_dir/log.jsonl, one JSON object per event (the run's numbers in a form a script can compare);
-    a fresh run starts a fresh log, a resumed one appends. wandb (off by default) gets the same rows."""
+    a fresh run starts a fresh log, a resumed one appends. wandb (off by default) gets the same rows.
+    resume_step: the step the resumed checkpoint holds. Rows after it were logged by work a kill lost
+    (the run is redoing those steps), so they are dropped: every step appears once, as the checkpoint's run."""
 
-    def __init__(self, out_dir, master, fresh, wandb_config=None):
+    def __init__(self, out_dir, master, fresh, wandb_config=None, resume_step=None):
         self.path, self.master, self.wandb = os.path.join(out_dir, "log.jsonl"), master, None
         if master and fresh and os.path.exists(self.path):
             os.remove(self.path)
+        if master and not fresh and resume_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = f.read().splitlines()
+            kept = [ln for ln in lines if (s := _row_step(ln)) is not None and s <= resume_step]
+            if len(kept) < len(lines):
+                D.write_atomic(self.path, "".join(ln + "\n" for ln in kept))
         if master and wandb_config is not None:
             import wandb
             wandb.init(**wandb_config)
@@ -159,6 +189,15 @@ def equal_shares(indices, dist):
     """This rank's share of an evaluation set, every rank the same count (FSDP ranks must run the same forwards)."""
     indices = indices[:len(indices) - len(indices) % dist.world_size]
     return indices[dist.rank::dist.world_size]
+
+
+def gather_counts(counts, run):
+    """A Counter summed over all ranks (every rank gets the sum)."""
+    if not run.dist.ddp:
+        return counts
+    parts = [None] * run.dist.world_size
+    torch.distributed.all_gather_object(parts, dict(counts))
+    return sum((Counter(p) for p in parts), Counter())
 
 
 def finish(run):

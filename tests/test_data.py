@@ -319,10 +319,12 @@ def test_dataset_skip_bad(bad_set):
     ds = make(skip_bad=True)
     with pytest.warns(UserWarning):
         items = [ds[i] for i in range(5)]
-    assert [x is None for x in items] == [False, True, True, True, False]
+    assert [x.get("skipped") for x in items] == [None, "missing image", "corrupt image", "image would be truncated", None]
     assert ds.skipped == {"missing image": 1, "corrupt image": 1, "image would be truncated": 1}
     batch = collate(items, pad_id=0)
     assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape == (1, 3, 32, 32)
+    # the batch carries the skips, so a loop over DataLoader workers' batches can count them
+    assert batch["skipped"] == {"missing image": 1, "corrupt image": 1, "image would be truncated": 1}
 
 
 def test_load_image_errors(tmp_path):
@@ -376,7 +378,8 @@ def test_collate():
     assert out["pixel_values"].shape == (3, 3, 2, 2)
     assert out["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 2.0, 3.0]  # sample order, then image order
     assert collate([b], pad_id=0)["pixel_values"] is None
-    assert collate([None], pad_id=0) is None
+    assert collate([None], pad_id=0) is None and collate([{"skipped": "corrupt image"}], pad_id=0) is None
+    assert out["skipped"] == {}
     assert collate([a, b], pad_id=None)["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
 
 # ----------------------------------------------------------------------------- sampling
@@ -428,7 +431,9 @@ def test_load_records_ratios(tmp_path):
     c = write_json(d / "c.json", [rec(0, None, [{"from": "human", "value": "q"}, CONV[1]])] * 4)
     assert len(load_records(c)) == 4
     assert len(load_records(f"{c}:0.5")) == 2
-    assert data.parse_spec(f"{c}:x") == [(f"{c}:x", 1.0)]
+    with pytest.raises(DataError, match=r"c.json:x: the sample ratio after ':' must be a number, got 'x'"):
+        data.parse_spec(f"{c}:x")  # c.json exists: 'x' is a bad ratio, not part of a missing file's name
+    assert data.parse_spec(f"{d}/nope.json:x") == [(f"{d}/nope.json:x", 1.0)]  # reported later as not found
     # image paths resolve against the file's directory unless image_root is given
     r = load_records(write_json(d / "i.json", [rec(0, "img/x.png")]))[0]
     assert data.image_paths(r) == [os.path.join(str(d), "img/x.png")]

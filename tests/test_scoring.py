@@ -296,7 +296,12 @@ def test_answers_join_by_question_id(tmp_path):
     rows = D.attach_answers([dict(question_id=1), dict(question_id="2")], answers, str(a))  # 1 == "1"
     assert [r["text"] for r in rows] == ["Yes", "No"]
     with pytest.raises(D.DataError, match=r"answers.jsonl: no answer for question_id 3"):
-        D.attach_answers([dict(question_id=3)], answers, str(a))
+        D.attach_answers([dict(question_id=1), dict(question_id=3)], answers, str(a))
+    with pytest.warns(UserWarning, match=r"answers.jsonl: 1 of 2 answers have a question_id that no question of q.jsonl "
+                                         r"has \(first: '2'\); they are not scored"):
+        assert len(D.attach_answers([dict(question_id=1)], answers, str(a), "q.jsonl")) == 1
+    with pytest.raises(D.DataError, match=r"none of its 2 answers is to a question of q.jsonl"):
+        D.attach_answers([dict(question_id=3)], answers, str(a), "q.jsonl")
     a.write_text(json.dumps({"question_id": 1, "text": "Yes"}) + "\n{oops\n")
     with pytest.raises(D.DataError, match="answers.jsonl: line 2: invalid JSON"):
         D.read_answers(str(a))
