@@ -117,6 +117,8 @@ def read_json_file(path):
     if not path.endswith((".json", ".jsonl")):
         raise DataError(f"{path}: unknown data file type (expected .json or .jsonl)", "invalid json")
     text = read_text(path)
+    if not text.strip():
+        raise DataError(f"{path}: no records (the file is empty)", "empty file")
     if path.endswith(".json"):
         try:
             records = json.loads(text)
