@@ -6,9 +6,15 @@ problem, exit status 1, no traceback. A traceback is for our bugs, not for a typ
 
 configure() installs the hook, so every stage script that reads its settings through the
 configurator inherits it. LUCID_TRACEBACK=1 prints the traceback as well (debugging, bug reports).
+Our own warnings (a skipped sample, answers that match no question) are one line too:
+
+    warning: skipping bad sample: data/train.json: record 2 (id 'id-2'): image not found: ... (further ...)
 """
 import os
 import sys
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class UserError(ValueError):
@@ -38,5 +44,16 @@ def excepthook(exc_type, exc, tb):
     sys.__excepthook__(exc_type, exc, tb)
 
 
+def formatwarning(text, category, filename, lineno, line=None):
+    ours = os.path.abspath(filename).startswith(HERE + os.sep) and "site-packages" not in filename
+    if ours and not os.environ.get("LUCID_TRACEBACK"):
+        return f"warning: {text}\n"
+    return _formatwarning(text, category, filename, lineno, line)  # a library's: where it came from helps
+
+
+_formatwarning = warnings.formatwarning
+
+
 def install():
     sys.excepthook = excepthook
+    warnings.formatwarning = formatwarning

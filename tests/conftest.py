@@ -77,7 +77,7 @@ def shapes(tmp_path_factory):
     """A small shapes world; returns the sft.py arguments that point at it."""
     d = tmp_path_factory.mktemp("shapes")
     p = subprocess.run([sys.executable, "prepare_shapes.py", f"--out_dir={d}", "--n_train=200", "--n_val=20", "--n_test=10"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     return [f"--data_path={d}/train.json", f"--val_data_path={d}/val.json", f"--image_root={d}/images",
             f"--tokenizer_path={d}/tokenizer", f"--vision_path={ROOT}/models/shapes/clip"]

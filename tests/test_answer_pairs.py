@@ -156,7 +156,7 @@ def test_chain_check_needs_the_gold_chains(world, tmp_path):
     (tmp_path / "q.json").write_text(json.dumps(qs))
     a = args(world, str(tmp_path / "out"), "--check=chain")
     a[2] = f"--data_path={tmp_path}/q.json"
-    p = subprocess.run([sys.executable, "selfreward.py", *a], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "selfreward.py", *a], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode != 0 and "check=chain needs each question's gold chain" in p.stderr and "Traceback" not in p.stderr
 
 

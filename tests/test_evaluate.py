@@ -77,7 +77,7 @@ def make_suite(d, tasks=SUITE):
     return d
 
 
-def run(args, ok=True, nproc=1, timeout=300):
+def run(args, ok=True, nproc=1, timeout=900):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "evaluate.py", *args] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "evaluate.py", *args]
@@ -309,7 +309,7 @@ def test_shapes_eval_sets_with_oracle_answers_score_perfectly(tmp_path):
     p = subprocess.run([sys.executable, "prepare_shapes.py", f"--out_dir={world}", "--n_train=50", "--n_val=5",
                         "--n_test=5", "--n_eval=150", "--eval_pope=20", "--eval_mc=20",
                         "--eval_vqa=20", "--eval_cot=20", "--eval_chair=20"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     oracle = dict(pope=lambda r: r["label"].capitalize() + ".", mc=lambda r: f"The answer is {r['answer']}.",
                   vqa=lambda r: r["answer"].capitalize(), cot=lambda r: r["rationale"], chair=lambda r: r["caption"])

@@ -36,7 +36,7 @@ NUMBERS = {'zero': '0', 'one': '1', 'two': '2', 'three': '3', 'four': '4', 'five
 
 def run_script(out_dir, *args):
     return subprocess.run([sys.executable, 'prepare_shapes.py', f'--out_dir={out_dir}', *SMALL, *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope='module')
@@ -449,7 +449,7 @@ def test_prior_noise_changes_only_the_training_conversations(tmp_path):
     for d, p in ((a, 0), (b, 0.7)):
         r = subprocess.run([sys.executable, 'prepare_shapes.py', f'--out_dir={d}', '--n_train=200', '--n_val=10',
                             '--n_test=10', '--n_eval=150', f'--prior_noise={p}'], cwd=ROOT, capture_output=True, text=True,
-                           timeout=120)
+                           timeout=900)
         assert r.returncode == 0, r.stdout + r.stderr
     for name in ['captions.json', 'scenes.json', 'test.jsonl'] + [f'eval/{f}' for f in EVAL_FILES]:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
