@@ -851,7 +851,7 @@ def _fsync(path):
 def _finish_swap(path):
     new, old, parent = path + ".new", path + ".old", os.path.dirname(path)
     if os.path.isdir(path):
-        for name in os.listdir(path):  # keep what others wrote there
+        for name in sorted(os.listdir(path)):  # keep what others wrote there
             if not _owned(name) and not os.path.exists(os.path.join(new, name)):
                 os.replace(os.path.join(path, name), os.path.join(new, name))
         if os.path.exists(old):

@@ -53,6 +53,13 @@ def tiny_world_vlm(shapes_dir, max_positions=512, seed=0):
     return M.VLM.from_parts(lm=lm, vision=vision, tokenizer=tok, template="chat")
 
 
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    """Variables a developer's shell or CI may carry that change what the scripts print or do."""
+    for k in ("LUCID_TRACEBACK", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+
+
 @pytest.fixture
 def tiny_tokenizer():
     return make_tokenizer()

@@ -42,9 +42,19 @@ def write(path, records):
 
 
 def run_inprocess(script, args, monkeypatch):
+    """The script in this process; what it changes process-wide (the RNG it seeds, the hooks configure()
+    installs) is put back, so later tests see the same state whichever ran before."""
+    import warnings
+    import torch
     monkeypatch.setattr(sys, "argv", [script, *args])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
     monkeypatch.chdir(ROOT)
-    runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    rng = torch.get_rng_state()
+    try:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    finally:
+        torch.set_rng_state(rng)
 
 
 def run_subprocess(script, args, **env):

@@ -34,7 +34,7 @@ class Killer:
             if self.n == self.k:
                 self.dead = True
                 if name == "rmtree" and os.path.isdir(args[0]):
-                    files = [os.path.join(d, f) for d, _, fs in os.walk(args[0]) for f in fs]
+                    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(args[0]) for f in fs)
                     if files:
                         os.remove(files[0])
                 raise Killed

@@ -328,10 +328,12 @@ def test_torchrun_two_processes_match_one(dpo_setup, tmp_path, distributed, refe
     assert len(la) == len(lb) == 2
     for step, (ra, rb) in enumerate(zip(la, lb)):
         for k in M_METRICS:
-            if k == "rewards/accuracies" and step == 0:
-                # step 1: policy == reference, every margin is 0 up to fp32 noise, and the accuracy
-                # (margin > 0) counts that noise: 0.0 vs 0.125 seen in CI. The margins themselves are compared.
-                assert abs(ra["rewards/margins"]) < 1e-5 and abs(rb["rewards/margins"]) < 1e-5
+            if k.startswith("rewards/") and step == 0:
+                # step 1: policy == reference, every reward is 0 up to fp32 noise (the precomputed reference
+                # ran in other micro-batches), and the accuracy (margin > 0) counts that noise: 0.0 vs 0.125
+                # seen in CI. So the rewards are checked to be ~0, the accuracy not at all.
+                if k != "rewards/accuracies":
+                    assert abs(ra[k]) < 1e-5 and abs(rb[k]) < 1e-5, k
                 continue
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), k
     va = [r for r in log(one) if "val/loss" in r][-1]

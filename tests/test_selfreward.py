@@ -229,7 +229,7 @@ def test_selfreward_writes_pairs_dpo_reads_and_resumes(world, tmp_path):
     assert open(f"{out}/pairs.json").read() == pairs_json
     # other settings, same out_dir: refused instead of mixing trees of two searches
     r = subprocess.run([sys.executable, "selfreward.py", *sr_args(world, out, "--max_prompts=6", "--lam=0.5")], cwd=ROOT,
-                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
     assert r.returncode != 0 and "other settings (lam)" in r.stderr, r.stderr[-2000:]
 
 

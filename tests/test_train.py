@@ -55,7 +55,9 @@ def test_torchrun_two_processes_match_one(shapes, tmp_path, distributed):
     assert len(vals) == 2 and vals[-1] < vals[0]
     wa, wb = weights(one), weights(two)
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
-    assert worst < 1e-5, worst  # lr 1e-3: a mismatched gradient would move weights by ~1e-3
+    # lr 1e-3: a mismatched gradient moves weights by ~1e-3. Not tighter: on AdamW's first step a gradient
+    # that is 0 up to fp32 noise (a key bias) moves its weight by lr * noise / eps, machine-dependent
+    assert worst < 1e-4, worst
 
 
 def test_short_training_learns(shapes, tmp_path):
