@@ -356,7 +356,8 @@ for step in bar:
 
 skipped = T.gather_counts(skipped, run)
 if skipped:
-    log(f"skipped {sum(skipped.values())} more pairs during training (their images failed to decode): {dict(skipped)}")
+    log(f"skipped {sum(skipped.values())} more pairs during training (images that failed to decode; "
+        f"counted each time one was drawn): {dict(skipped)}")
     log_json(step + 1, skipped_mid_run=dict(skipped))
 if master and step >= start_step:
     log(f"done: {step + 1 - start_step} steps in {time.time() - t0:.0f}s; checkpoint in {out_dir}")
