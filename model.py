@@ -878,9 +878,10 @@ def recover_dir(path):
     if os.path.isdir(old):
         if os.path.exists(path):
             shutil.rmtree(old)
+            did.append("removed the previous checkpoint's leftovers")
         else:  # cannot happen with this swap (path goes aside only once .new exists); kept for safety
             os.replace(old, path)
-        did.append("removed the previous checkpoint's leftovers")
+            did.append("put the previous checkpoint back")
     for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # the temporaries of this code's earlier swap
         shutil.rmtree(stale, ignore_errors=True)
     return did

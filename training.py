@@ -119,8 +119,8 @@ def recover(out_dir, run):
     """Put out_dir back to one whole checkpoint if a kill interrupted its last write (model.recover_dir:
     the new one if it was complete, else the old one; stale temporaries removed). The master does it,
     the other ranks wait, so no rank reads the directory mid-rename."""
-    if run.dist.master:
-        M.recover_dir(out_dir)
+    if run.dist.master and (did := M.recover_dir(out_dir)):
+        run.log(f"{out_dir}: a kill interrupted the last checkpoint write: {'; '.join(did)}")
     if run.dist.ddp:
         torch.distributed.barrier()
 

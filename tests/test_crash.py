@@ -170,6 +170,8 @@ def test_sft_killed_mid_checkpoint_resumes_to_the_same_weights(shapes, uninterru
     assert os.path.exists(out) == (when == "write")  # 'swap': out_dir itself is gone
     r = run_sft(shapes + TINY + [f"--out_dir={out}", "--init_from=resume"])
     assert f"resuming from {out} at step {4 if when == 'swap' else 2}" in r.stdout
+    assert "a kill interrupted the last checkpoint write: " + ("finished an interrupted swap" if when == "swap"
+                                                              else "removed a half-written checkpoint") in r.stdout
     assert sorted(os.listdir(tmp_path)) == ["run"]  # the temporaries are gone
     full, resumed = load_file(os.path.join(uninterrupted, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
     assert all(torch.equal(full[k], resumed[k]) for k in full)
