@@ -76,20 +76,24 @@ def truncated_png(path, like):
         f.write(data[:len(data) // 2])  # a valid header (the up-front check passes), half the pixels
 
 
-# the kinds of bad training file: how to make it from good records -> what the one line must say
+def text(path, content):
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    return str(path)
+
+
+# the kinds of bad training file: how to make each from good records (the line it must give: EXPECT)
 def bad_training_files(tmp_path, recs):
     turn = recs[0]["conversations"]
     d = tmp_path
     (d / "images" / "not_an_image.png").write_text("hello")
     (d / "zero.png").write_bytes(b"")
     return {
-        "missing file": (str(d / "nope.json"), ["nope.json: data file not found"]),
-        "zero-byte json": ((d / "zero.json").write_text("") and None) or str(d / "zero.json"),
-        "empty jsonl": ((d / "empty.jsonl").write_text("\n\n") and None) or str(d / "empty.jsonl"),
-        "truncated json": ((d / "cut.json").write_text(json.dumps(recs)[:300]) and None) or str(d / "cut.json"),
-        "bad jsonl line": ((d / "bad.jsonl").write_text(json.dumps(recs[0]) + "\n{oops\n") and None) or str(d / "bad.jsonl"),
-        "not utf-8": ((d / "latin1.json").write_bytes(json.dumps(recs[:1]).replace("Describe", "D\u00e9crire")
-                                                       .encode("latin-1")) and None) or str(d / "latin1.json"),
+        "missing file": str(d / "nope.json"),
+        "zero-byte json": text(d / "zero.json", ""),
+        "empty jsonl": text(d / "empty.jsonl", "\n\n"),
+        "truncated json": text(d / "cut.json", json.dumps(recs)[:300]),
+        "bad jsonl line": text(d / "bad.jsonl", json.dumps(recs[0]) + "\n{oops\n"),
+        "not utf-8": text(d / "latin1.json", json.dumps(recs[:1]).replace("Describe", "D\u00e9crire").encode("latin-1")),
         "not a list": write(d / "obj.json", recs[0]),
         "record not an object": write(d / "str.json", recs[:2] + ["just text"]),
         "turn without value": write(d / "turn.json", [dict(recs[0], conversations=[{"from": "human"}] + turn[1:])]),
@@ -102,7 +106,7 @@ def bad_training_files(tmp_path, recs):
         "image outside the root": write(d / "out.json", [dict(recs[0], image="../../etc/passwd")]),
         "empty answer": write(d / "ea.json", recs[:2] + [dict(recs[2], conversations=turn[:1] + [dict(turn[1], value="  ")])]),
         "over-long sample": write(d / "long.json", [dict(recs[0], conversations=[dict(turn[0], value="x " * 400 + turn[0]["value"])] + turn[1:])]),
-        "bad ratio": (write(d / "ok.json", recs) + ":abc", []),
+        "bad ratio": write(d / "ok.json", recs) + ":abc",
     }
 
 
@@ -134,13 +138,12 @@ def test_every_bad_training_file_is_one_clear_error(world, tmp_path, monkeypatch
     files = bad_training_files(tmp_path, recs)
     assert set(files) == set(EXPECT)
     for kind, spec in files.items():
-        spec = spec[0] if isinstance(spec, tuple) else spec
-        text, record = EXPECT[kind]
+        problem, record = EXPECT[kind]
         with pytest.raises(errors.UserError) as e:
             run_inprocess("sft.py", args + [f"--data_path={spec}"], monkeypatch)
         msg = errors.message(e.value)
         name = os.path.basename(spec.split(":")[0])
-        assert text in msg and name in msg, (kind, msg)
+        assert problem in msg and name in msg, (kind, msg)
         if record is not None:
             assert f"record {record}" in msg, (kind, msg)
 
