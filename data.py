@@ -117,9 +117,8 @@ def read_json_file(path):
     if not path.endswith((".json", ".jsonl")):
         raise DataError(f"{path}: unknown data file type (expected .json or .jsonl)", "invalid json")
     text = read_text(path)
-    if not text.strip():
-        raise DataError(f"{path}: no records (the file is empty)", "empty file")
-    if path.endswith(".json"):
+    records = None
+    if path.endswith(".json") and text.strip():
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
@@ -130,20 +129,16 @@ def read_json_file(path):
             if not isinstance(records, list):
                 raise DataError(f"{path}: expected a JSON list of records, got a {type(records).__name__} "
                                 f"(use .jsonl for one object per line)", "invalid json")
-            return nonempty(records, path)
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {lineno} (record {len(records)}): invalid JSON: "
-                            f"{e.msg} at column {e.colno}", "invalid json") from None
-    return nonempty(records, path)
-
-
-def nonempty(records, path):
+    if records is None:  # .jsonl, or a .json file of JSON lines
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {lineno} (record {len(records)}): invalid JSON: "
+                                f"{e.msg} at column {e.colno}", "invalid json") from None
     # an empty file is a mistake (a failed export, the wrong split), not a data set to train on or score
     if not records:
         raise DataError(f"{path}: no records (the file is empty)", "empty file")

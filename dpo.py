@@ -354,11 +354,7 @@ for step in bar:
     if step + 1 == stop_at_step:
         break
 
-skipped = T.gather_counts(skipped, run)
-if skipped:
-    log(f"skipped {sum(skipped.values())} more pairs during training (images that failed to decode; "
-        f"counted each time one was drawn): {dict(skipped)}")
-    log_json(step + 1, skipped_mid_run=dict(skipped))
+T.report_skipped(skipped, run, log_json, step + 1, "pairs")
 if master and step >= start_step:
     log(f"done: {step + 1 - start_step} steps in {time.time() - t0:.0f}s; checkpoint in {out_dir}")
     if first_val is not None and val is not None:  # the held-out figures before and after, as a table and as JSON

@@ -121,13 +121,16 @@ if predictions:
     sampled_rows = None
     out_dir = out_dir or os.path.splitext(predictions.rstrip("/"))[0] + "_scored"
 else:
+    checked = set()  # POPE asks several questions of each image: open each file once
     for t, path, _ in runs:  # every image is there and is an image (its header), before the model loads
         for q in questions[t]:
+            if q["image"] is None or q["image"] in checked:
+                continue
             try:
-                if q["image"] is not None:
-                    D.check_image_file(D.resolve_image(image_root, q["image"]))
+                D.check_image_file(D.resolve_image(image_root, q["image"]))
             except D.DataError as e:
                 raise D.DataError(f"{path}: question_id {q['question_id']!r}: {e}", e.kind) from None
+            checked.add(q["image"])
     dist = M.init_distributed(seed, None if device == "auto" else device)
     dev, master = dist.device, dist.master
     if dtype == "auto":

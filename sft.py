@@ -201,7 +201,7 @@ def checkpoint(step, val_loss):
 vlm.train()
 batches = iter(loader(train_ds, step_batches(start_step)))
 bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, disable=not master, dynamic_ncols=True)
-val_loss, train_loss, tokens_seen, t0 = None, None, 0, time.time()
+val_loss, tokens_seen, t0 = None, 0, time.time()
 skipped = Counter()  # samples skipped mid-run (skip_bad): images that failed only when decoded
 if start_step >= max_steps:
     log(f"{out_dir}: already finished ({start_step} of {max_steps} steps); nothing to do")
@@ -247,12 +247,8 @@ for step in bar:
     if step + 1 == stop_at_step:
         break
 
-skipped = T.gather_counts(skipped, run)
-if skipped:
-    log(f"skipped {sum(skipped.values())} more samples during training (images that failed to decode; "
-        f"counted each time one was drawn): {dict(skipped)}")
-    log_json(step + 1, skipped_mid_run=dict(skipped))
-if master and train_loss is not None:
+T.report_skipped(skipped, run, log_json, step + 1, "samples")
+if master and step >= start_step:
     log(f"done: {step + 1 - start_step} steps in {time.time() - t0:.0f}s, final train loss {train_loss:.4f}"
         + (f", val loss {val_loss:.4f}" if val_loss is not None else "") + f"; checkpoint in {out_dir}")
 T.finish(run)

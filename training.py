@@ -13,7 +13,7 @@ top to bottom (as nanochat's chat_sft.py and chat_rl.py share common.py and chec
     JsonLog        one JSON line per event in out_dir/log.jsonl (and wandb when asked)
     loader, to_device   the DataLoader over a batch sampler, and a batch moved to the device
     padded_share, equal_shares   a rank's share of an evaluation set (all of it / a truncated equal part)
-    gather_counts  a Counter summed over ranks (the samples each rank skipped)
+    report_skipped the samples every rank skipped mid-run (skip_bad), summed over ranks, logged once
     finish         the end of a torchrun process group
 """
 import functools
@@ -191,13 +191,18 @@ def equal_shares(indices, dist):
     return indices[dist.rank::dist.world_size]
 
 
-def gather_counts(counts, run):
-    """A Counter summed over all ranks (every rank gets the sum)."""
-    if not run.dist.ddp:
-        return counts
-    parts = [None] * run.dist.world_size
-    torch.distributed.all_gather_object(parts, dict(counts))
-    return sum((Counter(p) for p in parts), Counter())
+def report_skipped(counts, run, log_json, step, what="samples"):
+    """The samples skipped during training (skip_bad: images that failed only when decoded), summed
+    over ranks (a collective: every rank calls it), on the console and in the log. A sample is counted
+    each time it is drawn."""
+    if run.dist.ddp:
+        parts = [None] * run.dist.world_size
+        torch.distributed.all_gather_object(parts, dict(counts))
+        counts = sum((Counter(p) for p in parts), Counter())
+    if counts:
+        run.log(f"skipped {sum(counts.values())} more {what} during training (images that failed to decode; "
+                f"counted each time one was drawn): {dict(counts)}")
+        log_json(step, skipped_mid_run=dict(counts))
 
 
 def finish(run):
