@@ -20,7 +20,7 @@ Several GPUs (questions are sharded over ranks, gathered, scored on rank 0):
     torchrun --standalone --nproc_per_node=8 evaluate.py --init_from=...
 
 Question files (JSONL, one object a line; image paths relative to image_root; details and the
-prompt rules in data.benchmark_question):
+prompt rules in B.benchmark_question):
   pope   question_id, image, text, label yes|no, category random|popular|adversarial (optional);
          or LLaVA's llava_pope_test.jsonl (no label) + POPE's coco/coco_pope_<category>.json (the labels)
   mc     question_id, image (optional), question, options [..], answer (letter), category (optional);
@@ -52,6 +52,7 @@ import torch
 from tqdm import tqdm
 
 import answer_pairs as A
+import benchmarks as B
 import data as D
 import model as M
 
@@ -88,8 +89,8 @@ config = configure(globals())
 MAX_NEW = dict(pope=16, mc=16, vqa=16, cot=256, chair=128)
 if task == "short":
     task = "vqa"
-if task not in D.BENCHMARKS + ("shapes",):
-    raise ConfigError(f"task must be one of {D.BENCHMARKS + ('shapes',)}, got {task!r}")
+if task not in B.BENCHMARKS + ("shapes",):
+    raise ConfigError(f"task must be one of {B.BENCHMARKS + ('shapes',)}, got {task!r}")
 if best_of and (task not in ("cot", "shapes") or predictions):
     raise ConfigError("best_of samples answers to the cot questions: use it with task=cot or shapes, without predictions")
 if verifier and not best_of:
@@ -100,7 +101,7 @@ if task == "shapes":
     if not os.path.isdir(shapes_dir):
         raise FileNotFoundError(f"{shapes_dir}: no shapes eval sets; run `python prepare_shapes.py` first")
     runs = [(t, os.path.join(shapes_dir, f"{t}.jsonl"),
-             os.path.join(predictions, f"{t}_predictions.jsonl") if predictions else None) for t in D.BENCHMARKS]
+             os.path.join(predictions, f"{t}_predictions.jsonl") if predictions else None) for t in B.BENCHMARKS]
     synonyms_path = synonyms_path or os.path.join(shapes_dir, "synonyms.txt")
 else:
     if not data_path:
@@ -108,15 +109,15 @@ else:
     runs = [(task, data_path, predictions or None)]
     synonyms_path = synonyms_path or os.path.join(os.path.dirname(data_path), "synonyms.txt")
 # every file is read and checked before a model is loaded: a bad record costs seconds, not a model load
-questions = {t: D.read_benchmark(path, t, pope_annotation_dir or None) for t, path, _ in runs}
-synonyms = D.read_synonyms(synonyms_path) if "chair" in questions else None
+questions = {t: B.read_benchmark(path, t, pope_annotation_dir or None) for t, path, _ in runs}
+synonyms = B.read_synonyms(synonyms_path) if "chair" in questions else None
 if prompt_suffix:  # the same questions in another answer mode
-    questions = {t: [dict(q, prompt=D.with_suffix(D.strip_modes(q["prompt"]), prompt_suffix)) for q in qs]
+    questions = {t: [dict(q, prompt=B.with_suffix(B.strip_modes(q["prompt"]), prompt_suffix)) for q in qs]
                  for t, qs in questions.items()}
 if best_of and (no_image := [q["question_id"] for q in questions["cot"] if q["image"] is None]):
     raise D.DataError(f"best_of: every cot question needs an image; question_id {no_image[0]!r} has none", "no image")
 if predictions:
-    rows = {t: D.attach_answers(questions[t], D.read_answers(answers), answers, path) for t, path, answers in runs}
+    rows = {t: B.attach_answers(questions[t], B.read_answers(answers), answers, path) for t, path, answers in runs}
     master, elapsed, n_generated = int(os.environ.get("RANK", 0)) == 0, 0.0, 0
     sampled_rows = None
     out_dir = out_dir or os.path.splitext(predictions.rstrip("/"))[0] + "_scored"
@@ -196,10 +197,10 @@ else:
 if master:
     metrics, preds = {}, {}
     for t, rs in rows.items():
-        metrics[t] = D.score(t, rs, synonyms)
+        metrics[t] = B.score(t, rs, synonyms)
         # LLaVA's answer format first (question_id, prompt, text), then the gold fields and the verdict
         preds[t] = [{"question_id": r["question_id"], "prompt": r["prompt"], "text": r["text"], **r,
-                     **D.judge(t, r, synonyms)} for r in rs]
+                     **B.judge(t, r, synonyms)} for r in rs]
     for t, ps in preds.items():
         print(f"\n{t}\n  {'question':48s} {'answer':28s} {'read as':14s} truth")
         for p in ps[:show]:
@@ -229,7 +230,7 @@ if master:
         picks = ["greedy", "sample", "majority"] + (["verifier"] if verifier else []) + ["oracle"]
         best_rows = []
         for r in sampled_rows:
-            scores = [D.judge("cot", dict(r, text=t))["score"] for t in r["samples"]]
+            scores = [B.judge("cot", dict(r, text=t))["score"] for t in r["samples"]]
             m, v = A.majority_index(r["samples"], r), A.best_index(r["rewards"])
             best_rows.append(dict(question_id=r["question_id"], category=r.get("category"), prompt=r["prompt"],
                                   samples=r["samples"], rewards=r["rewards"], scores=scores, majority_pick=m,
@@ -237,11 +238,11 @@ if master:
                                   sample=sum(scores) / len(scores), majority=scores[m],
                                   verifier=scores[v] if verifier else None, oracle=max(scores)))
         best = {c: dict({k: sum(r[k] for r in g) / len(g) for k in picks}, n=len(g))
-                for c, g in D.by_category(best_rows).items()}
+                for c, g in B.by_category(best_rows).items()}
         if len(best) > 1:
             best["overall"] = dict({k: sum(r[k] for r in best_rows) / len(best_rows) for k in picks}, n=len(best_rows))
         if verifier:  # does the reward rank a question's better samples above its worse ones? (0.5 = chance)
-            for split, g in list(D.by_category(best_rows).items()) + [("overall", best_rows)]:
+            for split, g in list(B.by_category(best_rows).items()) + [("overall", best_rows)]:
                 if split in best:
                     best[split]["verifier_auc"] = A.ranking_auc([r["rewards"] for r in g], [r["scores"] for r in g])
         print(f"\ncot best-of-{best_of} (T={best_of_temperature}): accuracy of the answer each rule picks; "

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections import namedtuple
 
 import torch

@@ -47,6 +47,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import benchmarks as B
 import data as D
 import model as M
 import answer_pairs as A
@@ -119,7 +120,7 @@ else:  # the band and the pair count are applied when the pairs are written: cha
 journal_name = dict(csr="trees", answer="samples")[mode]
 
 # checked before any model is loaded
-prompts = D.load_prompts(data_path, image_root, max_prompts, image_prefix, kind=dict(csr="prompt", answer="question")[mode])
+prompts = D.load_prompts(data_path, image_root, max_prompts, image_prefix, parse=dict(csr=D.prompt_from_record, answer=B.question_from_record)[mode])
 if mode == "answer" and check == "chain" and (no_chain := [p["id"] for p in prompts if "rationale" not in p]):
     raise SystemExit(f"{data_path}: check=chain needs each question's gold chain ('rationale'); "
                      f"{len(no_chain)} have none (first: id {no_chain[0]!r})")
@@ -188,7 +189,7 @@ for batch in mine:
             row.update(chosen=chosen, rejected=rejected, skipped=skipped, nodes=S.tree_record(trees[i], path_length))
         else:
             checked = A.check_answers(p, texts[i], tolerance, by_chain=check == "chain")
-            row.update({k: p[k] for k in D.GOLD_KEYS if k in p}, samples=checked,
+            row.update({k: p[k] for k in B.GOLD_KEYS if k in p}, samples=checked,
                        accuracy=sum(c["correct"] for c in checked) / len(checked))
             stats["samples"] += len(checked)
         journal.write(json.dumps(row) + "\n")

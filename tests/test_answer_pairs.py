@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import answer_pairs as A
+import benchmarks as B
 import data as D
 from conftest import ROOT, run_script, tiny_world_vlm
 
@@ -27,7 +28,7 @@ MC = dict(options=["red", "blue", "green"], answer="B")
     ("square", dict(answers=["circle", "ring"]), False),
 ])
 def test_answer_matcher_by_hand(pred, q, right):
-    assert D.answer_correct(pred, q) is right
+    assert B.answer_correct(pred, q) is right
 
 
 def test_marker_missing_repeated_or_empty():
@@ -80,8 +81,8 @@ def test_question_formats(tmp_path):
                 {"from": "human", "value": "<image>\nWhich?\nA. cat\nB. dog\nAnswer with the option's letter from the given choices directly."},
                 {"from": "gpt", "value": "B"}]}]
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    got = D.load_prompts(str(tmp_path / "q.jsonl"), str(tmp_path), kind="question")
-    cot = "\n" + D.COT_SUFFIX
+    got = D.load_prompts(str(tmp_path / "q.jsonl"), str(tmp_path), parse=B.question_from_record)
+    cot = "\n" + B.COT_SUFFIX
     assert [(q["id"], q["prompt"]) for q in got] == [("1", "How many?" + cot), ("s", "Which colour?\nA. red\nB. blue" + cot),
                                                      ("c", "What shape?" + cot), ("m", "Which?\nA. cat\nB. dog" + cot)]
     assert got[0]["answers"] == ["3"] and (got[1]["options"], got[1]["answer"]) == (["red", "blue"], "B")
@@ -104,7 +105,7 @@ def test_bad_question_files_name_file_record_and_problem(tmp_path, rec, problem)
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     (tmp_path / "q.json").write_text(json.dumps([{"id": "ok", "image": "a.png", "question": "Q?", "answer": "1"}, rec]))
     with pytest.raises(D.DataError, match=rf"q.json: record 1 \(id 'x'\): .*{problem}"):
-        D.load_prompts(str(tmp_path / "q.json"), str(tmp_path), kind="question")
+        D.load_prompts(str(tmp_path / "q.json"), str(tmp_path), parse=B.question_from_record)
 
 
 # ----------------------------------------------------------------------------- the script
@@ -129,7 +130,7 @@ def test_answer_mode_samples_resumes_and_two_ranks_match_one(world, tmp_path):
     p = run_script("selfreward.py", args(world, one))
     assert "questions | kept" in p.stdout
     rows = [json.loads(line) for line in open(f"{one}/samples.jsonl")]
-    questions = D.load_prompts(f"{world['dir']}/questions.json", f"{world['dir']}/images", 5, kind="question")
+    questions = D.load_prompts(f"{world['dir']}/questions.json", f"{world['dir']}/images", 5, parse=B.question_from_record)
     assert [r["id"] for r in rows] == [q["id"] for q in questions]
     assert all(len(r["samples"]) == 4 and r["answers"] == q["answers"] for r, q in zip(rows, questions))
     # sampled, not greedy: an untrained model's 4 answers to one question are not all the same
@@ -165,7 +166,7 @@ def test_answer_mode_pairs_from_a_journal_are_what_dpo_reads(world, tmp_path):
     format and dpo.py's reader, without sampling anything."""
     out = tmp_path / "sr"
     out.mkdir()
-    questions = D.load_prompts(f"{world['dir']}/questions.json", f"{world['dir']}/images", 3, kind="question")
+    questions = D.load_prompts(f"{world['dir']}/questions.json", f"{world['dir']}/images", 3, parse=B.question_from_record)
     journal = []
     for q, n_right in zip(questions, (2, 4, 0)):  # accuracy 0.5 (kept), 1.0 (above), 0.0 (below)
         gold = q["answers"][0]
@@ -227,7 +228,7 @@ def test_answer_logps_batched_match_one_at_a_time_and_the_dpo_reward(world):
     answer scored alone on build_pair's chosen tokens (what dpo.py trains), and a model verifying
     itself gives every answer the reward 0."""
     vlm = tiny_world_vlm(world["dir"]).eval()
-    qs = D.load_prompts(f"{world['dir']}/questions.json", f"{world['dir']}/images", 2, kind="question")
+    qs = D.load_prompts(f"{world['dir']}/questions.json", f"{world['dir']}/images", 2, parse=B.question_from_record)
     texts = [["The top row has a red circle.\n### Answer: 1", "### Answer: 0", "I count none."],
              ["Yes.", "The left column has a blue square and a red ring. One of them is red.\n### Answer: 1", "x"]]
     with torch.no_grad():

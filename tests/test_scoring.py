@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import benchmarks as B
 import data as D
 
 # ----------------------------------------------------------------------------- POPE
@@ -23,7 +24,7 @@ import data as D
     ("nope", "yes"),
 ])
 def test_pope_answer_is_llavas_rule(text, expected):
-    assert D.pope_answer(text) == expected
+    assert B.pope_answer(text) == expected
 
 
 def pope_rows():
@@ -42,7 +43,7 @@ def pope_rows():
 
 
 def test_score_pope_by_hand():
-    m = D.score_pope(pope_rows())
+    m = B.score_pope(pope_rows())
     assert list(m) == ["random", "popular", "average"]
     # random: acc (2+1)/4 = .75; precision 2/(2+1); recall 2/(2+0) = 1; f1 2*(2/3)*1/(2/3+1) = .8; yes 3/4
     r = m["random"]
@@ -58,19 +59,19 @@ def test_score_pope_by_hand():
 
 def test_score_pope_one_split_and_no_category():
     rows = [dict(r, category=None) for r in pope_rows()[:4]]
-    m = D.score_pope(rows)
+    m = B.score_pope(rows)
     assert list(m) == ["all"]  # no category -> 'all'; one split -> no average
-    order = D.score_pope([dict(r, category=c) for r, c in zip(pope_rows()[:3], ["adversarial", "popular", "random"])])
+    order = B.score_pope([dict(r, category=c) for r, c in zip(pope_rows()[:3], ["adversarial", "popular", "random"])])
     assert list(order) == ["random", "popular", "adversarial", "average"]
 
 
 def test_pope_metrics_where_llava_divides_by_zero():
-    m = D.pope_metrics(["no", "no"], ["no", "yes"])  # no 'yes' answers: precision 0/0
+    m = B.pope_metrics(["no", "no"], ["no", "yes"])  # no 'yes' answers: precision 0/0
     assert m == dict(accuracy=0.5, precision=0.0, recall=0.0, f1=0.0, yes_ratio=0.0, n=2)
     with pytest.raises(ValueError, match="yes' or 'no"):
-        D.pope_metrics(["yes"], ["maybe"])
+        B.pope_metrics(["yes"], ["maybe"])
     with pytest.raises(ValueError):
-        D.pope_metrics(["yes"], [])
+        B.pope_metrics(["yes"], [])
 
 # ----------------------------------------------------------------------------- multiple choice
 
@@ -90,12 +91,12 @@ def test_pope_metrics_where_llava_divides_by_zero():
     ("red circle", "B"), ("The red circle.", "B"),  # the text of exactly one option
 ])
 def test_extract_letter(text, expected):
-    assert D.extract_letter(text, 4, ["blue square", "red circle", "green ring", "cross"]) == expected
+    assert B.extract_letter(text, 4, ["blue square", "red circle", "green ring", "cross"]) == expected
 
 
 def test_extract_letter_without_options_and_more_letters():
-    assert D.extract_letter("red circle", 4) is None
-    assert D.extract_letter("The answer is E.", 5) == "E"
+    assert B.extract_letter("red circle", 4) is None
+    assert B.extract_letter("The answer is E.", 5) == "E"
 
 
 def test_score_mc_by_category():
@@ -104,7 +105,7 @@ def test_score_mc_by_category():
             dict(text="The answer is C.", answer="B", options=opts, category="color"),  # wrong
             dict(text="a", answer="A", options=opts, category="shape"),            # right
             dict(text="There is a circle.", answer="A", options=opts, category="shape")]  # no letter: wrong
-    m = D.score("mc", rows)
+    m = B.score("mc", rows)
     # color 1/2, shape 1/2 with 1/2 unparsed; overall 2/4 with 1/4 unparsed
     assert m == {"color": dict(accuracy=0.5, no_letter=0.0, n=2), "shape": dict(accuracy=0.5, no_letter=0.5, n=2),
                  "overall": dict(accuracy=0.5, no_letter=0.25, n=4)}
@@ -118,14 +119,14 @@ def test_score_mc_by_category():
     ("top-left", "top left"), ("none", "0"), ("What?", "what"), ("  blue\n", "blue"),
 ])
 def test_normalize_vqa(text, expected):
-    assert D.normalize_vqa(text) == expected
+    assert B.normalize_vqa(text) == expected
 
 
 def test_vqa_accuracy_single_gold_is_exact_match_after_normalisation():
-    assert D.vqa_accuracy("Two", "2") == 1.0
-    assert D.vqa_accuracy("the red circle.", "red circle") == 1.0
-    assert D.vqa_accuracy("red", ["red circle"]) == 0.0
-    assert D.vqa_accuracy("blue", ["red", "blue"]) == 1.0  # a few aliases: any match
+    assert B.vqa_accuracy("Two", "2") == 1.0
+    assert B.vqa_accuracy("the red circle.", "red circle") == 1.0
+    assert B.vqa_accuracy("red", ["red circle"]) == 0.0
+    assert B.vqa_accuracy("blue", ["red", "blue"]) == 1.0  # a few aliases: any match
 
 
 @pytest.mark.parametrize("m, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
@@ -134,14 +135,14 @@ def test_vqa_accuracy_ten_answers_is_the_official_leave_one_out_average(m, expec
     # (10-m of them), so acc = (m*min(1,(m-1)/3) + (10-m)*min(1,m/3)) / 10:
     # m=1: 9*(1/3)/10 = .3; m=2: (2/3 + 8*2/3)/10 = .6; m=3: (3*2/3 + 7)/10 = .9; m>=4: 1
     answers = ["2"] * m + ["3"] * (10 - m)
-    assert D.vqa_accuracy("two", answers) == pytest.approx(expected)
+    assert B.vqa_accuracy("two", answers) == pytest.approx(expected)
 
 
 def test_score_vqa():
     rows = [dict(text="Two", answers=["2"] * 5 + ["two"] * 5, category="count"),  # all 10 match: 1
             dict(text="3", answers=["3"] + ["4"] * 9, category="count"),          # 1 match: .3
             dict(text="The red circle.", answers=["red circle"], category=None)]  # exact: 1
-    m = D.score("vqa", rows)
+    m = B.score("vqa", rows)
     # count (1 + .3)/2 = .65; all 1; overall (1 + .3 + 1)/3
     assert m["count"]["accuracy"] == pytest.approx(0.65) and m["all"]["accuracy"] == 1.0
     assert m["overall"]["accuracy"] == pytest.approx(2.3 / 3) and m["overall"]["n"] == 3
@@ -150,9 +151,9 @@ def test_score_vqa():
 
 
 def test_cot_answer():
-    assert D.cot_answer("red first.\n### Answer: red\nthen\n### Answer:  blue \n") == "blue"  # the LAST marker
-    assert D.cot_answer("The answer is blue.") is None
-    assert D.cot_answer("### Answer:") == ""
+    assert B.cot_answer("red first.\n### Answer: red\nthen\n### Answer:  blue \n") == "blue"  # the LAST marker
+    assert B.cot_answer("The answer is blue.") is None
+    assert B.cot_answer("### Answer:") == ""
 
 
 def test_score_cot():
@@ -161,11 +162,11 @@ def test_score_cot():
             dict(text="The answer is 2.", answers=["2"]),                                   # no marker: 0
             dict(text="It is left of the ring.\n### Answer: (B)", options=opts, answer="B"),  # mc rule: 1
             dict(text="### Answer: A", options=opts, answer="C")]                          # 0
-    m = D.score("cot", rows)
+    m = B.score("cot", rows)
     # accuracy (1+0+1+0)/4 = .5; missing_marker 1/4
     assert m == {"all": dict(accuracy=0.5, missing_marker=0.25, n=4)}
-    assert D.judge("cot", rows[1]) == dict(pred=None, score=0.0, missing_marker=True)
-    assert D.judge("cot", rows[2]) == dict(pred="B", score=1.0, missing_marker=False)
+    assert B.judge("cot", rows[1]) == dict(pred=None, score=0.0, missing_marker=True)
+    assert B.judge("cot", rows[2]) == dict(pred="B", score=1.0, missing_marker=False)
 
 
 def test_score_cot_against_the_gold_chain():
@@ -176,11 +177,11 @@ def test_score_cot_against_the_gold_chain():
             dict(text="The top row has a red ring. It is red.\n### Answer: 1", answers=["1"], rationale=gold),  # lucky
             dict(text="The top row has nothing.\n### Answer: 0", answers=["1"], rationale=gold),   # wrong
             dict(text="no marker", answers=["1"], rationale=gold)]
-    m = D.score("cot", rows)["all"]
+    m = B.score("cot", rows)["all"]
     assert (m["accuracy"], m["chain_exact"], m["right_answer_wrong_chain"]) == (0.5, 0.25, 0.25)
-    assert "chain_exact" not in D.score("cot", [dict(r) for r in rows[:1]] + [dict(text="x", answers=["1"])])["all"]
-    q = D.benchmark_question(dict(question_id=1, image="x.png", question="How many?", answer="1", rationale=gold), "cot")
-    assert q["rationale"] == gold and "rationale" not in D.benchmark_question(dict(question_id=1, question="How many?", answers=["1"]), "vqa")
+    assert "chain_exact" not in B.score("cot", [dict(r) for r in rows[:1]] + [dict(text="x", answers=["1"])])["all"]
+    q = B.benchmark_question(dict(question_id=1, image="x.png", question="How many?", answer="1", rationale=gold), "cot")
+    assert q["rationale"] == gold and "rationale" not in B.benchmark_question(dict(question_id=1, question="How many?", answers=["1"]), "vqa")
 
 # ----------------------------------------------------------------------------- CHAIR
 
@@ -194,65 +195,65 @@ car, automobile
 
 
 def test_parse_synonyms_and_objects():
-    syn = D.parse_synonyms(SYNONYMS.splitlines())
+    syn = B.parse_synonyms(SYNONYMS.splitlines())
     assert syn[("hot", "dog")] == "hot dog" and syn[("puppy",)] == "dog" and syn[("person",)] == "person"
     # multi-word names win over their last word; plurals; irregular plurals; synonyms; every mention
-    assert D.chair_objects("Two puppies and a hot dog near teddy bears.", syn) == ["dog", "hot dog", "teddy bear"]
-    assert D.chair_objects("A man, two children and people. The dog; the DOGS.", syn) == \
+    assert B.chair_objects("Two puppies and a hot dog near teddy bears.", syn) == ["dog", "hot dog", "teddy bear"]
+    assert B.chair_objects("A man, two children and people. The dog; the DOGS.", syn) == \
         ["person", "person", "person", "dog", "dog"]
-    assert D.chair_objects("There is no dog.", syn) == ["dog"]  # like the original: a mention is a mention
-    assert D.chair_objects("A teddy-bear and a catalogue.", syn) == ["teddy bear"]  # word-level: no 'cat'
-    assert D.chair_objects("", syn) == []
+    assert B.chair_objects("There is no dog.", syn) == ["dog"]  # like the original: a mention is a mention
+    assert B.chair_objects("A teddy-bear and a catalogue.", syn) == ["teddy bear"]  # word-level: no 'cat'
+    assert B.chair_objects("", syn) == []
 
 
 def test_parse_synonyms_errors():
     with pytest.raises(ValueError, match=r"syn.txt: line 2: 'puppy' is already a name of 'dog' \(line 1\)"):
-        D.parse_synonyms("dog, puppy\ncat, puppy\n", "syn.txt")
+        B.parse_synonyms("dog, puppy\ncat, puppy\n", "syn.txt")
     with pytest.raises(ValueError, match="no objects"):
-        D.parse_synonyms("\n\n")
+        B.parse_synonyms("\n\n")
 
 
 def test_chair_metrics_by_hand():
-    syn = D.parse_synonyms(SYNONYMS)
+    syn = B.parse_synonyms(SYNONYMS)
     captions = ["A man walks two puppies.",                    # person, dog: both true. 5 words
                 "A hot dog next to teddy bears and a cat.",    # hot dog (true), teddy bear, cat (false). 10 words
                 "There is a kitten and another kitten.",       # cat, cat: true (car not said). 7 words
                 "An empty street."]                            # nothing. 3 words
     truth = [["person", "dog"], ["hot dog"], ["cat", "car"], ["automobile"]]  # a synonym as truth is its object
-    m = D.chair_metrics(captions, truth, syn)
+    m = B.chair_metrics(captions, truth, syn)
     # chair_s: 1 of 4 captions hallucinates; chair_i: 2 false of 2+3+2+0 = 7 mentions
     # recall: (2 + 1 + 1 + 0) of (2 + 1 + 2 + 1) = 4/6; avg_len (5+10+7+3)/4 = 6.25
     assert m["n"] == 4 and m["chair_s"] == 0.25 and m["chair_i"] == pytest.approx(2 / 7)
     assert m["recall"] == pytest.approx(4 / 6) and m["avg_len"] == 6.25
-    assert D.judge("chair", dict(text=captions[1], objects=truth[1]), syn) == \
+    assert B.judge("chair", dict(text=captions[1], objects=truth[1]), syn) == \
         dict(mentioned=["hot dog", "teddy bear", "cat"], hallucinated=["teddy bear", "cat"])
-    assert D.chair_metrics(["Nothing here."], [[]], syn) == dict(chair_s=0.0, chair_i=0.0, recall=0.0, avg_len=2.0, n=1)
+    assert B.chair_metrics(["Nothing here."], [[]], syn) == dict(chair_s=0.0, chair_i=0.0, recall=0.0, avg_len=2.0, n=1)
 
 # ----------------------------------------------------------------------------- question files -> prompts
 
 
 def test_prompts_follow_llava_and_never_repeat_a_suffix():
-    pope = D.benchmark_question(dict(question_id=1, image="x.png", text="Is there a dog in the image?",
+    pope = B.benchmark_question(dict(question_id=1, image="x.png", text="Is there a dog in the image?",
                                      label="Yes", category="random"), "pope")
-    assert pope["prompt"] == "Is there a dog in the image?\n" + D.SHORT_SUFFIX and pope["label"] == "yes"
+    assert pope["prompt"] == "Is there a dog in the image?\n" + B.SHORT_SUFFIX and pope["label"] == "yes"
     llava_file = dict(question_id=2, image="x.png", label="no",  # LLaVA's llava_pope_test.jsonl has it already
                       text="Is there a cat in the image?\nAnswer the question using a single word or phrase.")
-    assert D.benchmark_question(llava_file, "pope")["prompt"] == llava_file["text"]
-    mc = D.benchmark_question(dict(question_id=3, image="x.png", question="What color is the ring?",
+    assert B.benchmark_question(llava_file, "pope")["prompt"] == llava_file["text"]
+    mc = B.benchmark_question(dict(question_id=3, image="x.png", question="What color is the ring?",
                                    options=["red", "green"], answer="b"), "mc")
-    assert mc["prompt"] == "What color is the ring?\nA. red\nB. green\n" + D.MC_SUFFIX and mc["answer"] == "B"
-    vqa = D.benchmark_question(dict(question_id=4, image="x.png", text="<image>\nHow many?", answer=2), "vqa")
-    assert vqa["prompt"] == "How many?\n" + D.SHORT_SUFFIX and vqa["answers"] == ["2"]
-    vqa2 = D.benchmark_question(dict(question_id=5, image="x.png", question="What?",
+    assert mc["prompt"] == "What color is the ring?\nA. red\nB. green\n" + B.MC_SUFFIX and mc["answer"] == "B"
+    vqa = B.benchmark_question(dict(question_id=4, image="x.png", text="<image>\nHow many?", answer=2), "vqa")
+    assert vqa["prompt"] == "How many?\n" + B.SHORT_SUFFIX and vqa["answers"] == ["2"]
+    vqa2 = B.benchmark_question(dict(question_id=5, image="x.png", question="What?",
                                      answers=[{"answer": "net", "answer_confidence": "yes"}] * 10), "vqa")
     assert vqa2["answers"] == ["net"] * 10 and vqa2["category"] is None
-    cot = D.benchmark_question(dict(question_id=6, image="x.png", question="Which?", options=["a", "b"], answer=1), "cot")
-    assert cot["prompt"] == "Which?\nA. a\nB. b\n" + D.COT_SUFFIX and cot["answer"] == "B"
-    cot_vqa = D.benchmark_question(dict(question_id=7, image="x.png", question="How many?", answer="2"), "cot")
-    assert cot_vqa["prompt"] == "How many?\n" + D.COT_SUFFIX and "options" not in cot_vqa
-    chair = D.benchmark_question(dict(image_id=8, image="x.png", objects=["dog"]), "chair")
-    assert chair["question_id"] == 8 and chair["prompt"] == D.CHAIR_PROMPT
-    short = D.benchmark_question(dict(question_id=9, image="x.png", text="Color?", answer="red", type="color"), "vqa")
+    cot = B.benchmark_question(dict(question_id=6, image="x.png", question="Which?", options=["a", "b"], answer=1), "cot")
+    assert cot["prompt"] == "Which?\nA. a\nB. b\n" + B.COT_SUFFIX and cot["answer"] == "B"
+    cot_vqa = B.benchmark_question(dict(question_id=7, image="x.png", question="How many?", answer="2"), "cot")
+    assert cot_vqa["prompt"] == "How many?\n" + B.COT_SUFFIX and "options" not in cot_vqa
+    chair = B.benchmark_question(dict(image_id=8, image="x.png", objects=["dog"]), "chair")
+    assert chair["question_id"] == 8 and chair["prompt"] == B.CHAIR_PROMPT
+    short = B.benchmark_question(dict(question_id=9, image="x.png", text="Color?", answer="red", type="color"), "vqa")
     assert short["category"] == "color"  # the old test.jsonl's 'type'
 
 
@@ -261,11 +262,11 @@ def test_scienceqa_as_llava_ships_it():
     conv = dict(id="4", image="4/image.png", conversations=[
         {"from": "human", "value": "Context: N/A\nQuestion: Which is a mammal?\nOptions: (A) frog (B) dog (C) fish\n<image>"},
         {"from": "gpt", "value": "The answer is B."}])
-    q = D.benchmark_question(conv, "mc")
+    q = B.benchmark_question(conv, "mc")
     assert q["options"] == ["frog", "dog", "fish"] and q["answer"] == "B" and q["category"] == "img"
-    assert q["prompt"] == "Context: N/A\nQuestion: Which is a mammal?\nOptions: (A) frog (B) dog (C) fish\n" + D.MC_SUFFIX
+    assert q["prompt"] == "Context: N/A\nQuestion: Which is a mammal?\nOptions: (A) frog (B) dog (C) fish\n" + B.MC_SUFFIX
     # LLaVA-1.5's file: 'A. x' lines, a bare letter, no image
-    q = D.benchmark_question(dict(id="5", conversations=[
+    q = B.benchmark_question(dict(id="5", conversations=[
         {"from": "human", "value": "Context: Select the best answer.\nWhich is soft?\nA. rock\nB. wool"},
         {"from": "gpt", "value": "B"}]), "mc")
     assert q["options"] == ["rock", "wool"] and q["answer"] == "B" and q["category"] == "no_img" and q["image"] is None
@@ -276,32 +277,32 @@ def test_bad_records_are_named(tmp_path):
     p.write_text(json.dumps(dict(question_id=1, image="a.png", text="Is there a dog?", label="yes")) + "\n"
                  + json.dumps(dict(question_id=2, image="a.png", text="Is there a cat?", label="maybe")) + "\n")
     with pytest.raises(D.DataError, match=r"pope.jsonl: record 1 \(question_id 2\): 'label' must be 'yes' or 'no'"):
-        D.read_benchmark(str(p), "pope")
+        B.read_benchmark(str(p), "pope")
     p.write_text(json.dumps(dict(question_id=1, image="a.png", question="Q?", options=["x", "y"], answer="C")) + "\n")
     with pytest.raises(D.DataError, match="record 0 .*'C' is not an option letter A-B"):
-        D.read_benchmark(str(p), "mc")
+        B.read_benchmark(str(p), "mc")
     p.write_text("".join(json.dumps(dict(question_id=1, image="a.png", text="Q?", label="no")) + "\n" for _ in range(2)))
     with pytest.raises(D.DataError, match="record 1: question_id 1 repeats record 0"):
-        D.read_benchmark(str(p), "pope")
+        B.read_benchmark(str(p), "pope")
     p.write_text(json.dumps(dict(id="9", conversations=[{"from": "human", "value": "Which?"},
                                                          {"from": "gpt", "value": "No idea."}])) + "\n")
     with pytest.raises(D.DataError, match="no options found"):
-        D.read_benchmark(str(p), "mc")
+        B.read_benchmark(str(p), "mc")
 
 
 def test_answers_join_by_question_id(tmp_path):
     a = tmp_path / "answers.jsonl"
     a.write_text(json.dumps({"question_id": "1", "text": "Yes"}) + "\n\n" + json.dumps({"question_id": 2, "text": "No"}) + "\n")
-    answers = D.read_answers(str(a))
-    rows = D.attach_answers([dict(question_id=1), dict(question_id="2")], answers, str(a))  # 1 == "1"
+    answers = B.read_answers(str(a))
+    rows = B.attach_answers([dict(question_id=1), dict(question_id="2")], answers, str(a))  # 1 == "1"
     assert [r["text"] for r in rows] == ["Yes", "No"]
     with pytest.raises(D.DataError, match=r"answers.jsonl: no answer for question_id 3"):
-        D.attach_answers([dict(question_id=1), dict(question_id=3)], answers, str(a))
+        B.attach_answers([dict(question_id=1), dict(question_id=3)], answers, str(a))
     with pytest.warns(UserWarning, match=r"answers.jsonl: 1 of 2 answers have a question_id that no question of q.jsonl "
                                          r"has \(first: '2'\); they are not scored"):
-        assert len(D.attach_answers([dict(question_id=1)], answers, str(a), "q.jsonl")) == 1
+        assert len(B.attach_answers([dict(question_id=1)], answers, str(a), "q.jsonl")) == 1
     with pytest.raises(D.DataError, match=r"none of its 2 answers is to a question of q.jsonl"):
-        D.attach_answers([dict(question_id=3)], answers, str(a), "q.jsonl")
+        B.attach_answers([dict(question_id=3)], answers, str(a), "q.jsonl")
     a.write_text(json.dumps({"question_id": 1, "text": "Yes"}) + "\n{oops\n")
     with pytest.raises(D.DataError, match="answers.jsonl: line 2: invalid JSON"):
-        D.read_answers(str(a))
+        B.read_answers(str(a))
