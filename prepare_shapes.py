@@ -76,6 +76,8 @@ cooccur_bias = 0.8      # chance to also place an object's partner when it is mi
 prior_noise = 0.7       # share of training conversations about a scene with a missing partner that are
                         # written as if the partner were there (an annotator's co-occurrence error, as in
                         # LLaVA's GPT-written data): the source of the base model's hallucination
+describe_order = 'rows' # descriptions: 'rows' = objects row-major; 'pairs' = each object followed by its
+                        # co-occurrence partner (a believed partner then comes right after its anchor)
 vocab_size = 1024       # BPE target; the world's text is small, so the real size may be lower
 short_answer_p = 0.5    # share of short-answer questions given LLaVA's "single word or phrase" suffix
 single_turn_p = 0.3     # share of scenes that also get a one-question record
@@ -281,14 +283,24 @@ def pick_style(rng, style=None):
     return style or ('short' if rng.random() < short_answer_p else 'long')
 
 
-def describe(scene):
-    """The true description: one sentence per object, row-major. No leading count ('There are two
+def describe(scene, order=None):
+    """The true description: one sentence per object, row-major ('rows') or each object followed by
+    its partner ('pairs'; default: the describe_order knob). No leading count ('There are two
     objects.'): a model that first reads the count off the image then stops after that many objects,
     and a description could never hallucinate; without it, when to stop is the model's own call, the
     place where LLaVA's long captions drift to the language prior."""
     grid = scene.get('grid', 3)
+    objects = scene['objects']
+    if (order or describe_order) == 'pairs':
+        grouped = []
+        for o in objects:
+            if o not in grouped:
+                grouped += [o] + [p for p in objects if p['shape'] == PARTNER[o['shape']] and p not in grouped]
+        objects = grouped
+    elif (order or describe_order) != 'rows':
+        raise ValueError(f"describe_order must be 'rows' or 'pairs', not {order or describe_order!r}")
     return " ".join(f"A {o['color']} {o['shape']} is {position_phrase(o['row'], o['col'], grid)}."
-                    for o in scene['objects'])
+                    for o in objects)
 
 
 def unique_by(objects, key):
