@@ -12,15 +12,20 @@ scores an answer file from any model, and the tests check every rule on hand-mad
 Also the gold-answer questions answer sampling mines from (question_from_record, selfreward.py
 mode=answer). Reading files and records (DataError, read_json_file, ...) is data.py's.
 """
+import csv
+import io
+import itertools
 import json
 import os
 import re
+import sys
 import warnings
+from collections import Counter
 
-from data import (IMAGE_PLACEHOLDER, ROLES, DataError, check_conversations, read_json_file, read_text,
-                  record_images)
+from data import (IMAGE_PLACEHOLDER, ROLES, DataError, check_conversations, check_image_file, load_image,
+                  load_image_b64, read_json_file, read_text, record_images, resolve_image)
 
-BENCHMARKS = ("pope", "mc", "vqa", "cot", "chair")
+BENCHMARKS = ("pope", "mc", "vqa", "cot", "chair", "mme", "mmbench")
 # the prompt suffixes of LLaVA-1.5's eval scripts (short answer, multiple choice) and LLaVA-Reasoner (CoT)
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -31,6 +36,21 @@ COT_MARKER = "### Answer:"
 CHAIR_PROMPT = "Describe the image in detail."
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 POPE_SPLITS = ("random", "popular", "adversarial")
+MME_SUFFIX = "Please answer yes or no."
+# MME's two totals (its eval_tool/calculation.py): the sum of the subtask scores in each
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+
+
+def answer_key(rec, task=None):
+    """What pairs an answer with its question: str(question_id) (1 and "1" are one question: files
+    disagree on the type), with the round for MMBench's circular rounds ('7#2'), and for MME the
+    question too: LLaVA's MME question_id is the image, asked twice (its converter matches answers
+    to questions by the answer file's 'prompt')."""
+    key = str(rec["question_id"])
+    if task == "mme":
+        return key + "#" + _mme_question(rec.get("prompt") or "")
+    return key if rec.get("round_id") is None else f"{key}#{rec['round_id']}"
 
 
 def with_suffix(text, suffix):
@@ -88,6 +108,9 @@ def benchmark_question(rec, task):
       vqa    question or text, answers (list; VQAv2's [{answer: ...}] too) or answer -> answers
       cot    like mc when it has options, else like vqa
       chair  text (default CHAIR_PROMPT), objects (the true objects)  -> objects
+      mme    question_id '<subtask>/<image>', image, text (as written: LLaVA's file carries its suffixes),
+             label yes|no (optional: mme_labels reads it from MME's folder)  -> label, mme_image
+    (MMBench's TSV rows: read_mmbench.)
     Prompts follow LLaVA's eval scripts: POPE and VQA get SHORT_SUFFIX, mc MC_SUFFIX, cot COT_SUFFIX,
     each only if the text does not already carry it. Raises DataError (the caller adds file and index).
     """
@@ -168,6 +191,16 @@ def benchmark_question(rec, task):
     if task == "cot":
         opts, answer = choices()
         return dict(q, prompt=asked(COT_SUFFIX), options=opts, answer=answer, **chain())
+    if task == "mme":  # LLaVA's llava_mme.jsonl: question_id '<subtask>/<image file>', the prompt as written
+        label = rec.get("label", rec.get("answer"))
+        if label is not None and (not isinstance(label, str) or label.strip().lower() not in ("yes", "no")):
+            raise DataError(f"'label' must be 'yes' or 'no', got {label!r:.40}", "malformed record")
+        subtask = str(qid).split("/")[0]
+        return dict(q, category=q["category"] or subtask, prompt=text_field("text", "question"),
+                    label=None if label is None else label.strip().lower(),
+                    mme_image=(subtask, str(qid).split("/")[-1].split(".")[0]))
+    if task == "mmbench":
+        raise ValueError("MMBench rows are read by read_mmbench (a TSV row becomes one question per round)")
     # chair
     objects = rec.get("objects")
     if not (isinstance(objects, list) and all(isinstance(o, str) for o in objects)):
@@ -211,11 +244,15 @@ def pope_labels(records, path, annotation_dir):
     return records
 
 
-def read_benchmark(path, task, pope_annotation_dir=None):
-    """All questions of a benchmark file (.jsonl, or a .json list such as ScienceQA's), checked up
-    front: a bad record or a repeated question_id is a DataError naming the file and record. POPE
-    questions without labels take them from pope_annotation_dir (see pope_labels; None = the 'coco'
-    folder beside the question file, where LLaVA's eval layout keeps them)."""
+def read_benchmark(path, task, pope_annotation_dir=None, mme_root=None, circular=True):
+    """All questions of a benchmark file (.jsonl, or a .json list such as ScienceQA's; MMBench: its
+    .tsv), checked up front: a bad record or a repeated question_id is a DataError naming the file and
+    record. POPE questions without labels take them from pope_annotation_dir (see pope_labels; None =
+    the 'coco' folder beside the question file, where LLaVA's eval layout keeps them); MME questions
+    from MME's folder mme_root (mme_labels; None = the question file's folder). MMBench: read_mmbench
+    (circular: one question per rotation of the options)."""
+    if task == "mmbench":
+        return read_mmbench(path, circular)
     records = read_json_file(path)
     if task == "pope" and any(isinstance(r, dict) and r.get("label") is None for r in records):
         records = pope_labels(records, path, pope_annotation_dir or os.path.join(os.path.dirname(path), "coco"))
@@ -227,7 +264,7 @@ def read_benchmark(path, task, pope_annotation_dir=None):
             qid = next((rec.get(k) for k in ("question_id", "id", "image_id") if isinstance(rec, dict) and k in rec), None)
             raise DataError(f"{path}: record {i}" + (f" (question_id {qid!r})" if qid is not None else "") + f": {e}",
                             e.kind) from None
-        key = str(q["question_id"])
+        key = answer_key(q, task)
         if key in seen:
             raise DataError(f"{path}: record {i}: question_id {q['question_id']!r} repeats record {seen[key]}",
                             "malformed record")
@@ -235,11 +272,23 @@ def read_benchmark(path, task, pope_annotation_dir=None):
         questions.append(q)
     if not questions:
         raise DataError(f"{path}: no questions", "malformed record")
+    if task == "mme":
+        questions = mme_labels(questions, path, mme_root if mme_root is not None else os.path.dirname(path))
     return questions
 
 
-def read_answers(path):
-    """A LLaVA answer file (one JSON a line: question_id, text, ...) -> {str(question_id): text}."""
+def question_image(q, image_root, check=False):
+    """The image a question shows (RGB): MMBench's base64 cell, or the file image_root / q['image'].
+    check: only see that it is there and opens (its header)."""
+    if "image_b64" in q:
+        return load_image_b64(q["image_b64"], q["image"], check)
+    path = resolve_image(image_root, q["image"])
+    return check_image_file(path) if check else load_image(path)
+
+
+def read_answers(path, task=None):
+    """A LLaVA answer file (one JSON a line: question_id, text, ...; MMBench's also round_id) ->
+    {answer_key: text}. MME's answers need their 'prompt' (answer_key)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: answer file not found", "missing file")
     answers = {}
@@ -253,7 +302,10 @@ def read_answers(path):
         if not (isinstance(a, dict) and "question_id" in a and isinstance(a.get("text"), str)):
             raise DataError(f"{path}: line {lineno}: an answer needs 'question_id' and 'text' (a string)",
                             "malformed record")
-        key = str(a["question_id"])  # 1 and "1" are the same question: files disagree on the type
+        if task == "mme" and not isinstance(a.get("prompt"), str):
+            raise DataError(f"{path}: line {lineno}: an MME answer needs its 'prompt' (the question): MME asks "
+                            f"two questions of each image under one question_id", "malformed record")
+        key = answer_key(a, task)
         if key in answers:
             raise DataError(f"{path}: line {lineno}: a second answer to question_id {a['question_id']!r}",
                             "malformed record")
@@ -263,11 +315,11 @@ def read_answers(path):
     return answers
 
 
-def attach_answers(questions, answers, path, questions_path="the question file"):
-    """questions + {str(question_id): text} -> rows with 'text'. DataError naming the answer file and the
+def attach_answers(questions, answers, path, questions_path="the question file", task=None):
+    """questions + {answer_key: text} -> rows with 'text'. DataError naming the answer file and the
     first question it does not answer. Answers whose question_id no question has are not scored: a
     warning says how many; when none match, the two files do not belong together (DataError)."""
-    known = {str(q["question_id"]) for q in questions}
+    known = {answer_key(q, task) for q in questions}
     extra = [k for k in answers if k not in known]
     if len(extra) == len(answers):
         raise DataError(f"{path}: none of its {len(answers)} answers is to a question of {questions_path} (first "
@@ -277,9 +329,10 @@ def attach_answers(questions, answers, path, questions_path="the question file")
                       f"{questions_path} has (first: {extra[0]!r}); they are not scored", stacklevel=2)
     rows = []
     for q in questions:
-        key = str(q["question_id"])
+        key = answer_key(q, task)
         if key not in answers:
-            raise DataError(f"{path}: no answer for question_id {q['question_id']!r}", "missing answer")
+            raise DataError(f"{path}: no answer for question_id {q['question_id']!r}"
+                            + (f" round {q['round_id']}" if q.get("round_id") is not None else ""), "missing answer")
         rows.append(dict(q, text=answers[key]))
     return rows
 
@@ -340,15 +393,35 @@ def score_pope(rows):
 
 # --- multiple choice
 
+LLAVA_SQA_LETTERS = "ABCDE"  # eval_science_qa.py's --options default
+
+
+def llava_sqa_letter(text):
+    """The letter LLaVA's eval_science_qa.py reads, by its three rules in its order, or None (its
+    'FAILED'): the answer is exactly one of A-E; or it starts 'X. ' with X in A-E; or
+    'The answer is ([A-Z]).' occurs exactly once (case-sensitive; the '.' is any character). The
+    answer is stripped first, as LLaVA's model_vqa_science.py writes it. A letter past the question's
+    options counts as wrong there (get_pred_idx gives -1)."""
+    t = text.strip()
+    if len(t) == 1 and t in LLAVA_SQA_LETTERS:
+        return t
+    if len(t) >= 3 and t[0] in LLAVA_SQA_LETTERS and t[1:3] == ". ":
+        return t[0]
+    found = re.findall(r"The answer is ([A-Z]).", t)
+    return found[0] if len(found) == 1 else None
+
+
 def extract_letter(text, n_options, options=None):
     """
-    The option letter an answer picks, or None. Our rule (after LLaVA's eval_science_qa.py, which
-    takes a bare letter, 'X. ...' at the start or 'The answer is X', and VLMEvalKit's can_infer, which
-    takes a single option letter standing alone), tried in this order:
-      1. the whole answer is one letter, any case, maybe bracketed or punctuated: 'B', 'b', '(B)', 'B.'
-      2. an answer phrase: 'The answer is D.', 'Answer: B', 'the correct option is (C)', 'choice C';
-         the letter must be a capital, or a small letter that ends the answer ('the answer is b.')
-      3. a leading capital with a delimiter: 'B. foo', 'B) foo', '(B) foo', 'B: foo'
+    The option letter an answer picks, or None. First LLaVA's own rules (llava_sqa_letter): where
+    they read a letter, that letter is the answer (None if it is not one of the n_options), so every
+    answer LLaVA's ScienceQA scorer reads is read the same here ('A. The answer is B.' is A). Where
+    they read nothing, our further forms (after VLMEvalKit's can_infer, which takes a single option
+    letter standing alone), tried in this order:
+      1. the whole answer is one letter, any case, maybe bracketed or punctuated: 'b', '(B)', 'B.'
+      2. an answer phrase: 'The answer is D' (at the end), 'Answer: B', 'the correct option is (C)',
+         'choice C'; the letter must be a capital, or a small letter that ends the answer ('the answer is b.')
+      3. a leading capital with a delimiter: 'B) foo', '(B) foo', 'B: foo', 'B.foo'
       4. exactly one distinct capital in brackets anywhere: 'I pick (C) because ...'
       5. exactly one distinct capital standing alone as a word, where 'A' and 'I' followed by a
          lowercase word (other than or/and/is/was) are read as the article and the pronoun:
@@ -357,6 +430,9 @@ def extract_letter(text, n_options, options=None):
     Only letters of the first n_options count. So the article 'a' never becomes option A, except as a
     whole one-letter answer, where it can only be the letter.
     """
+    llava = llava_sqa_letter(text)
+    if llava is not None:
+        return llava if llava in LETTERS[:n_options] else None
     valid = LETTERS[:n_options]
     t = text.replace("*", "").strip()  # markdown emphasis: '**B**'
     if not t or not valid:
@@ -440,9 +516,13 @@ def vqa_accuracy(pred, answers):
     of the papers averaged, and differs from it only for 1-3 matches: 0.3, 0.6, 0.9 instead of 1/3,
     2/3, 1. With any other number of gold answers (one string, a few aliases) there is no human
     agreement to weigh: 1.0 if the answer matches one of them, else 0.0 (ST-VQA's accuracy in
-    LLaVA's m4c_evaluator.py). Both sides are normalised (normalize_vqa); the official script
-    normalises the gold answers only when they disagree, which changes nothing for VQAv2's
-    already-normalised answers.
+    LLaVA's m4c_evaluator.py). Both sides are always normalised (normalize_vqa, EvalAI's processor).
+    The official vqaEval.py at its current commit (GT-Vision-Lab/VQA a013f00, "Fixed processing
+    answers bug") normalises the gold answers AND the prediction only when the ten gold answers
+    disagree; when all ten agree it compares the prediction as written (stripped), so there 'Two.'
+    scores 0 against ten '2'. We follow LLaVA's pipeline instead, which normalises every prediction
+    before scoring (convert_vqav2_for_submission.py for VQAv2, m4c_evaluator.py for TextVQA): on
+    answers already normalised the two agree exactly.
     """
     if isinstance(answers, str):
         answers = [answers]
@@ -495,9 +575,21 @@ def answer_correct(pred, q, tolerance=0.05):
 
 # --- CHAIR (Rohrbach et al. 2018; LisaAnne/Hallucination utils/chair.py and data/synonyms.txt)
 
-_IRREGULAR = dict(men="man", women="woman", people="person", children="child", mice="mouse", geese="goose",
-                  feet="foot", teeth="tooth", oxen="ox", knives="knife", leaves="leaf", wolves="wolf",
-                  shelves="shelf", halves="half", loaves="loaf", scarves="scarf")
+_IRREGULAR = dict(people="person", children="child", mice="mouse", geese="goose", feet="foot", teeth="tooth",
+                  oxen="ox", dice="die", lice="louse", cacti="cactus", fungi="fungus")
+
+# The original chair.py's rules for COCO, applied when the synonym list has COCO's objects (see
+# coco_rules): a qualifier and an animal or a vehicle is that animal or vehicle only ('baby bird' is a
+# bird, not a person and a bird; 'passenger train' is a train), 'toilet seat' is a toilet, and 'seat'
+# is no chair in a caption that mentions a toilet ("the seat of the toilet").
+_COCO_ANIMALS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub")
+COCO_PHRASES = {**{(q, a): a for q in ("baby", "adult") for a in _COCO_ANIMALS},
+                ("passenger", "jet"): "jet", ("passenger", "train"): "train", ("toilet", "seat"): "toilet"}
+
+
+def coco_rules(synonyms):
+    """Whether a synonym table is COCO's (it names the objects the COCO rules are about)."""
+    return {"person", "chair", "toilet", "train", "dog"} <= set(synonyms.values())
 
 
 def chair_words(text):
@@ -530,6 +622,9 @@ def parse_synonyms(lines, src="synonyms"):
 
 
 def read_synonyms(path):
+    """A CHAIR synonym file, or 'coco': the original CHAIR's list of COCO's 80 objects (COCO_SYNONYMS)."""
+    if path == "coco":
+        return parse_synonyms(COCO_SYNONYMS, "COCO_SYNONYMS")
     if not os.path.isfile(path):
         raise DataError(f"{path}: synonym file not found (CHAIR needs one: 'canonical, synonym, ...' lines)",
                         "missing file")
@@ -542,11 +637,17 @@ def read_synonyms(path):
 
 
 def _singulars(word):
-    """The word, then its possible singulars, most specific first (simple English plurals; the
-    original CHAIR uses pattern.en's singularize)."""
+    """The word, then its possible singulars, most specific first: irregular plurals (people, mice,
+    ...), -men -> -man (men, women, policemen), -ves -> -f / -fe (calves, knives), -ies -> -y, -es,
+    -s. The original CHAIR uses pattern.en's singularize; these rules cover the plurals of COCO's
+    object names and their synonyms."""
     out = [word]
     if word in _IRREGULAR:
         out.append(_IRREGULAR[word])
+    if word.endswith("men"):
+        out.append(word[:-3] + "man")
+    if word.endswith("ves") and len(word) > 4:
+        out += [word[:-3] + "f", word[:-3] + "fe"]
     if word.endswith("ies") and len(word) > 4:
         out.append(word[:-3] + "y")
     if word.endswith("es"):
@@ -556,27 +657,38 @@ def _singulars(word):
     return out
 
 
-def chair_objects(caption, synonyms):
+def chair_objects(caption, synonyms, coco=None):
     """
     The canonical objects a caption mentions, one entry per mention, in order. Scanning left to
     right, the longest name wins ('hot dog' is not a 'dog', 'teddy bears' is one 'teddy bear'); a
-    name's last word may be plural ('boxes', 'teddy bears'). Like the original, a mention is a
-    mention whatever the sentence says about it: 'there is no dog' mentions a dog.
+    name's words may be plural ('boxes', 'teddy bears'). Like the original, a mention is a
+    mention whatever the sentence says about it: 'there is no dog' mentions a dog. coco: apply the
+    original's COCO rules (COCO_PHRASES, 'seat' beside 'toilet'); None = when coco_rules(synonyms).
     """
+    coco = coco_rules(synonyms) if coco is None else coco
     words = chair_words(caption)
     longest = max(len(k) for k in synonyms)
-    found, i = [], 0
+    found, i = [], 0  # (canonical name, the name it was read as)
     while i < len(words):
+        if coco and i + 1 < len(words):
+            as_word = next((COCO_PHRASES[a, b] for a in _singulars(words[i]) for b in _singulars(words[i + 1])
+                            if (a, b) in COCO_PHRASES), None)
+            if as_word is not None:  # both words are read as this one; it may be no object ('baby animal')
+                if (as_word,) in synonyms:
+                    found.append((synonyms[as_word,], (as_word,)))
+                i += 2
+                continue
         for n in range(min(longest, len(words) - i), 0, -1):
-            head = tuple(words[i:i + n - 1])
-            hit = next((synonyms[head + (s,)] for s in _singulars(words[i + n - 1]) if head + (s,) in synonyms), None)
-            if hit is not None:
-                found.append(hit)
+            key = next((k for k in itertools.product(*map(_singulars, words[i:i + n])) if k in synonyms), None)
+            if key is not None:
+                found.append((synonyms[key], key))
                 i += n
                 break
         else:
             i += 1
-    return found
+    if coco and any("toilet" in _singulars(w) for w in words):
+        found = [(o, key) for o, key in found if key != ("seat",)]
+    return [o for o, _ in found]
 
 
 def canonical_objects(objects, synonyms):
@@ -616,12 +728,236 @@ def chair_metrics(captions, true_objects_list, synonyms):
                 recall=recalled / n_true if n_true else 0.0, avg_len=words / n, n=n)
 
 
+# --- MME (Fu et al. 2023): yes/no pairs per image; LLaVA's convert_answer_to_mme.py + MME's eval_tool/calculation.py
+
+def _mme_question(text):
+    """A question as MME's answer files and LLaVA's question file both hold it, for matching: without
+    LLaVA's short-answer suffix and MME's 'Please answer yes or no.', whitespace collapsed. (LLaVA's
+    converter strips the one suffix and re-adds the other, trying one and two spaces before it.)"""
+    return " ".join(text.replace(SHORT_SUFFIX, "").replace(MME_SUFFIX, "").split())
+
+
+def mme_gold(mme_root):
+    """{(subtask, image stem, question): 'yes'|'no'} from MME's folder (MME_Benchmark_release_version):
+    <subtask>/questions_answers_YN/<stem>.txt when <subtask>/images exists, else <subtask>/<stem>.txt,
+    one 'question<TAB>answer' a line (LLaVA's get_gt reads it the same way)."""
+    if not os.path.isdir(mme_root):
+        raise DataError(f"{mme_root}: MME's benchmark folder (per-subtask answer files) not found; point "
+                        f"mme_root at MME_Benchmark_release_version", "missing file")
+    gold = {}
+    for subtask in sorted(os.listdir(mme_root)):
+        d = os.path.join(mme_root, subtask)
+        if not os.path.isdir(d):
+            continue
+        qa_dir = os.path.join(d, "questions_answers_YN") if os.path.isdir(os.path.join(d, "images")) else d
+        for name in sorted(os.listdir(qa_dir)) if os.path.isdir(qa_dir) else []:
+            if not name.endswith(".txt"):
+                continue
+            f = os.path.join(qa_dir, name)
+            for lineno, line in enumerate(read_text(f).splitlines(), 1):
+                if not line.strip():
+                    continue
+                parts = line.strip().split("\t")
+                if len(parts) != 2 or parts[1].strip().lower() not in ("yes", "no"):
+                    raise DataError(f"{f}: line {lineno}: expected 'question<TAB>Yes|No', got {line.strip()!r:.80}",
+                                    "malformed record")
+                gold[subtask, name[:-4], _mme_question(parts[0])] = parts[1].strip().lower()
+    return gold
+
+
+def mme_labels(questions, path, mme_root):
+    """MME questions with their label (from the record or MME's folder, mme_gold), checked as MME's
+    calculation.py needs them: every image of a subtask has exactly two questions."""
+    if any(q["label"] is None for q in questions):
+        gold = mme_gold(mme_root)
+        for q in questions:
+            if q["label"] is None:
+                key = (*q["mme_image"], _mme_question(q["prompt"]))
+                if key not in gold:
+                    raise DataError(f"{path}: question_id {q['question_id']!r}: no answer in {mme_root}/{key[0]}/ for "
+                                    f"image {key[1]!r} and question {key[2]!r:.60}", "missing answer")
+                q["label"] = gold[key]
+    per_image = Counter(q["mme_image"] for q in questions)
+    bad = next((k for k, n in per_image.items() if n != 2), None)
+    if bad is not None:
+        raise DataError(f"{path}: subtask {bad[0]!r} image {bad[1]!r} has {per_image[bad]} questions; MME asks two "
+                        f"of each image (acc+ needs both)", "malformed record")
+    return questions
+
+
+def mme_answer(text):
+    """MME's rule (calculation.py parse_pred_ans), on the lower-cased answer: 'yes' or 'no' as the whole
+    answer; else 'yes' if its first four characters contain 'yes', else 'no' if they contain 'no', else
+    'other' (wrong either way). So 'Yes, ...' is yes, 'Not ...' and 'None' are no, 'There is ...' is other."""
+    t = text.lower()
+    if t in ("yes", "no"):
+        return t
+    return "yes" if "yes" in t[:4] else "no" if "no" in t[:4] else "other"
+
+
+def mme_metrics(rows):
+    """One MME subtask: accuracy (per question), acc_plus (images with both questions right), score =
+    100 * (accuracy + acc_plus), the figure MME's tables sum (0-200 per subtask), other = answers
+    that are neither yes nor no, n questions."""
+    right = {}
+    for r in rows:
+        right.setdefault(r["mme_image"], []).append(mme_answer(r["text"]) == r["label"])
+    acc = sum(map(sum, right.values())) / len(rows)
+    acc_plus = sum(all(v) for v in right.values()) / len(right)
+    return dict(accuracy=acc, acc_plus=acc_plus, score=100 * (acc + acc_plus),
+                other=sum(mme_answer(r["text"]) == "other" for r in rows) / len(rows), n=len(rows))
+
+
+def score_mme(rows):
+    """{subtask: mme_metrics} in MME's order, then 'perception' and 'cognition': the sum of their
+    subtasks' scores (out of 2000 and 800 with every subtask present; 'subtasks' says how many were)."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["category"], []).append(r)
+    order = [t for t in MME_PERCEPTION + MME_COGNITION if t in groups] + sorted(t for t in groups if t not in
+                                                                               MME_PERCEPTION + MME_COGNITION)
+    out = {t: mme_metrics(groups[t]) for t in order}
+    for total, names in (("perception", MME_PERCEPTION), ("cognition", MME_COGNITION)):
+        present = [t for t in names if t in out]
+        if present:
+            out[total] = dict(score=sum(out[t]["score"] for t in present), subtasks=len(present),
+                              n=sum(out[t]["n"] for t in present))
+    return out
+
+
+# --- MMBench (Liu et al. 2023): a TSV of 4-option questions, circular evaluation, rule-based matching
+
+def _is_none(v):
+    """An empty cell as MMBench's TSV has them (LLaVA's is_none: NaN / 'nan' / 'none' / empty)."""
+    return v is None or (isinstance(v, str) and v.strip().lower() in ("", "nan", "none"))
+
+
+def read_mmbench(path, circular=True):
+    """
+    MMBench's TSV (MMBench_DEV_EN.tsv: index, question, hint, A, B, C, D, answer, category,
+    l2-category, image as base64; an image cell that is an index points at that row's image) -> one
+    question per round, as LLaVA's model_vqa_mmbench.py asks them: the prompt is hint + '\\n' + question,
+    then 'A. ...' lines, then MC_SUFFIX; the options are those up to the first empty one; with
+    circular, round r shows them rotated left by r (the same letters A, B, ... in order), so a
+    question with 4 options is asked 4 times. Each question has question_id (the index), round_id,
+    options (as shown), answer (the gold letter in that round), category, l2_category, image (a name
+    for it) and image_b64. Needs 'answer' (the dev split; the test split is scored by MMBench's server).
+    """
+    csv.field_size_limit(sys.maxsize)  # an image cell holds a whole base64 picture
+    text = read_text(path)
+    rows = list(csv.DictReader(io.StringIO(text), delimiter="\t"))
+    if not rows:
+        raise DataError(f"{path}: no questions", "malformed record")
+    missing = [c for c in ("index", "question", "A", "B", "answer", "image") if c not in rows[0]]
+    if missing:
+        raise DataError(f"{path}: not an MMBench TSV with answers: no column {', '.join(map(repr, missing))} (header: "
+                        f"{list(rows[0])[:12]})" + (" - the test split has no answers; MMBench's server scores it"
+                                                    if missing == ["answer"] else ""), "malformed record")
+    images = {r["index"]: r["image"] for r in rows}
+    questions, seen = [], set()
+    for i, r in enumerate(rows):
+        where_ = f"{path}: row {i + 2} (index {r.get('index')!r})"  # row 1 is the header
+        if r["index"] in seen:
+            raise DataError(f"{where_}: index repeats", "malformed record")
+        seen.add(r["index"])
+        options = []
+        for letter in LETTERS[:8]:
+            if letter not in r or _is_none(r[letter]):
+                break
+            options.append(r[letter])
+        if len(options) < 2 or _is_none(r["question"]):
+            raise DataError(f"{where_}: needs a question and at least options A and B", "malformed record")
+        answer = (r["answer"] or "").strip()
+        if answer not in LETTERS[:len(options)]:
+            raise DataError(f"{where_}: answer {answer!r} is not one of its options' letters {LETTERS[:len(options)]}",
+                            "malformed record")
+        image = r["image"]
+        if len(image) <= 64 and image.strip() in images:  # a pointer to another row's image
+            image = images[image.strip()]
+        if _is_none(image):
+            raise DataError(f"{where_}: no image", "no image")
+        question = r["question"] if _is_none(r.get("hint")) else r["hint"] + "\n" + r["question"]
+        gold = LETTERS.index(answer)
+        for k in range(len(options) if circular else 1):
+            shown = options[k:] + options[:k]
+            questions.append(dict(question_id=r["index"], round_id=k, image=f"{os.path.basename(path)}#{r['index']}",
+                                  image_b64=image, category=r.get("category") or None,
+                                  l2_category=r.get("l2-category") or None, options=shown,
+                                  answer=LETTERS[(gold - k) % len(options)],
+                                  prompt=with_suffix(option_lines(question, shown), MC_SUFFIX)))
+    return questions
+
+
+_VLMEVAL_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+                     "I'm sorry, but without the image provided", "Cannot determine the answer")
+
+
+def mmbench_letter(text, options):
+    """
+    The option an MMBench answer picks, by VLMEvalKit's rule-based matcher (vlmeval/utils/matching_util.py
+    can_infer, at commit 2cf2a36), or None. Its GPT matcher, which VLMEvalKit asks when these rules
+    find nothing, is not used: such an answer counts as wrong. The rules, in order:
+      1. a refusal phrase ('Cannot determine the answer', ...) -> none ('Z')
+      2. punctuation .()[],:;!*#{} becomes spaces; if exactly one option letter stands as a word
+         and it is among the last four words, that letter ('B', 'The answer is (B).')
+      3. '(correct) answer is X', any case, asterisks allowed ('The answer is **c**') -> X
+      4. the answer is at most twice as long as all option texts together and contains exactly one
+         option's text (case-insensitive)
+    A lone 'Z' is VLMEvalKit's "none of them": wrong. VLMEvalKit's 'A might be a quantifier' check
+    runs only with VERBOSE set, so it is off here too: 'A red circle' picks A.
+    """
+    letters = LETTERS[:len(options)]
+    if any(err in text for err in _VLMEVAL_REFUSALS):
+        return None
+    splits = text
+    for c in ".()[],:;!*#{}":
+        splits = splits.replace(c, " ")
+    splits = splits.split()
+    hits = [c for c in letters if c in splits]
+    if len(hits) == 1 and splits.index(hits[0]) > len(splits) - 5:
+        return hits[0]
+    if not hits and "Z" in splits:
+        return None
+    m = re.search(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**", text)
+    if m and m.group(1).upper() in letters:
+        return m.group(1).upper()
+    low = text.lower()
+    if len(low) > 2 * sum(len(o) for o in options):
+        return None
+    found = [c for c, o in zip(letters, options) if o.lower() in low]
+    return found[0] if len(found) == 1 else None
+
+
+def score_mmbench(rows):
+    """MMBench's circular accuracy: a question is right only if every round of it is right.
+    -> {category: {accuracy, single (round 0 alone: the non-circular figure), n (questions)}} for each
+    category, 'l2/<l2-category>' for each of its ability dimensions, and 'overall'."""
+    per_q = {}
+    for r in rows:
+        q = per_q.setdefault(r["question_id"], dict(category=r.get("category"), l2=r.get("l2_category"), rounds={}))
+        q["rounds"][r["round_id"]] = mmbench_letter(r["text"], r["options"]) == r["answer"]
+
+    def metrics(qs):
+        return dict(accuracy=sum(all(q["rounds"].values()) for q in qs) / len(qs),
+                    single=sum(q["rounds"].get(0, False) for q in qs) / len(qs), n=len(qs))
+    out = {}
+    for key, prefix in (("category", ""), ("l2", "l2/")):
+        groups = {}
+        for q in per_q.values():
+            if q[key]:
+                groups.setdefault(prefix + q[key], []).append(q)
+        out.update({c: metrics(groups[c]) for c in sorted(groups)})
+    out["overall"] = metrics(list(per_q.values()))
+    return out
+
+
 # --- one task's questions + answers -> per-question verdicts and metrics
 
 def judge(task, row, synonyms=None):
     """What the task's rule makes of one answer (row: a benchmark_question with 'text'), for
     predictions.jsonl: pope {pred}; mc {pred (letter or None), score}; vqa {pred (normalised),
-    score}; cot {pred, score, missing_marker}; chair {mentioned, hallucinated}."""
+    score}; cot {pred, score, missing_marker}; chair {mentioned, hallucinated}; mme {pred (yes, no or
+    other), score}; mmbench {pred (letter or None), score} (one round)."""
     text = row["text"]
     if task == "pope":
         return dict(pred=pope_answer(text))
@@ -639,6 +975,12 @@ def judge(task, row, synonyms=None):
         truth = canonical_objects(row["objects"], synonyms)
         said = chair_objects(text, synonyms)
         return dict(mentioned=said, hallucinated=[o for o in said if o not in truth])
+    if task == "mme":
+        pred = mme_answer(text)
+        return dict(pred=pred, score=float(pred == row["label"]))
+    if task == "mmbench":
+        letter = mmbench_letter(text, row["options"])
+        return dict(pred=letter, score=float(letter == row["answer"]))
     raise ValueError(f"unknown benchmark {task!r}, expected one of {BENCHMARKS}")
 
 
@@ -653,9 +995,15 @@ def score(task, rows, synonyms=None):
              question also chain_exact (the answer is the gold chain, verbatim) and
              right_answer_wrong_chain (a right short answer after any other chain)
       chair  chair_s, chair_i, recall, avg_len, n
+      mme    score_mme: per subtask accuracy, acc_plus, score; the perception and cognition totals
+      mmbench score_mmbench: circular accuracy per category, per l2-category and overall
     """
     if task == "pope":
         return score_pope(rows)
+    if task == "mme":
+        return score_mme(rows)
+    if task == "mmbench":
+        return score_mmbench(rows)
     if task == "chair" and synonyms is None:
         raise ValueError("CHAIR needs a synonym list")
 
@@ -734,3 +1082,90 @@ def question_from_record(rec):
     if not text:
         raise DataError("empty question", "no prompt")
     return dict(q, prompt=with_suffix(text, COT_SUFFIX))
+
+
+# CHAIR's synonyms for COCO's 80 objects, as the original ships them (LisaAnne/Hallucination,
+# data/synonyms.txt; its odd entries too: 'knive', 'phon', 'televison' are what its singularizer
+# makes of words): read_synonyms('coco'), evaluate.py --synonyms_path=coco
+COCO_SYNONYMS = """\
+person, girl, boy, man, woman, kid, child, chef, baker, people, adult, rider, children, baby, worker, passenger, sister, biker, policeman, cop, officer, lady, cowboy, bride, groom, male, female, guy, traveler, mother, father, gentleman, pitcher, player, skier, snowboarder, skater, skateboarder, person, woman, guy, foreigner, child, gentleman, caller, offender, coworker, trespasser, patient, politician, soldier, grandchild, serviceman, walker, drinker, doctor, bicyclist, thief, buyer, teenager, student, camper, driver, solider, hunter, shopper, villager
+bicycle, bike, bicycle, bike, unicycle, minibike, trike
+car, automobile, van, minivan, sedan, suv, hatchback, cab, jeep, coupe, taxicab, limo, taxi
+motorcycle, scooter,  motor bike, motor cycle, motorbike, scooter, moped
+airplane, jetliner, plane, air plane, monoplane, aircraft, jet, jetliner, airbus, biplane, seaplane
+bus, minibus, trolley
+train, locomotive, tramway, caboose
+truck, pickup, lorry, hauler, firetruck
+boat, ship, liner, sailboat, motorboat, dinghy, powerboat, speedboat, canoe, skiff, yacht, kayak, catamaran, pontoon, houseboat, vessel, rowboat, trawler, ferryboat, watercraft, tugboat, schooner, barge, ferry, sailboard, paddleboat, lifeboat, freighter, steamboat, riverboat, battleship, steamship
+traffic light, street light, traffic signal, stop light, streetlight, stoplight
+fire hydrant, hydrant
+stop sign
+parking meter
+bench, pew
+bird, ostrich, owl, seagull, goose, duck, parakeet, falcon, robin, pelican, waterfowl, heron, hummingbird, mallard, finch, pigeon, sparrow, seabird, osprey, blackbird, fowl, shorebird, woodpecker, egret, chickadee, quail, bluebird, kingfisher, buzzard, willet, gull, swan, bluejay, flamingo, cormorant, parrot, loon, gosling, waterbird, pheasant, rooster, sandpiper, crow, raven, turkey, oriole, cowbird, warbler, magpie, peacock, cockatiel, lorikeet, puffin, vulture, condor, macaw, peafowl, cockatoo, songbird
+cat, kitten, feline, tabby
+dog, puppy, beagle, pup, chihuahua, schnauzer, dachshund, rottweiler, canine, pitbull, collie, pug, terrier, poodle, labrador, doggie, doberman, mutt, doggy, spaniel, bulldog, sheepdog, weimaraner, corgi, cocker, greyhound, retriever, brindle, hound, whippet, husky
+horse, colt, pony, racehorse, stallion, equine, mare, foal, palomino, mustang, clydesdale, bronc, bronco
+sheep, lamb, ram, lamb, goat, ewe
+cow, cattle, oxen, ox, calf, cattle, holstein, heifer, buffalo, bull, zebu, bison 
+elephant
+bear, panda
+zebra
+giraffe
+backpack, knapsack
+umbrella
+handbag, wallet, purse, briefcase
+tie, bow, bow tie
+suitcase, suit case, luggage
+frisbee
+skis, ski
+snowboard
+sports ball, ball
+kite
+baseball bat
+baseball glove
+skateboard
+surfboard, longboard, skimboard, shortboard, wakeboard
+tennis racket, racket
+bottle
+wine glass
+cup
+fork
+knife, pocketknife, knive
+spoon
+bowl, container
+banana
+apple
+sandwich, burger, sub, cheeseburger, hamburger
+orange
+broccoli
+carrot
+hot dog
+pizza
+donut, doughnut, bagel
+cake,  cheesecake, cupcake, shortcake, coffeecake, pancake
+chair, seat, stool
+couch, sofa, recliner, futon, loveseat, settee, chesterfield
+potted plant, houseplant
+bed
+dining table, table, desk
+toilet, urinal, commode, toilet, lavatory, potty
+tv, monitor, televison, television
+laptop, computer, notebook, netbook, lenovo, macbook, laptop computer
+mouse
+remote
+keyboard
+cell phone, mobile phone, phone, cellphone, telephone, phon, smartphone, iPhone
+microwave
+oven, stovetop, stove, stove top oven
+toaster
+sink
+refrigerator, fridge, fridge, freezer
+book
+clock
+vase
+scissors
+teddy bear, teddybear
+hair drier, hairdryer
+toothbrush
+"""

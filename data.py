@@ -20,6 +20,8 @@ A record looks like
                        {"from": "gpt", "value": "A cat."}]}
 "image" may also be a list of paths (one per <image>) or absent/null for text-only samples.
 """
+import base64
+import io
 import json
 import math
 import os
@@ -459,6 +461,16 @@ def load_image(path):
             return img.convert("RGB")  # convert() forces the full decode inside the try
     except Exception as e:  # PIL raises several types: UnidentifiedImageError, OSError (truncated), ...
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}", "corrupt image") from None
+
+
+def load_image_b64(text, name, check=False):
+    """An image stored as base64 text (MMBench's TSV cells); name says which, in errors. check: read
+    the header only (what check_image_file does for a file)."""
+    try:
+        img = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
+        return img if check else img.convert("RGB")
+    except Exception as e:
+        raise DataError(f"cannot read the base64 image of {name}: {type(e).__name__}: {e}", "corrupt image") from None
 
 
 def expand2square(img, background_color):

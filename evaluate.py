@@ -1,6 +1,6 @@
 """
 Evaluate a checkpoint on benchmarks: generate answers, score them by each benchmark's published rule
-(data.py section 6), print one table, write predictions and metrics.json (atomically) under out_dir.
+(benchmarks.py), print one table, write predictions and metrics.json (atomically) under out_dir.
 
 The shapes suite, held-out scenes (after `python prepare_shapes.py` and `python sft.py`): POPE,
 multiple choice, VQA, CoT and CHAIR in one call, one table:
@@ -8,6 +8,9 @@ multiple choice, VQA, CoT and CHAIR in one call, one table:
 One benchmark, any checkpoint (ours or llava-hf), question files in LLaVA's formats:
     python evaluate.py --task=pope --init_from=llava-hf/llava-1.5-7b-hf --data_path=pope/llava_pope_test.jsonl --image_root=val2014
     python evaluate.py --task=mc --data_path=scienceqa/llava_test_CQM-A.json --image_root=scienceqa/images/test
+    python evaluate.py --task=mme --data_path=MME/llava_mme.jsonl --image_root=MME/MME_Benchmark_release_version
+    python evaluate.py --task=mmbench --data_path=mmbench/mmbench_dev_20230712.tsv
+    python evaluate.py --task=chair --data_path=chair_coco.jsonl --image_root=val2014 --synonyms_path=coco
 Score answers generated elsewhere (LLaVA answer files: question_id + text), no model loaded:
     python evaluate.py --task=pope --data_path=Q.jsonl --predictions=answers.jsonl --out_dir=D
     python evaluate.py --predictions=out/sft/eval      # re-score a shapes run's <task>_predictions.jsonl
@@ -28,7 +31,12 @@ prompt rules in B.benchmark_question):
   vqa    question_id, image, question (or text), answers [..] (or answer), category (optional)
   cot    like mc (with options) or vqa (without); the CoT suffix is appended
   chair  question_id (or image_id), image, text (optional prompt), objects [true objects]; + synonyms_path
-  shapes shapes_dir/{pope,mc,vqa,cot,chair}.jsonl and synonyms.txt, all of the above
+         (synonyms_path=coco: the original CHAIR's COCO list, with its COCO rules)
+  mme    LLaVA's llava_mme.jsonl (question_id '<subtask>/<image>', image, text) + MME's folder
+         (mme_root, MME_Benchmark_release_version: per-subtask 'question<TAB>Yes|No' answer files)
+  mmbench  MMBench's TSV with answers (MMBench_DEV_EN.tsv: index, question, hint, A-D, answer, category,
+         l2-category, image in base64), asked once per rotation of the options (circular)
+  shapes shapes_dir/{pope,mc,vqa,cot,chair,mme}.jsonl, mmbench.tsv, synonyms.txt and mme/, all of the above
 ('short', the old name of the short-answer task, runs vqa.)
 
 Written to out_dir:
@@ -58,11 +66,13 @@ import model as M
 
 # -----------------------------------------------------------------------------
 init_from = "out/sft"      # checkpoint dir, ours or llava-hf, or a hub id (llava-hf/llava-1.5-7b-hf)
-task = "shapes"            # pope | mc | vqa | cot | chair | shapes (all five on the shapes world's eval sets)
+task = "shapes"            # pope | mc | vqa | cot | chair | mme | mmbench | shapes (all of them on the shapes world's eval sets)
 data_path = ""             # the question file (not used by shapes)
 shapes_dir = "data/shapes/eval"
 image_root = "data/shapes/images"
 synonyms_path = ""         # CHAIR's synonyms.txt; '' = synonyms.txt beside the question file
+mme_root = ""              # MME's folder of per-subtask answer files (MME_Benchmark_release_version); '' = image_root
+circular = True            # MMBench: ask each question once per rotation of its options, right only if right every time
 pope_annotation_dir = ""   # POPE questions without labels (LLaVA's llava_pope_test.jsonl) take them from
                            # <dir>/coco_pope_<category>.json; '' = coco/ beside the question file (LLaVA's layout)
 predictions = ""           # score this answer file (shapes: a directory of <task>_predictions.jsonl) instead of generating
@@ -86,7 +96,10 @@ from configurator import ConfigError, configure  # noqa: E402
 config = configure(globals())
 # -----------------------------------------------------------------------------
 # short answers and letters need few tokens; a reasoning chain or a detailed caption needs room
-MAX_NEW = dict(pope=16, mc=16, vqa=16, cot=256, chair=128)
+MAX_NEW = dict(pope=16, mc=16, vqa=16, cot=256, chair=128, mme=16, mmbench=16)
+# the shapes suite's files in shapes_dir (prepare_shapes.py writes them all; MME's answers are in shapes_dir/mme)
+SHAPES_FILES = dict(pope="pope.jsonl", mc="mc.jsonl", vqa="vqa.jsonl", cot="cot.jsonl", chair="chair.jsonl",
+                    mme="mme.jsonl", mmbench="mmbench.tsv")
 if task == "short":
     task = "vqa"
 if task not in B.BENCHMARKS + ("shapes",):
@@ -100,16 +113,25 @@ if verifier and not best_of:
 if task == "shapes":
     if not os.path.isdir(shapes_dir):
         raise FileNotFoundError(f"{shapes_dir}: no shapes eval sets; run `python prepare_shapes.py` first")
-    runs = [(t, os.path.join(shapes_dir, f"{t}.jsonl"),
-             os.path.join(predictions, f"{t}_predictions.jsonl") if predictions else None) for t in B.BENCHMARKS]
+    runs = [(t, os.path.join(shapes_dir, f), os.path.join(predictions, f"{t}_predictions.jsonl") if predictions else None)
+            for t, f in SHAPES_FILES.items()]
+    # the tasks whose files are there (a world prepared before MME and MMBench joined has five; re-scoring
+    # a run: the tasks it answered); none at all is the error the first file gives
+    present = [r for r in runs if os.path.isfile(r[2] if predictions else r[1])] or runs
+    if len(present) < len(runs):
+        print(f"shapes suite: no {', '.join(os.path.basename(r[2] if predictions else r[1]) for r in runs if r not in present)}"
+              f" in {predictions or shapes_dir}; running {', '.join(r[0] for r in present)}")
+    runs = present
     synonyms_path = synonyms_path or os.path.join(shapes_dir, "synonyms.txt")
+    mme_root = mme_root or os.path.join(shapes_dir, "mme")
 else:
     if not data_path:
         raise ConfigError(f"task {task!r} needs --data_path=<question file>")
     runs = [(task, data_path, predictions or None)]
     synonyms_path = synonyms_path or os.path.join(os.path.dirname(data_path), "synonyms.txt")
 # every file is read and checked before a model is loaded: a bad record costs seconds, not a model load
-questions = {t: B.read_benchmark(path, t, pope_annotation_dir or None) for t, path, _ in runs}
+questions = {t: B.read_benchmark(path, t, pope_annotation_dir or None, mme_root or image_root, circular)
+             for t, path, _ in runs}
 synonyms = B.read_synonyms(synonyms_path) if "chair" in questions else None
 if prompt_suffix:  # the same questions in another answer mode
     questions = {t: [dict(q, prompt=B.with_suffix(B.strip_modes(q["prompt"]), prompt_suffix)) for q in qs]
@@ -117,7 +139,7 @@ if prompt_suffix:  # the same questions in another answer mode
 if best_of and (no_image := [q["question_id"] for q in questions["cot"] if q["image"] is None]):
     raise D.DataError(f"best_of: every cot question needs an image; question_id {no_image[0]!r} has none", "no image")
 if predictions:
-    rows = {t: B.attach_answers(questions[t], B.read_answers(answers), answers, path) for t, path, answers in runs}
+    rows = {t: B.attach_answers(questions[t], B.read_answers(answers, t), answers, path, t) for t, path, answers in runs}
     master, elapsed, n_generated = int(os.environ.get("RANK", 0)) == 0, 0.0, 0
     sampled_rows = None
     out_dir = out_dir or os.path.splitext(predictions.rstrip("/"))[0] + "_scored"
@@ -128,7 +150,7 @@ else:
             if q["image"] is None or q["image"] in checked:
                 continue
             try:
-                D.check_image_file(D.resolve_image(image_root, q["image"]))
+                B.question_image(q, image_root, check=True)
             except D.DataError as e:
                 raise D.DataError(f"{path}: question_id {q['question_id']!r}: {e}", e.kind) from None
             checked.add(q["image"])
@@ -167,8 +189,8 @@ else:
                                   vlm.image_token_id, vlm.num_image_tokens, n_images=int(q["image"] is not None))
                    for q in batch]
         ids, mask = D.collate_prompts(prompts, tok.pad_token_id)
-        images = [D.process_image(D.load_image(D.resolve_image(image_root, q["image"])), vlm.image_processor,
-                                  vlm.config["pad_to_square"]) for q in batch if q["image"]]
+        images = [D.process_image(B.question_image(q, image_root), vlm.image_processor, vlm.config["pad_to_square"])
+                  for q in batch if q["image"]]
         px = torch.stack(images).to(dev) if images else None  # rows without an image simply have no image tokens
         gen = vlm.generate(ids.to(dev), px, mask.to(dev), max_new_tokens=max_new_tokens or MAX_NEW[t],
                            temperature=temperature, top_p=top_p, generator=rng)
@@ -199,8 +221,8 @@ if master:
     for t, rs in rows.items():
         metrics[t] = B.score(t, rs, synonyms)
         # LLaVA's answer format first (question_id, prompt, text), then the gold fields and the verdict
-        preds[t] = [{"question_id": r["question_id"], "prompt": r["prompt"], "text": r["text"], **r,
-                     **B.judge(t, r, synonyms)} for r in rs]
+        preds[t] = [{"question_id": r["question_id"], "prompt": r["prompt"], "text": r["text"],
+                     **{k: v for k, v in r.items() if k != "image_b64"}, **B.judge(t, r, synonyms)} for r in rs]
     for t, ps in preds.items():
         print(f"\n{t}\n  {'question':48s} {'answer':28s} {'read as':14s} truth")
         for p in ps[:show]:
@@ -212,15 +234,17 @@ if master:
     columns = [("n", "n"), ("accuracy", "acc"), ("precision", "prec"), ("recall", "recall"), ("f1", "f1"),
                ("yes_ratio", "yes"), ("no_letter", "no_letter"), ("missing_marker", "no_marker"),
                ("chain_exact", "chain"), ("right_answer_wrong_chain", "lucky"),
-               ("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("avg_len", "words")]
+               ("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("avg_len", "words"),
+               ("acc_plus", "acc+"), ("other", "other"), ("score", "score"), ("single", "1-round")]
     columns = [(k, h) for k, h in columns if any(k in m for splits in metrics.values() for m in splits.values())]
-    print(f"\n{'task':6s} {'split':12s}" + "".join(f" {h:>9s}" for _, h in columns))
+    print(f"\n{'task':7s} {'split':16s}" + "".join(f" {h:>9s}" for _, h in columns))
     for t, splits in metrics.items():
         for split, m in splits.items():
-            cells = ["" if k not in m else str(m[k]) if k == "n" else f"{m[k]:.1f}" if k == "avg_len"
+            cells = ["" if k not in m else str(m[k]) if k == "n" else f"{m[k]:.1f}" if k in ("avg_len", "score")
                      else f"{100 * m[k]:.1f}" for k, _ in columns]
-            print(f"{t:6s} {split:12s}" + "".join(f" {c:>9s}" for c in cells))
-    print("(percentages, except n and words per caption)")
+            print(f"{t:7s} {split[:16]:16s}" + "".join(f" {c:>9s}" for c in cells))
+    print("(percentages, except n, words per caption and MME's score: 100 x (acc + acc+) per subtask, summed in "
+          "its totals; MMBench's acc is circular, 1-round its first round alone)")
     if n_generated:
         print(f"{n_generated} questions answered in {elapsed:.1f}s ({n_generated / elapsed:.1f} questions/s)")
 

@@ -51,6 +51,8 @@ The world logic (scene sampling, rendering, question generators) is plain functi
 prompts).
 """
 
+import base64
+import csv
 import json
 import math
 import os
@@ -92,6 +94,7 @@ eval_mc = 200
 eval_vqa = 300
 eval_cot = 200
 eval_chair = 100        # captions (one per scene)
+eval_mme = 30           # images per MME subtask (two questions each: one yes, one no)
 # -----------------------------------------------------------------------------
 # nanoGPT's idiom: only the values above are config; the world constants below are not
 _config_keys = [k for k, v in globals().items()
@@ -865,6 +868,88 @@ def make_reasoner_sft(rows, rng):
     return mix, direct
 
 
+MME_SUBTASKS = ['existence', 'count', 'position', 'color']  # the perception subtasks this world can ask
+MME_SUFFIX = " Please answer yes or no."
+
+
+def mme_pair(scene, rng, subtask):
+    """MME's two questions about one image, (yes question, no question), or None when the scene has
+    no pair for the subtask. existence: a present shape vs its absent co-occurrence partner (the
+    tempting one, as POPE's adversarial split); count: the true count of a shape vs one more or one
+    fewer; position: a shape's cell vs another cell; color: a shape's colour vs another colour."""
+    objs, grid = scene['objects'], scene.get('grid', 3)
+    single = unique_by(objs, lambda o: o['shape'])
+    if subtask == 'existence':
+        present = present_shapes(scene)
+        partners = [s for s in SHAPES if s not in present and PARTNER[s] in present]
+        if not partners:
+            return None
+        return (ask_exist(scene, rng.choice(sorted(present)), style='long')[0],
+                ask_exist(scene, rng.choice(partners), style='long')[0])
+    if subtask == 'count':
+        shape = rng.choice(sorted(present_shapes(scene)))
+        n = sum(o['shape'] == shape for o in objs)
+        wrong = n + 1 if n == 1 or rng.random() < 0.5 else n - 1
+
+        def ask(k):
+            return f"Is there one {shape} in the image?" if k == 1 else f"Are there {number_word(k)} {PLURALS[shape]} in the image?"
+        return ask(n), ask(wrong)
+    if not single:
+        return None
+    o = rng.choice(single)
+    if subtask == 'position':
+        other = rng.choice([(r, c) for r in range(grid) for c in range(grid) if (r, c) != (o['row'], o['col'])])
+        return (f"Is the {o['shape']} {position_phrase(o['row'], o['col'], grid)}?",
+                f"Is the {o['shape']} {position_phrase(*other, grid)}?")
+    if subtask == 'color':
+        return (f"Is the {o['shape']} {o['color']}?",
+                f"Is the {o['shape']} {rng.choice([c for c in COLOR_NAMES if c != o['color']])}?")
+    raise ValueError(f"unknown MME subtask {subtask!r}")
+
+
+def make_mme(scenes, rng, n):
+    """MME in LLaVA's layout: the question file's rows {question_id '<subtask>/<image>', image, text,
+    category} and MME's answer files {subtask: {image stem: 'q Please answer yes or no.<TAB>Yes\\n...'}};
+    n images per subtask, each asked its yes question then its no question. The asked text carries
+    the world's short-answer suffix instead of MME's ' Please answer yes or no.', words this world's
+    models never read (with them the base model answered 'yes' to every existence question);
+    evaluate.py matches questions to MME's answers without either suffix, as LLaVA's converter does."""
+    rows, answers = [], {}
+    for subtask in MME_SUBTASKS:
+        answers[subtask] = {}
+        for scene in scenes:
+            if len(answers[subtask]) == n:
+                break
+            pair = mme_pair(scene, rng, subtask)
+            if pair is None:
+                continue
+            lines = []
+            for q, label in zip(pair, ('Yes', 'No')):
+                rows.append({'question_id': f"{subtask}/{scene['id']}.png", 'image': eval_image(scene),
+                             'text': q + SHORT_SUFFIX, 'category': subtask})
+                lines.append(f"{q}{MME_SUFFIX}\t{label}\n")
+            answers[subtask][scene['id']] = "".join(lines)
+    return rows, answers
+
+
+def write_mmbench(path, mc_rows, image_dir):
+    """The multiple-choice questions as an MMBench TSV (index, question, hint, A-D, answer, category,
+    image as base64 PNG), for evaluate.py --task=mmbench's circular evaluation."""
+    letters = 'ABCD'
+    if any(len(r['options']) > len(letters) for r in mc_rows):
+        raise ValueError("MMBench has at most 4 options")
+
+    def write(f):
+        w = csv.writer(f, delimiter='\t', lineterminator='\n')
+        w.writerow(['index', 'question', 'hint', *letters, 'answer', 'category', 'image'])
+        for r in mc_rows:
+            with open(os.path.join(image_dir, r['image']), 'rb') as img:
+                b64 = base64.b64encode(img.read()).decode()
+            opts = r['options'] + [''] * (len(letters) - len(r['options']))
+            w.writerow([r['question_id'], r['question'], '', *opts, r['answer'], r['category'], b64])
+    write_atomic(path, write)
+
+
 def make_chair(scenes, n):
     """Captioning for CHAIR {question_id, image, text, objects, caption}: the first n scenes, the
     shapes truly there (deduplicated, in order of mention) and the true description."""
@@ -1079,6 +1164,7 @@ def main():
         'cot': make_cot(eval_scenes, random.Random(f"{seed}:eval:cot"), eval_cot),
         'chair': make_chair(eval_scenes, eval_chair),
     }
+    eval_rows['mme'], mme_answers = make_mme(eval_scenes, random.Random(f"{seed}:eval:mme"), eval_mme)
     # the same scene graph (with other jitter) can come up in train: a small world has few 1-2 object scenes
     train_graphs = {json.dumps(s['objects']) for s in scenes['train'] + scenes['val']}
     n_seen = sum(json.dumps(s['objects']) in train_graphs for s in eval_scenes)
@@ -1107,6 +1193,11 @@ def main():
     for name, rows in eval_rows.items():
         write_jsonl(os.path.join(eval_dir, f'{name}.jsonl'), rows)
     write_atomic(os.path.join(eval_dir, 'synonyms.txt'), lambda f: f.write(synonyms_text()))
+    for subtask, files in mme_answers.items():  # MME's folder: <subtask>/<image stem>.txt
+        os.makedirs(os.path.join(eval_dir, 'mme', subtask), exist_ok=True)
+        for stem, text in files.items():
+            write_atomic(os.path.join(eval_dir, 'mme', subtask, f"{stem}.txt"), lambda f, t=text: f.write(t))
+    write_mmbench(os.path.join(eval_dir, 'mmbench.tsv'), eval_rows['mc'], os.path.join(out_dir, 'images'))
     tok_dir = os.path.join(out_dir, 'tokenizer')
     save_tokenizer(tokenizer, tok_dir)
     tokenizer = check_tokenizer(tok_dir, texts[:200] + texts[-50:])
@@ -1147,6 +1238,10 @@ def main():
     chair = eval_rows['chair']
     print(f"  eval/chair.jsonl: {len(chair)} captions, {sum(len(r['objects']) for r in chair) / max(1, len(chair)):.2f} "
           f"shapes per image; eval/synonyms.txt: {len(SHAPES)} objects, {sum(map(len, SYNONYMS.values()))} synonyms")
+    mme = Counter(r['category'] for r in eval_rows['mme'])
+    print(f"  eval/mme.jsonl + eval/mme/: {len(eval_rows['mme'])} yes/no questions, two per image: "
+          + ", ".join(f"{t} {mme[t]}" for t in MME_SUBTASKS) + f"; eval/mmbench.tsv: the {len(eval_rows['mc'])} "
+          f"multiple-choice questions in MMBench's format")
     print(f"  tokenizer: vocab {len(tokenizer)}, train conversation {sum(lengths) / len(lengths):.1f} tokens "
           f"on average (max {max(lengths)}, one per <image>)")
     print(f"  took {time.time() - t0:.1f}s (images {t_images:.1f}s)")

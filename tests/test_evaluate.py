@@ -324,3 +324,32 @@ def test_shapes_eval_sets_with_oracle_answers_score_perfectly(tmp_path):
         assert all(s["accuracy"] == 1.0 for s in m[task].values()), (task, m[task])
     assert m["pope"]["average"]["f1"] == 1.0 and m["cot"]["overall"]["missing_marker"] == 0.0
     assert m["chair"]["all"]["chair_s"] == 0.0 and m["chair"]["all"]["chair_i"] == 0.0 and m["chair"]["all"]["recall"] == 1.0
+
+
+def test_mme_and_mmbench_score_only_from_the_real_formats(tmp_path):
+    """evaluate.py --task=mme on LLaVA's llava_mme.jsonl + MME's folder and --task=mmbench on an
+    MMBench TSV, each with an answer file as LLaVA's scripts write it: the hand-worked figures of
+    test_scoring, one table, metrics.json."""
+    from test_scoring import MMB_ROWS, write_mme, write_mmbench
+    path = write_mme(tmp_path / "MME")
+    qs = [json.loads(line) for line in path.read_text().splitlines()]
+    answers = ["Yes", "No", "no", "No, there is none.", "Maybe", "no", "yes", "yes"]
+    write_jsonl(tmp_path / "mme_answers.jsonl", [dict(question_id=q["question_id"], prompt=q["text"], text=a)
+                                                 for q, a in zip(qs, answers)])
+    p = run(["--task=mme", f"--data_path={path}", f"--mme_root={tmp_path}/MME",
+             f"--predictions={tmp_path}/mme_answers.jsonl", f"--out_dir={tmp_path}/mme_out"])
+    m = read(tmp_path / "mme_out" / "metrics.json")
+    assert m["existence"]["score"] == 125.0 and m["perception"] == dict(score=175.0, subtasks=2, n=6)
+    assert "score" in next(line for line in p.stdout.splitlines() if line.startswith("task"))
+    tsv = write_mmbench(tmp_path / "mmbench_dev.tsv", MMB_ROWS)
+    rounds = [("10", 0, "B"), ("10", 1, "A"), ("10", 2, "The answer is **d**"), ("10", 3, "C"),
+              ("11", 0, "C"), ("11", 1, "B"), ("11", 2, "red")]
+    write_jsonl(tmp_path / "mmb_answers.jsonl", [dict(question_id=int(i), round_id=r, text=a) for i, r, a in rounds])
+    run(["--task=mmbench", f"--data_path={tsv}", f"--predictions={tmp_path}/mmb_answers.jsonl", f"--out_dir={tmp_path}/mmb"])
+    m = read(tmp_path / "mmb" / "metrics.json")
+    assert m["overall"] == dict(accuracy=0.5, single=1.0, n=2)
+    preds = read(tmp_path / "mmb" / "predictions.jsonl")
+    assert [(p["round_id"], p["pred"]) for p in preds][-1] == (2, "B") and "image_b64" not in preds[0]
+    write_jsonl(tmp_path / "mmb_short.jsonl", [dict(question_id=int(i), round_id=r, text=a) for i, r, a in rounds[:-1]])
+    p = run(["--task=mmbench", f"--data_path={tsv}", f"--predictions={tmp_path}/mmb_short.jsonl"], ok=False)
+    assert "mmb_short.jsonl: no answer for question_id '11' round 2" in p.stderr

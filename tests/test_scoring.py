@@ -1,5 +1,8 @@
-"""data.py section 6: benchmark files -> prompts, and the scoring rules, on hand-made answers whose
+"""benchmarks.py: benchmark files -> prompts, and the scoring rules, on hand-made answers whose
 metrics were worked out by hand (the arithmetic is in the comments)."""
+import base64
+import csv
+import io
 import json
 
 import pytest
@@ -306,3 +309,243 @@ def test_answers_join_by_question_id(tmp_path):
     a.write_text(json.dumps({"question_id": 1, "text": "Yes"}) + "\n{oops\n")
     with pytest.raises(D.DataError, match="answers.jsonl: line 2: invalid JSON"):
         B.read_answers(str(a))
+
+
+# ----------------------------------------------------------------------------- multiple choice: LLaVA's order
+
+
+@pytest.mark.parametrize("text, llava, ours", [
+    ("A. The answer is B.", "A", "A"),            # LLaVA's 'X. ' rule comes before its 'The answer is X'
+    ("B. green\nThe answer is C.", "B", "B"),
+    ("B", "B", "B"), (" C ", "C", "C"),            # stripped, as model_vqa_science writes answers
+    ("The answer is D.", "D", "D"),
+    ("The answer is A red circle.", "A", "A"),     # its regex: a capital, then any character
+    ("E. foo", "E", None),                        # LLaVA reads E: not one of 4 options, so wrong, as there
+    ("The answer is C. The answer is D.", None, "C"),  # twice: LLaVA FAILED; our answer-phrase rule reads the first
+    ("The answer is B", None, "B"),               # no character after the letter: LLaVA reads nothing
+    ("b", None, "B"), ("(B)", None, "B"),          # our extra forms
+    ("There is a dog.", None, None),
+])
+def test_extract_letter_reads_what_llavas_scienceqa_scorer_reads(text, llava, ours):
+    assert B.llava_sqa_letter(text) == llava
+    assert B.extract_letter(text, 4, ["blue square", "red circle", "green ring", "cross"]) == ours
+
+
+def test_extract_letter_never_disagrees_with_llava_where_llava_reads_a_letter():
+    """Every answer of a small grammar of letter forms: where LLaVA's rules give a valid letter, ours
+    give the same one."""
+    forms = ["{a}", "{a}. {t}", "The answer is {a}.", "{a}. x The answer is {b}.", "({a}) The answer is {b}.",
+             "Answer: {a}. The answer is {b}.", "{a}) {t}\nThe answer is {b}.", "I pick {a}. The answer is {b}!"]
+    n = 0
+    for form in forms:
+        for a in "ABCDE":
+            for b in "ABCD":
+                text = form.format(a=a, b=b, t="a red circle")
+                llava = B.llava_sqa_letter(text)
+                if llava is not None and llava in "ABCD":
+                    assert B.extract_letter(text, 4) == llava, text
+                    n += 1
+    assert n > 60
+
+
+# ----------------------------------------------------------------------------- VQA: which normalisation
+
+
+def test_vqa_prediction_is_normalised_even_when_all_ten_agree():
+    """Our choice (LLaVA's pipeline): 'Two.' against ten '2' scores 1. The official vqaEval.py at its
+    current commit compares the raw prediction when the ten agree, and would score 0."""
+    assert B.vqa_accuracy("Two.", ["2"] * 10) == 1.0
+    assert B.vqa_accuracy("Two.", ["2"] * 9 + ["3"]) == 1.0  # disagreeing golds: both sides normalised there too
+
+
+# ----------------------------------------------------------------------------- CHAIR on COCO: the original's rules
+
+
+@pytest.mark.parametrize("caption, objects", [
+    ("A baby elephant walks.", ["elephant"]),                  # not a person and an elephant
+    ("Adult dogs and a baby.", ["dog", "person"]),             # 'baby' alone is a person
+    ("A baby animal.", []),                                    # 'animal' is no COCO object
+    ("A passenger train at the station.", ["train"]),
+    ("A passenger on a bench.", ["person", "bench"]),
+    ("A toilet seat is up.", ["toilet"]),
+    ("The seat of the toilet is up.", ["toilet"]),             # 'seat' is no chair beside a toilet
+    ("A chair and a seat.", ["chair", "chair"]),
+    ("Two men ride horses past three calves.", ["person", "horse", "cow"]),  # irregular plurals
+    ("Two policemen with knives.", ["person", "knife"]),
+    ("Hot dogs and wine glasses on a dining table.", ["hot dog", "wine glass", "dining table"]),
+    ("A teddy-bear and teddy bears.", ["teddy bear", "teddy bear"]),
+])
+def test_chair_objects_follow_the_original_on_coco(caption, objects):
+    syn = B.read_synonyms("coco")
+    assert B.coco_rules(syn)
+    assert B.chair_objects(caption, syn) == objects
+
+
+def test_coco_rules_only_for_cocos_list_and_chair_metrics_with_them():
+    syn = B.read_synonyms("coco")
+    assert B.chair_objects("A baby elephant walks.", syn, coco=False) == ["person", "elephant"]
+    assert not B.coco_rules(B.parse_synonyms("circle, ring\nsquare\n"))
+    # caption 1 mentions elephant, toilet (hallucinated); caption 2 person ('man', hallucinated), train:
+    # CHAIR_S 2/2, CHAIR_I 2/4, recall 2/2. Without the rules 'baby', 'passenger' and 'seat' would add
+    # two persons and a chair.
+    m = B.chair_metrics(["A baby elephant and a toilet seat.", "A man on a passenger train."],
+                        [["elephant"], ["train"]], syn)
+    assert m == dict(chair_s=1.0, chair_i=0.5, recall=1.0, avg_len=6.5, n=2)
+
+
+# ----------------------------------------------------------------------------- MME
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Yes", "yes"), ("yes", "yes"), ("Yes, there is a dog.", "yes"), ("No.", "no"), ("no", "no"),
+    ("Not really", "no"), ("None", "no"),         # 'no' within the first four characters
+    ("There is a dog.", "other"), ("", "other"), ("Maybe yes", "other"), ("I think no", "other"),
+])
+def test_mme_answer_is_mmes_rule(text, expected):
+    assert B.mme_answer(text) == expected
+
+
+def write_mme(root):
+    """MME's two layouts: existence/<image>.txt beside the images; count/images/ + questions_answers_YN/."""
+    (root / "existence").mkdir(parents=True)
+    (root / "existence" / "img1.txt").write_text("Is there a dog in this image? Please answer yes or no.\tYes\n"
+                                                 "Is there a cat in this image? Please answer yes or no.\tNo\n")
+    (root / "existence" / "img2.txt").write_text("Is there a bus in this image?  Please answer yes or no.\tYes\n"
+                                                 "Is there a car in this image?  Please answer yes or no.\tNo\n")
+    (root / "count" / "images").mkdir(parents=True)
+    (root / "count" / "questions_answers_YN").mkdir()
+    (root / "count" / "questions_answers_YN" / "img3.txt").write_text(
+        "Are there two dogs in this image? Please answer yes or no.\tYes\n"
+        "Are there three dogs in this image? Please answer yes or no.\tNo\n")
+    (root / "code_reasoning").mkdir()
+    (root / "code_reasoning" / "img4.txt").write_text("Is the output 3? Please answer yes or no.\tYes\n"
+                                                      "Is the output 4? Please answer yes or no.\tNo\n")
+    suffix = "\nAnswer the question using a single word or phrase."  # as LLaVA's llava_mme.jsonl carries it
+    qs = [("existence/img1.png", "Is there a dog in this image? Please answer yes or no."),
+          ("existence/img1.png", "Is there a cat in this image? Please answer yes or no."),
+          ("existence/img2.png", "Is there a bus in this image? Please answer yes or no."),
+          ("existence/img2.png", "Is there a car in this image? Please answer yes or no."),
+          ("count/img3.png", "Are there two dogs in this image? Please answer yes or no."),
+          ("count/img3.png", "Are there three dogs in this image? Please answer yes or no."),
+          ("code_reasoning/img4.png", "Is the output 3? Please answer yes or no."),
+          ("code_reasoning/img4.png", "Is the output 4? Please answer yes or no.")]
+    path = root / "llava_mme.jsonl"
+    path.write_text("".join(json.dumps(dict(question_id=q, image=q, text=t + suffix, category=q.split("/")[0])) + "\n"
+                            for q, t in qs))
+    return path
+
+
+def test_mme_reads_llavas_files_and_scores_by_hand(tmp_path):
+    path = write_mme(tmp_path / "MME")
+    qs = B.read_benchmark(str(path), "mme", mme_root=str(tmp_path / "MME"))
+    assert [q["label"] for q in qs] == ["yes", "no"] * 4
+    # existence: img1 both right, img2 one right -> acc 3/4, acc+ 1/2, score 125; count: img3 'Maybe'
+    # (other) and right -> acc 1/2, acc+ 0, score 50; code_reasoning: one right -> 50.
+    answers = ["Yes", "No", "no", "No, there is none.", "Maybe", "no", "yes", "yes"]
+    m = B.score("mme", [dict(q, text=a) for q, a in zip(qs, answers)])
+    assert list(m) == ["existence", "count", "code_reasoning", "perception", "cognition"]
+    assert m["existence"] == dict(accuracy=0.75, acc_plus=0.5, score=125.0, other=0.0, n=4)
+    assert m["count"] == dict(accuracy=0.5, acc_plus=0.0, score=50.0, other=0.5, n=2)
+    assert m["perception"] == dict(score=175.0, subtasks=2, n=6) and m["cognition"] == dict(score=50.0, subtasks=1, n=2)
+    # LLaVA's answer file repeats question_id (the image) for its two questions: the prompt tells them apart
+    ans = tmp_path / "answers.jsonl"
+    ans.write_text("".join(json.dumps(dict(question_id=q["question_id"], prompt=q["prompt"], text=a)) + "\n"
+                           for q, a in zip(reversed(qs), reversed(answers))))
+    rows = B.attach_answers(qs, B.read_answers(str(ans), "mme"), str(ans), task="mme")
+    assert [r["text"] for r in rows] == answers
+    ans.write_text(json.dumps(dict(question_id="count/img3.png", text="yes")) + "\n")
+    with pytest.raises(D.DataError, match="line 1: an MME answer needs its 'prompt'"):
+        B.read_answers(str(ans), "mme")
+
+
+def test_mme_bad_files_are_named(tmp_path):
+    path = write_mme(tmp_path / "MME")
+    (tmp_path / "MME" / "count" / "questions_answers_YN" / "img3.txt").write_text("Are there two dogs?\tMaybe\n")
+    with pytest.raises(D.DataError, match=r"img3.txt: line 1: expected 'question<TAB>Yes\|No'"):
+        B.read_benchmark(str(path), "mme", mme_root=str(tmp_path / "MME"))
+    path = write_mme(tmp_path / "MME2")
+    (tmp_path / "MME2" / "existence" / "img2.txt").write_text("Is there a bus in this image?\tYes\n")
+    with pytest.raises(D.DataError, match="question_id 'existence/img2.png': no answer in .*MME2/existence/ for image 'img2'"):
+        B.read_benchmark(str(path), "mme", mme_root=str(tmp_path / "MME2"))
+    lines = path.read_text().splitlines()
+    (tmp_path / "one.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    with pytest.raises(D.DataError, match="subtask 'existence' image 'img2' has 1 questions; MME asks two"):
+        B.read_benchmark(str(tmp_path / "one.jsonl"), "mme", mme_root=str(tmp_path / "MME2"))
+
+
+# ----------------------------------------------------------------------------- MMBench
+
+
+def png_b64(color=(200, 30, 30)):
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_mmbench(path, rows, header=("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "image")):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+MMB_ROWS = [["10", "What is it?", "A hint.", "cat", "dog", "bird", "fish", "B", "animals", "FP-S", png_b64()],
+            ["11", "Which colour?", "nan", "red", "blue", "green", "", "C", "animals", "FP-C", "10"]]  # 3 options; image of row 10
+
+
+def test_mmbench_rounds_rotate_the_options_as_llava_asks_them(tmp_path):
+    qs = B.read_benchmark(write_mmbench(tmp_path / "dev.tsv", MMB_ROWS), "mmbench")
+    assert [(q["question_id"], q["round_id"], q["answer"]) for q in qs] == \
+        [("10", 0, "B"), ("10", 1, "A"), ("10", 2, "D"), ("10", 3, "C"), ("11", 0, "C"), ("11", 1, "B"), ("11", 2, "A")]
+    assert qs[1]["options"] == ["dog", "bird", "fish", "cat"]
+    assert qs[0]["prompt"] == ("A hint.\nWhat is it?\nA. cat\nB. dog\nC. bird\nD. fish\n"
+                               "Answer with the option's letter from the given choices directly.")
+    assert qs[4]["prompt"].startswith("Which colour?\nA. red\nB. blue\nC. green\nAnswer")  # no hint, no D
+    assert qs[4]["image_b64"] == MMB_ROWS[0][-1]
+    assert B.question_image(qs[4], None).size == (8, 8)
+    assert len(B.read_benchmark(str(tmp_path / "dev.tsv"), "mmbench", circular=False)) == 2
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("B", "B"), ("(B)", "B"), ("B.", "B"), ("The answer is B.", "B"),
+    ("A dog", "A"),                                # VLMEvalKit's article check is off unless VERBOSE: A
+    ("I think it is a dog", "B"),                  # no letter: the one option text it contains
+    ("B because the dog is clearly visible in the photo", None),  # the letter is not among the last 4 words,
+                                                   # and the answer is too long for the text rule
+    ("The correct answer is **c**", "C"),          # VLMEvalKit's 'answer is X' pattern, any case
+    ("Cannot determine the answer", None), ("Z", None), ("A or B", None), ("catfish", None),  # two texts
+])
+def test_mmbench_letter_is_vlmevalkits_rule(text, expected):
+    assert B.mmbench_letter(text, ["cat", "dog", "bird", "fish"]) == expected
+
+
+def test_mmbench_circular_score_by_hand(tmp_path):
+    """Question 10 right in all 4 rounds; question 11 right in rounds 0 and 1, wrong in round 2 ('red'
+    is option B there, the gold is A): circular accuracy 1/2, first round alone 2/2."""
+    qs = B.read_benchmark(write_mmbench(tmp_path / "dev.tsv", MMB_ROWS), "mmbench")
+    answers = ["B", "A", "The answer is **d**", "C", "C", "B", "red"]
+    ans = tmp_path / "answers.jsonl"  # LLaVA's model_vqa_mmbench answer file: question_id + round_id
+    ans.write_text("".join(json.dumps(dict(question_id=int(q["question_id"]), round_id=q["round_id"], text=a)) + "\n"
+                           for q, a in zip(qs, answers)))
+    rows = B.attach_answers(qs, B.read_answers(str(ans)), str(ans))
+    m = B.score("mmbench", rows)
+    assert m["overall"] == dict(accuracy=0.5, single=1.0, n=2) == m["animals"]
+    assert m["l2/FP-S"] == dict(accuracy=1.0, single=1.0, n=1) and m["l2/FP-C"] == dict(accuracy=0.0, single=1.0, n=1)
+    assert [B.judge("mmbench", r)["pred"] for r in rows] == ["B", "A", "D", "C", "C", "B", "B"]
+
+
+def test_mmbench_bad_files_are_named(tmp_path):
+    test_split = [r[:7] + r[8:] for r in MMB_ROWS]
+    path = write_mmbench(tmp_path / "test.tsv", test_split,
+                         ("index", "question", "hint", "A", "B", "C", "D", "category", "l2-category", "image"))
+    with pytest.raises(D.DataError, match="no column 'answer'.*the test split has no answers"):
+        B.read_benchmark(path, "mmbench")
+    bad = [MMB_ROWS[0][:7] + ["D2"] + MMB_ROWS[0][8:]]
+    with pytest.raises(D.DataError, match=r"row 2 \(index '10'\): answer 'D2' is not one of its options' letters ABCD"):
+        B.read_benchmark(write_mmbench(tmp_path / "bad.tsv", bad), "mmbench")
+    bad = [MMB_ROWS[0][:10] + ["bm90IGFuIGltYWdl"]]
+    qs = B.read_benchmark(write_mmbench(tmp_path / "img.tsv", bad), "mmbench")
+    with pytest.raises(D.DataError, match="cannot read the base64 image of img.tsv#10"):
+        B.question_image(qs[0], None, check=True)

@@ -2,6 +2,7 @@
 the file formats and the tokenizer. The truth of every answer is recomputed here from the scene graph
 by parsing the question text, independently of the generators that wrote it."""
 
+import base64
 import json
 import os
 import random
@@ -29,7 +30,8 @@ LINES = {'top row': ('row', 0), 'middle row': ('row', 1), 'bottom row': ('row', 
 SINGULAR = {'circles': 'circle', 'squares': 'square', 'triangles': 'triangle', 'diamonds': 'diamond',
             'crosses': 'cross', 'rings': 'ring'}
 SMALL = ['--n_train=50', '--n_val=10', '--n_test=20', '--prior_noise=0']  # answers checked against the truth
-EVAL_FILES = ['pope.jsonl', 'mc.jsonl', 'vqa.jsonl', 'cot.jsonl', 'chair.jsonl', 'synonyms.txt', 'scenes.json']
+EVAL_FILES = ['pope.jsonl', 'mc.jsonl', 'vqa.jsonl', 'cot.jsonl', 'chair.jsonl', 'synonyms.txt', 'scenes.json',
+              'mme.jsonl', 'mmbench.tsv']
 NUMBERS = {'zero': '0', 'one': '1', 'two': '2', 'three': '3', 'four': '4', 'five': '5', 'six': '6', 'seven': '7',
            'eight': '8', 'nine': '9', 'ten': '10'}
 
@@ -684,3 +686,50 @@ def test_eval_chair(eval_set):
 def test_human_answers():
     assert ps.human_answers('2') == ['2'] * 5 + ['two'] * 5
     assert ps.human_answers('red') == ['red'] * 10
+
+
+def test_mme_pairs_are_true_of_their_scenes(eval_set):
+    """eval/mme.jsonl + eval/mme/<subtask>/<image>.txt in MME's layout: per subtask 30 images, each asked
+    a yes question then a no question, and each gold answer is what the scene graph says; read back by
+    benchmarks.read_benchmark as evaluate.py --task=mme reads LLaVA's files."""
+    import benchmarks as B
+    out, scenes, _, _ = eval_set
+    qs = B.read_benchmark(str(out / 'eval' / 'mme.jsonl'), 'mme', mme_root=str(out / 'eval' / 'mme'))
+    assert Counter(q['category'] for q in qs) == {t: 60 for t in ps.MME_SUBTASKS}
+    assert [q['label'] for q in qs] == ['yes', 'no'] * (len(qs) // 2)
+    for q in qs:
+        scene, text = scene_of(scenes, q), q['prompt'].removesuffix(ps.SHORT_SUFFIX)
+        objs = scene['objects']
+        if m := re.fullmatch(r'Is there a (\w+) in the image\?', text):
+            truth = any(o['shape'] == m[1] for o in objs)
+            if q['label'] == 'no':  # the tempting negative: the absent partner of a present shape
+                assert any(o['shape'] == ps.PARTNER[m[1]] for o in objs)
+        elif m := re.fullmatch(r'(?:Is there one|Are there (\w+)) (\w+) in the image\?', text):
+            n = int(NUMBERS[m[1]]) if m[1] else 1
+            truth = sum(o['shape'] == SINGULAR.get(m[2], m[2]) for o in objs) == n
+        elif m := re.fullmatch(r'Is the (\w+) (in the|at the|on the) ([a-z ]+)\?', text):
+            (o,) = [o for o in objs if o['shape'] == m[1]]
+            truth = (o['row'], o['col']) == CELLS[m[3]]
+        elif m := re.fullmatch(r'Is the (\w+) (\w+)\?', text):
+            (o,) = [o for o in objs if o['shape'] == m[1]]
+            truth = o['color'] == m[2]
+        else:
+            raise AssertionError(text)
+        assert truth == (q['label'] == 'yes'), (q, objs)
+
+
+def test_mmbench_tsv_is_the_multiple_choice_set(eval_set):
+    """eval/mmbench.tsv holds mc.jsonl's questions in MMBench's columns, with each image inlined as
+    base64 PNG bytes of the image file; read circularly, every question is asked once per rotation."""
+    import benchmarks as B
+    out, _, _, rows = eval_set
+    qs = B.read_benchmark(str(out / 'eval' / 'mmbench.tsv'), 'mmbench')
+    mc = rows['mc']
+    assert len(qs) == sum(len(r['options']) for r in mc)
+    first = [q for q in qs if q['round_id'] == 0]
+    assert [(q['question_id'], q['options'], q['answer'], q['category']) for q in first] == \
+        [(str(r['question_id']), r['options'], r['answer'], r['category']) for r in mc]
+    assert base64.b64decode(first[0]['image_b64']) == (out / 'images' / mc[0]['image']).read_bytes()
+    for q in qs:  # the gold option's text is the same in every round
+        r = mc[int(q['question_id'])]
+        assert q['options'][B.LETTERS.index(q['answer'])] == r['options'][B.LETTERS.index(r['answer'])]
