@@ -60,6 +60,9 @@ ROWS = [("POPE random acc", "pope", "random", "accuracy"), ("POPE popular acc", 
         ("CoT best-of-N: majority", "best_of", "overall", "majority"),
         ("CoT best-of-N: verifier", "best_of", "overall", "verifier"), ("CoT best-of-N: oracle", "best_of", "overall", "oracle"),
         ("CoT best-of-N: verifier's within-question AUC", "best_of", "overall", "verifier_auc"),
+        ("MME existence acc+", "mme", "existence", "acc_plus"), ("MME count acc+", "mme", "count", "acc_plus"),
+        ("MME perception score (4 subtasks, of 800; not a percentage)", "mme", "perception", "score"),
+        ("MMBench circular", "mmbench", "overall", "accuracy"), ("MMBench first round alone", "mmbench", "overall", "single"),
         ("CHAIR_S", "chair", "all", "chair_s"),
         ("CHAIR_I", "chair", "all", "chair_i"), ("CHAIR recall", "chair", "all", "recall"),
         ("CHAIR hallucinations that are an absent partner", "chair", "all", "partner_share")]
@@ -149,7 +152,7 @@ for name in runs:
     per_seed = [results[name][str(s)] for s in seeds]
     for label, task, split, metric in ROWS:
         vals = [figure(m, task, split, metric) for m in per_seed]
-        vals = [100 * v for v in vals if v is not None]
+        vals = [v * (1 if metric == "score" else 100) for v in vals if v is not None]  # MME's score is no fraction
         if vals:
             table.setdefault(label, {})[name] = {"mean": statistics.fmean(vals), "half_range": (max(vals) - min(vals)) / 2,
                                                  "values": vals}

@@ -876,7 +876,7 @@ def mme_pair(scene, rng, subtask):
     """MME's two questions about one image, (yes question, no question), or None when the scene has
     no pair for the subtask. existence: a present shape vs its absent co-occurrence partner (the
     tempting one, as POPE's adversarial split); count: the true count of a shape vs one more or one
-    fewer; position: a shape's cell vs another cell; color: a shape's colour vs another colour."""
+    fewer; position: a shape's cell vs another cell; color: a shape with its colour vs with another."""
     objs, grid = scene['objects'], scene.get('grid', 3)
     single = unique_by(objs, lambda o: o['shape'])
     if subtask == 'existence':
@@ -901,9 +901,9 @@ def mme_pair(scene, rng, subtask):
         other = rng.choice([(r, c) for r in range(grid) for c in range(grid) if (r, c) != (o['row'], o['col'])])
         return (f"Is the {o['shape']} {position_phrase(o['row'], o['col'], grid)}?",
                 f"Is the {o['shape']} {position_phrase(*other, grid)}?")
-    if subtask == 'color':
-        return (f"Is the {o['shape']} {o['color']}?",
-                f"Is the {o['shape']} {rng.choice([c for c in COLOR_NAMES if c != o['color']])}?")
+    if subtask == 'color':  # in the words of the training data's colour-and-shape existence questions
+        return (ask_exist(scene, o['shape'], o['color'], style='long')[0],
+                ask_exist(scene, o['shape'], rng.choice([c for c in COLOR_NAMES if c != o['color']]), style='long')[0])
     raise ValueError(f"unknown MME subtask {subtask!r}")
 
 

@@ -710,9 +710,8 @@ def test_mme_pairs_are_true_of_their_scenes(eval_set):
         elif m := re.fullmatch(r'Is the (\w+) (in the|at the|on the) ([a-z ]+)\?', text):
             (o,) = [o for o in objs if o['shape'] == m[1]]
             truth = (o['row'], o['col']) == CELLS[m[3]]
-        elif m := re.fullmatch(r'Is the (\w+) (\w+)\?', text):
-            (o,) = [o for o in objs if o['shape'] == m[1]]
-            truth = o['color'] == m[2]
+        elif m := re.fullmatch(r'Is there a (\w+) (\w+) in the image\?', text):
+            truth = any(o['color'] == m[1] and o['shape'] == m[2] for o in objs)
         else:
             raise AssertionError(text)
         assert truth == (q['label'] == 'yes'), (q, objs)
