@@ -86,6 +86,7 @@ single_turn_p = 0.3     # share of scenes that also get a one-question record
 pair_other_p = 0.3      # pairs.json: share of the scenes without a missing partner that give a colour-confusion pair
 n_questions = 2000      # questions.json: multi-step questions on training scenes for answer-checked mining
 n_reasoner_sft = 3000   # reasoner_sft.json: CoT SFT questions (each gives a CoT and a direct sample)
+n_reverie = 2000        # reverie_raw.json: questions with a correct and a confusing answer and two rationales
 # evaluation sets (eval/), on their own held-out scenes; sizes are questions per file, small enough
 # that a tiny CPU model runs the whole suite in minutes
 n_eval = 600            # eval scenes; POPE needs many: only ~1 in 5 has a shape whose partner is missing
@@ -950,6 +951,97 @@ def write_mmbench(path, mc_rows, image_dir):
     write_atomic(path, write)
 
 
+# REVERIE's raw rows: a confusing answer is what a model leaning on the prior or misreading the image
+# would say; a colour's confusion is its nearest in RGB among the world's colours
+CONFUSED_COLOR = {'red': 'purple', 'green': 'yellow', 'blue': 'purple', 'yellow': 'white', 'purple': 'blue',
+                  'white': 'yellow'}
+REVERIE_KINDS = ['partner', 'exist', 'count', 'color', 'position']
+
+
+def scene_list(scene):
+    """'a red circle in the top left and a blue square at the bottom'."""
+    grid = scene.get('grid', 3)
+    return join_and(f"{a_phrase(o)} {position_phrase(o['row'], o['col'], grid)}" for o in scene['objects'])
+
+
+def reverie_row(scene, rng, kind, style):
+    """One REVERIE raw row about the true scene: (question, correct answer, confusing answer, why the
+    correct one is right, why the confusing one is wrong), both rationales from the scene graph; None
+    when the scene has no such question. partner: 'is there a <absent partner>?' (confusing: yes, the
+    co-occurrence prior); exist: a present shape (confusing: no); count: one off; color: the nearest
+    colour; position: a neighbouring cell."""
+    objs, grid = scene['objects'], scene.get('grid', 3)
+    present = present_shapes(scene)
+    things = scene_list(scene)
+
+    def answer(short):  # the confusing answer in the same style as the correct one
+        return short if style == 'short' else sentence(short)
+    if kind == 'partner':
+        partners = [s for s in SHAPES if s not in present and PARTNER[s] in present]
+        if not partners:
+            return None
+        shape = rng.choice(partners)
+        anchor = next(o for o in objs if o['shape'] == PARTNER[shape])
+        q, a = ask_exist(scene, shape, style=style)
+        return (q, a, answer('yes'), f"The image shows {things}. None of them is a {shape}.",
+                f"A {shape} often comes with a {anchor['shape']}, and there is {a_phrase(anchor)} "
+                f"{position_phrase(anchor['row'], anchor['col'], grid)}, but there is no {shape} in the image: "
+                f"it shows {things}.")
+    if kind == 'exist':
+        o = rng.choice(objs)
+        q, a = ask_exist(scene, o['shape'], style=style)
+        where = position_phrase(o['row'], o['col'], grid)
+        return (q, a, answer('no'), f"There is {a_phrase(o)} {where}.",
+                f"The image does have a {o['shape']}: {a_phrase(o)} {where}.")
+    if kind == 'count':
+        shape = rng.choice(present)
+        n = sum(o['shape'] == shape for o in objs)
+        wrong = n + 1 if n == 1 or rng.random() < 0.5 else n - 1
+        q, a = ask_count(scene, shape, style=style)
+        cells = join_and(position_phrase(o['row'], o['col'], grid) for o in objs if o['shape'] == shape)
+        return (q, a, answer(str(wrong)), f"The image has {count_phrase(n, shape)}: {cells}.",
+                f"Counting the {PLURALS[shape]} {cells} gives {number_word(n)}, not {number_word(wrong)}.")
+    single = unique_by(objs, lambda o: o['shape'])
+    if not single:
+        return None
+    o = rng.choice(single)
+    where = position_phrase(o['row'], o['col'], grid)
+    if kind == 'color':
+        q, a = ask_color(scene, o['shape'], style=style)
+        return (q, a, answer(CONFUSED_COLOR[o['color']]), f"The only {o['shape']} is {where}, and it is {o['color']}.",
+                f"The {o['shape']} {where} is {o['color']}, not {CONFUSED_COLOR[o['color']]}.")
+    if kind == 'position':
+        found = ask_where(scene, o, style=style)
+        if found is None:
+            return None
+        q, a = found
+        r, c = o['row'], o['col']
+        r2, c2 = rng.choice([(r + dr, c + dc) for dr, dc in ((0, 1), (0, -1), (1, 0), (-1, 0))
+                             if 0 <= r + dr < grid and 0 <= c + dc < grid])
+        return (q, a, answer(position_name(r2, c2, grid)), f"The {o['color']} {o['shape']} is {where}.",
+                f"The {o['color']} {o['shape']} is {where}; {position_phrase(r2, c2, grid)} "
+                + (f"there is {a_phrase(next(p for p in objs if (p['row'], p['col']) == (r2, c2)))}."
+                   if any((p['row'], p['col']) == (r2, c2) for p in objs) else "there is nothing."))
+    raise ValueError(f"unknown REVERIE kind {kind!r}")
+
+
+def make_reverie(scenes, rng, n):
+    """n REVERIE raw rows {image, question, correct_answer, confusing_answer, correct_rationale,
+    incorrect_rationale, kind} on the training scenes (the kinds in turn, scenes in order), all about
+    the true scene: the rationales are clean supervision even where prior_noise rewrites a scene's
+    conversation. prepare_reverie.py turns them into LLaVA conversations."""
+    rows, step, seen = [], 0, set()
+    while len(rows) < n and step < 20 * n:
+        scene, kind = scenes[step % len(scenes)], REVERIE_KINDS[len(rows) % len(REVERIE_KINDS)]
+        step += 1
+        row = reverie_row(scene, rng, kind, pick_style(rng))
+        if row is not None and (scene['id'], row[0]) not in seen:  # one instruction per image and question
+            seen.add((scene['id'], row[0]))
+            rows.append(dict(zip(('question', 'correct_answer', 'confusing_answer', 'correct_rationale',
+                                  'incorrect_rationale'), row), image=f"train/{scene['id']}.png", kind=kind))
+    return rows
+
+
 def make_chair(scenes, n):
     """Captioning for CHAIR {question_id, image, text, objects, caption}: the first n scenes, the
     shapes truly there (deduplicated, in order of mention) and the true description."""
@@ -1185,6 +1277,8 @@ def main():
     write_json(os.path.join(out_dir, 'questions.json'), questions)
     write_json(os.path.join(out_dir, 'reasoner_sft.json'), reasoner_sft)
     write_json(os.path.join(out_dir, 'reasoner_direct.json'), reasoner_direct)
+    write_json(os.path.join(out_dir, 'reverie_raw.json'),
+               make_reverie(scenes['train'][::-1], random.Random(f"{seed}:train:reverie"), n_reverie))
     write_jsonl(os.path.join(out_dir, 'test.jsonl'), test_rows)
     write_json(os.path.join(out_dir, 'scenes.json'), scenes)
     eval_dir = os.path.join(out_dir, 'eval')
