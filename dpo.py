@@ -122,15 +122,7 @@ if reference == "copy":  # the starting model, before any adapter: frozen, in ev
     ref_model = copy.deepcopy(vlm) if not resume_state else M.VLM.from_pretrained(base_from)
     ref_model.eval().requires_grad_(False).to(dev)
 if lora_r:
-    names = M.add_lora(vlm, lora_r, lora_alpha, lora_dropout, lora_targets)
-    log(f"LoRA r {lora_r}, alpha {lora_alpha} on {len(names)} layers ({names[0]}, ...)")
-    if resume_state:  # the adapted layers: base weights + the saved adapters; everything else (a trained
-        # projector too) as the checkpoint has it
-        saved = M.VLM.from_pretrained(out_dir).state_dict()
-        adapted = {n + suffix for n in names for suffix in (".weight", ".bias")}
-        vlm.load_state_dict({k: v for k, v in saved.items() if k not in adapted}, strict=False)
-        M.load_lora_state_dict(vlm, resume_state["lora"])
-        log(f"resuming LoRA from {out_dir} at step {resume_state['step']}")
+    T.add_lora(vlm, lora_r, lora_alpha, lora_dropout, lora_targets, resume_state, out_dir, log)
 if gradient_checkpointing:
     vlm.lm.gradient_checkpointing_enable()
 vlm.to(dev)
@@ -283,17 +275,10 @@ log_json = T.JsonLog(out_dir, master, fresh=init_from != "resume",
                      resume_step=start_step)
 
 
-def merged(sd):
-    """LoRA: the model directory gets the merged weights (loadable by anything, the next iteration's
-    start), train_state.pt the adapters apart (for an exact resume)."""
-    sd, adapters = M.merge_lora_state_dict(sd)
-    return sd, {"lora": adapters}
-
-
 def checkpoint(step, val):
     if save_checkpoint:
         state = dict(step=step, val=json.dumps(val), config=json.dumps(dict(config, init_from=base_from), default=str))
-        T.save(out_dir, raw, optimizer, run, fsdp, state, model_state=merged if lora_r else None)
+        T.save(out_dir, raw, optimizer, run, fsdp, state, model_state=T.lora_merged if lora_r else None)
 
 
 def step_batches(start):

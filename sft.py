@@ -53,6 +53,10 @@ vision_path = "models/shapes/clip"  # e.g. 'openai/clip-vit-large-patch14-336'; 
 tokenizer_path = None      # None: the LM's own (init_from='parts') or data/shapes/tokenizer ('scratch')
 projector_type = "mlp2x_gelu"
 vision_feature_layer = -2  # LLaVA: penultimate layer
+lora_r = 0                 # > 0: train LoRA adapters of this rank on the LM's projections instead of its weights
+lora_alpha = 16            # (LLaVA-1.5's LoRA recipe, which REVERIE's table uses: r 128, alpha 256, lr_lm 2e-4)
+lora_dropout = 0.0
+lora_targets = M.LORA_TARGETS  # regex over module names; default: the LM's attention and MLP projections
 # model: the LM (and, with vision_path=None, the vision tower) built from these sizes for init_from='scratch'
 n_layer = 4
 n_head = 4
@@ -85,7 +89,7 @@ gradient_checkpointing = False   # recompute activations in backward: less memor
 distributed = "ddp"        # under torchrun: 'ddp' (weights, grads and AdamW state fit one GPU) | 'fsdp' (FSDP2 shards them: 7B full fine-tuning)
 seed = 1337
 # -----------------------------------------------------------------------------
-from configurator import configure  # noqa: E402
+from configurator import ConfigError, configure  # noqa: E402
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -94,8 +98,13 @@ dist, dev, log, master = run.dist, run.device, run.log, run.dist.master
 T.recover(out_dir, run)  # finish (or undo) a checkpoint write a kill interrupted, before anything reads out_dir
 
 # model --------------------------------------------------------------------------
-resume_state = None
-if init_from == "scratch":
+resume_state = M.load_train_state(out_dir) if init_from == "resume" else None
+# where the run started; LoRA resumes from there (the adapted layers' own weights) plus its saved adapters
+start_from = json.loads(resume_state["config"])["init_from"] if resume_state else init_from
+if lora_r and start_from == "scratch":
+    raise ConfigError("LoRA adapts a pretrained LM: use init_from=parts or a checkpoint, not scratch")
+source = start_from if lora_r else init_from
+if source == "scratch":
     from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig
     tok = AutoTokenizer.from_pretrained(tokenizer_path or "data/shapes/tokenizer")
     vision = vision_path or CLIPVisionConfig(hidden_size=vision_n_embd, intermediate_size=4 * vision_n_embd,
@@ -107,13 +116,15 @@ if init_from == "scratch":
                        pad_token_id=tok.pad_token_id)
     vlm = M.VLM.from_parts(lm=tcfg, vision=vision, tokenizer=tok, projector_type=projector_type,
                            vision_feature_layer=vision_feature_layer, template=template)
-elif init_from == "parts":
+elif source == "parts":
     vlm = M.VLM.from_parts(lm=lm_path, vision=vision_path, tokenizer=tokenizer_path, projector_type=projector_type,
                            vision_feature_layer=vision_feature_layer, template=template)
 else:
-    vlm, resume_state = T.load_model(init_from, out_dir)
-    if resume_state is not None:
+    vlm = M.VLM.from_pretrained(out_dir if source == "resume" else source)
+    if source == "resume":
         log(f"resuming from {out_dir} at step {resume_state['step']}")
+if lora_r:
+    T.add_lora(vlm, lora_r, lora_alpha, lora_dropout, lora_targets, resume_state, out_dir, log)
 vlm.config["template"] = template
 vlm.config["pad_to_square"] = pad_to_square
 tok = vlm.tokenizer
@@ -190,7 +201,9 @@ log_json = T.JsonLog(out_dir, master, fresh=init_from != "resume",
 
 def checkpoint(step, val_loss):
     if save_checkpoint:
-        T.save(out_dir, raw, optimizer, run, fsdp, dict(step=step, val_loss=val_loss, config=json.dumps(config, default=str)))
+        T.save(out_dir, raw, optimizer, run, fsdp,
+               dict(step=step, val_loss=val_loss, config=json.dumps(dict(config, init_from=start_from), default=str)),
+               model_state=T.lora_merged if lora_r else None)
 
 
 # training loop --------------------------------------------------------------------

@@ -3,7 +3,8 @@ The training machinery sft.py and dpo.py share, as small functions: each script 
 top to bottom (as nanochat's chat_sft.py and chat_rl.py share common.py and checkpoint_manager.py).
 
     setup          distributed init, device, precision (autocast), TF32, a master-only print
-    load_model     the init_from branches: our checkpoint / llava-hf dir / hub id, or 'resume'
+    add_lora, lora_merged   LoRA adapters on the LM (resuming: the starting model + the saved adapters),
+                   and the checkpoint's merged weights
     wrap           FSDP2 sharding or DDP, optional torch.compile; returns the wrapped and the raw module
     grad_sync      the context that all-reduces gradients only on a step's last micro-batch
     steps          gradient accumulation, number of steps and warmup steps from the batch sizes and epochs
@@ -45,14 +46,6 @@ def setup(seed, device="auto", dtype="auto"):
     return Run(dist, dist.device, ptdtype, autocast, print if dist.master else (lambda *a, **k: None))
 
 
-def load_model(init_from, out_dir):
-    """(model, resume_state): 'resume' continues out_dir's checkpoint (state: step, optimizer, RNG,
-    config), anything else is a checkpoint directory or hub id (ours or llava-hf)."""
-    if init_from == "resume":
-        return M.VLM.from_pretrained(out_dir), M.load_train_state(out_dir)
-    return M.VLM.from_pretrained(init_from), None
-
-
 def wrap(vlm, run, distributed="ddp", compile=False):
     """(model to call in the loop, raw module, fsdp?, autocast to use). FSDP2 (distributed='fsdp'
     under torchrun) casts parameters to the run's dtype itself, so it needs no autocast. Call after
@@ -90,6 +83,28 @@ def steps(n_train, global_batch_size, micro_batch_size, world_size, max_steps, e
 def set_lr(optimizer, factor):
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] * factor
+
+
+def add_lora(vlm, r, alpha, dropout, targets, resume_state, out_dir, log):
+    """LoRA adapters on the LM's projections (model.add_lora). Resuming (resume_state given), vlm must
+    be the run's starting model: the adapted layers keep its weights and get the saved adapters back,
+    every other weight (a trained projector) comes from out_dir's checkpoint, which holds them merged."""
+    names = M.add_lora(vlm, r, alpha, dropout, targets)
+    log(f"LoRA r {r}, alpha {alpha} on {len(names)} layers ({names[0]}, ...)")
+    if resume_state:
+        saved = M.VLM.from_pretrained(out_dir).state_dict()
+        adapted = {n + suffix for n in names for suffix in (".weight", ".bias")}
+        vlm.load_state_dict({k: v for k, v in saved.items() if k not in adapted}, strict=False)
+        M.load_lora_state_dict(vlm, resume_state["lora"])
+        log(f"resuming LoRA from {out_dir} at step {resume_state['step']}")
+    return names
+
+
+def lora_merged(sd):
+    """save()'s model_state for LoRA: the model directory gets the merged weights (loadable by anything,
+    the next stage's start), train_state.pt the adapters apart (for an exact resume)."""
+    sd, adapters = M.merge_lora_state_dict(sd)
+    return sd, {"lora": adapters}
 
 
 def _full_states(raw, optimizer):

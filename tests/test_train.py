@@ -66,3 +66,26 @@ def test_short_training_learns(shapes, tmp_path):
                          "--eval_interval=40", "--lr_lm=1e-2", "--lr_projector=1e-2", f"--out_dir={out}"])
     vals = [r["val_loss"] for r in log(out) if "val_loss" in r]
     assert vals[0] > 5.0 and vals[-1] < 0.5 * vals[0], vals
+
+
+def test_lora_sft_trains_adapters_only_and_resumes_exactly(shapes, tmp_path):
+    """sft.py --lora_r: from a checkpoint, the LM's own weights stay as they were except the adapted
+    projections (saved merged), the projector trains; stopped and resumed equals uninterrupted."""
+    start = str(tmp_path / "start")
+    run(shapes + TINY + ["--max_steps=2", "--global_batch_size=8", "--micro_batch_size=8", f"--out_dir={start}"])
+    common = shapes + ["--max_len=256", "--eval_batches=2", "--dtype=float32", "--device=cpu", f"--init_from={start}",
+                       "--lora_r=4", "--lora_alpha=8", "--lr_lm=1e-2", "--max_steps=6", "--global_batch_size=8",
+                       "--micro_batch_size=4", "--eval_interval=3"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run(common + [f"--out_dir={full}"])
+    w0, w1 = weights(start), weights(full)
+    adapted = [k for k in w0 if k.startswith("lm.") and k.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight"))]
+    assert adapted and all(not torch.equal(w0[k], w1[k]) for k in adapted)  # merged adapters moved them
+    frozen = [k for k in w0 if k.startswith("lm.") and ("norm" in k or "embed_tokens" in k)]
+    assert frozen and all(torch.equal(w0[k], w1[k]) for k in frozen)
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0 if k.startswith("projector."))
+    assert not any("lora_" in k for k in w1)  # the model directory holds plain (merged) weights
+    run(common + [f"--out_dir={part}", "--stop_at_step=3"])
+    run(common + [f"--out_dir={part}", "--init_from=resume"])
+    wb = weights(part)
+    assert all(torch.allclose(w1[k], wb[k], atol=1e-6) for k in w1)
