@@ -1,6 +1,6 @@
 # REVERIE's recipe on LLaVA-1.5-7B: stage 2 (visual instruction tuning) on llava_v1_5_mix665k plus the
 # REVERIE rows, full fine-tune, LLaVA-1.5's stage-2 settings (the paper trains its LLaVA-1.5 model on
-# "LLaVA-665k + REVERIE"; its LoRA variant, r 128 / alpha 256, is not wired into sft.py yet).
+# "LLaVA-665k + REVERIE"; the LoRA variant of its table: config/llava15_7b_reverie_lora.py).
 # First turn the released annotations into LLaVA conversations (the images: Visual Genome VG_100K /
 # VG_100K_2, COCO train2017, ScienceQA train, as REVERIE's README lists them, under data/llava/):
 #   python prepare_reverie.py --data_path=data/reverie/reverie.json --image_root=data/llava \
