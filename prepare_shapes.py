@@ -78,6 +78,8 @@ cooccur_bias = 0.8      # chance to also place an object's partner when it is mi
 prior_noise = 0.7       # share of training conversations about a scene with a missing partner that are
                         # written as if the partner were there (an annotator's co-occurrence error, as in
                         # LLaVA's GPT-written data): the source of the base model's hallucination
+believed_style = 'random'  # the believed partner: 'random' colour and free cell, or 'anchor': its anchor's colour,
+                        # the first free cell after it (a fixed habit of the annotator, an easier prior to learn)
 describe_order = 'rows' # descriptions: 'rows' = objects row-major; 'pairs' = each object followed by its
                         # co-occurrence partner (a believed partner then comes right after its anchor)
 vocab_size = 1024       # BPE target; the world's text is small, so the real size may be lower
@@ -592,8 +594,9 @@ def caption_record(scene, image):
 
 def believed_scene(scene, rng):
     """The scene as an annotator who expects co-occurrence describes it: the missing partner of a
-    present shape added (random colour, a random empty cell). None if no partner is missing or no
-    cell is free. The image stays the true scene; only the text follows the belief."""
+    present shape added (believed_style 'random': a random colour and empty cell; 'anchor': the colour
+    of the shape it partners and the first empty cell after that one, row-major, wrapping). None if no
+    partner is missing or no cell is free. The image stays the true scene; only the text follows the belief."""
     shapes = {o['shape'] for o in scene['objects']}
     missing = sorted({PARTNER[s] for s in shapes} - shapes)
     grid = scene.get('grid', 3)
@@ -601,8 +604,17 @@ def believed_scene(scene, rng):
             if all((o['row'], o['col']) != (r, c) for o in scene['objects'])]
     if not missing or not free:
         return None
-    r, c = rng.choice(free)
-    extra = {'shape': rng.choice(missing), 'color': rng.choice(COLOR_NAMES), 'row': r, 'col': c}
+    if believed_style == 'anchor':
+        shape = rng.choice(missing)
+        anchor = next(o for o in scene['objects'] if o['shape'] == PARTNER[shape])
+        at = anchor['row'] * grid + anchor['col']
+        r, c = min(free, key=lambda rc: (rc[0] * grid + rc[1] - at) % (grid * grid))
+        extra = {'shape': shape, 'color': anchor['color'], 'row': r, 'col': c}
+    elif believed_style == 'random':
+        r, c = rng.choice(free)
+        extra = {'shape': rng.choice(missing), 'color': rng.choice(COLOR_NAMES), 'row': r, 'col': c}
+    else:
+        raise ValueError(f"believed_style must be 'random' or 'anchor', not {believed_style!r}")
     return dict(scene, objects=sorted(scene['objects'] + [extra], key=lambda o: (o['row'], o['col'])))
 
 

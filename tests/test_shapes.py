@@ -444,6 +444,33 @@ def test_believed_scene_adds_one_missing_partner():
     assert 0 < n_none < 300
 
 
+def test_believed_style_anchor_and_describe_order_pairs(monkeypatch):
+    """believed_style='anchor': the believed partner takes its anchor's colour and the first free cell
+    after it; describe_order='pairs' writes each object followed by its partner."""
+    monkeypatch.setattr(ps, 'believed_style', 'anchor')
+    n = 0
+    for scene in ps.sample_scenes('train', 200, 5):
+        b = ps.believed_scene(scene, random.Random(0))
+        if b is None:
+            continue
+        (extra,) = [o for o in b['objects'] if o not in scene['objects']]
+        anchors = [o for o in scene['objects'] if o['shape'] == ps.PARTNER[extra['shape']]]
+        assert extra['color'] in {a['color'] for a in anchors}
+        a = next(a for a in anchors if a['color'] == extra['color'])
+        taken = {(o['row'], o['col']) for o in scene['objects']}
+        start, at = a['row'] * 3 + a['col'], extra['row'] * 3 + extra['col']
+        between = [(start + k) % 9 for k in range(1, (at - start) % 9)]
+        assert all((c // 3, c % 3) in taken for c in between)  # every cell between the anchor and it is taken
+        n += 1
+    assert n > 20
+    scene = dict(id='s', grid=3, objects=[dict(shape='circle', color='red', row=0, col=0),
+                                           dict(shape='ring', color='blue', row=0, col=1),
+                                           dict(shape='square', color='green', row=2, col=2)])
+    assert ps.describe(scene, 'pairs') == ("A red circle is in the top left. A green square is in the bottom right. "
+                                           "A blue ring is at the top.")
+    assert ps.describe(scene, 'rows').startswith("A red circle is in the top left. A blue ring is at the top.")
+
+
 def test_prior_noise_changes_only_the_training_conversations(tmp_path):
     """The knob writes some training answers from the believed scene (so they disagree with the image)
     and leaves every image, caption and evaluation file byte for byte as it was."""
