@@ -146,3 +146,10 @@ def configure(g, argv=None):
             g[key] = value
 
     return {k: g[k] for k in defaults}
+
+
+# nanoGPT's idiom, `exec(open('configurator.py').read())` after a script's defaults, runs this file in
+# the script's own globals (its __name__ is then the script's, not 'configurator'): apply the command
+# line there, as nanoGPT's configurator does, instead of defining configure() and silently ignoring it.
+if __name__ != "configurator" and not globals().get("__file__", "").endswith("configurator.py"):
+    config = configure(globals())

@@ -217,7 +217,10 @@ out, kinds, missing = [], Counter(), {}
 for n, key in enumerate(keys):
     ins = instructions[key]
     image = remap(ins["image"], pairs)
-    path = D.resolve_image(image_root, image) if image_root else image
+    try:
+        path = D.resolve_image(image_root, image) if image_root else image
+    except D.DataError as e:  # a relative path that leaves image_root
+        raise D.DataError(f"{ins['src']}: {e}", e.kind) from None
     if not os.path.isfile(path):
         missing.setdefault(path, ins["src"])
     for j, (kind, turns) in enumerate(rows_of(ins)):

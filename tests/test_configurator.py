@@ -212,3 +212,19 @@ def test_silent_on_other_ranks(tmp_path, capsys, monkeypatch):
     configure(g, [path, '--learning_rate=0.1'])
     assert capsys.readouterr().out == ''
     assert g['batch_size'] == 64 and g['learning_rate'] == 0.1
+
+
+def test_nanogpt_exec_idiom_applies_the_command_line(tmp_path):
+    """A fork that writes nanoGPT's `exec(open('configurator.py').read())` gets its overrides applied
+    (and a typo reported), not silently ignored."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "train.py"
+    script.write_text("batch_size = 32\nname = 'a'\nexec(open('configurator.py').read())\nprint(batch_size, name)\n")
+    env = dict(os.environ, PYTHONPATH=root)  # as if the script lived beside configurator.py
+    p = subprocess.run([sys.executable, str(script), "--batch_size=64", "--name=b"], cwd=root, capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == "64 b", p.stdout + p.stderr
+    p = subprocess.run([sys.executable, str(script), "--bacth_size=64"], cwd=root, capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert p.returncode == 1 and "bacth_size" in p.stderr and "batch_size" in p.stderr, p.stderr
