@@ -320,14 +320,14 @@ for step in bar:
             objective = losses.sum() / n_pairs + (sft_weight * nll / n_chosen_tok if sft_weight else 0.0)
             (objective * dist.world_size).backward()  # DDP averages over ranks: scale the average back to the sum
         rows.append(per_pair)
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    grad_norm = T.clip_grad(trainable, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     train = metrics_of(rows)
     bar.set_postfix(loss=f"{train['loss']:.4f}", acc=f"{train['rewards/accuracies']:.2f}",
                     margin=f"{train['rewards/margins']:.3f}", pairs_s=f"{(step + 1 - start_step) * global_batch_size / (time.time() - t0):.1f}")
-    log_json(step + 1, to_wandb=step % log_interval == 0, lr=optimizer.param_groups[0]["lr"], **train)
+    log_json(step + 1, to_wandb=step % log_interval == 0, lr=optimizer.param_groups[0]["lr"],
+             grad_norm=round(grad_norm, 6), **train)
     last = step == max_steps - 1 or step + 1 == stop_at_step
     if val_ds is not None and ((step + 1) % eval_interval == 0 or last):
         val = evaluate_pairs()

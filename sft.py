@@ -1,15 +1,17 @@
 """
 Visual instruction tuning of a LLaVA-style model: LLaVA stage 1 (projector alignment) and stage 2
-(LLM + projector), reflective (REVERIE) data, CoT SFT. One file, top to bottom, like nanoGPT's train.py.
+(LLM + projector, or LoRA adapters), reflective (REVERIE) data as prepare_reverie.py writes it, CoT SFT.
+One file, top to bottom, like nanoGPT's train.py.
 
 The built-in shapes world on a laptop CPU (after `python prepare_shapes.py`), LLaVA's two stages from
 the world's shipped LM and CLIP (models/shapes/), or both in one stage (the defaults below):
     python sft.py config/shapes_stage1.py && python sft.py config/shapes_stage2.py
     python sft.py
-One GPU, LLaVA-1.5-7B stage 2 from a stage-1 checkpoint:
-    python sft.py config/llava15_7b_stage2.py
-8 GPUs (the global batch stays the same; gradient accumulation adapts to the world size):
+LLaVA-1.5-7B on 8 GPUs (the global batch stays the same; gradient accumulation adapts to the world size;
+stage 2's full fine-tune needs FSDP's sharding, which only torchrun gives: one GPU cannot hold it):
+    torchrun --standalone --nproc_per_node=8 sft.py config/llava15_7b_stage1.py
     torchrun --standalone --nproc_per_node=8 sft.py config/llava15_7b_stage2.py
+    torchrun --standalone --nproc_per_node=8 sft.py config/llava15_7b_reverie_lora.py   # + REVERIE, LoRA
 Resume an interrupted run exactly where it stopped:
     python sft.py <same args> --init_from=resume
 """
@@ -240,8 +242,7 @@ for step in bar:
             # DDP averages gradients over ranks; scaling by world_size turns that average into the sum
             (loss * (dist.world_size / n_tok.item())).backward()
         loss_sum += loss.item()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    grad_norm = T.clip_grad(trainable, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     totals = M.all_reduce_sum([loss_sum, sum(b["attention_mask"].sum().item() for b in micro)], dist)
@@ -249,7 +250,8 @@ for step in bar:
     tokens_seen += int(totals[1])
     tps = tokens_seen / (time.time() - t0)
     bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", tok_s=f"{tps:,.0f}")
-    log_json(step + 1, to_wandb=step % log_interval == 0, loss=train_loss, lr=optimizer.param_groups[0]["lr"], tokens_per_s=round(tps))
+    log_json(step + 1, to_wandb=step % log_interval == 0, loss=train_loss, lr=optimizer.param_groups[0]["lr"],
+             grad_norm=round(grad_norm, 6), tokens_per_s=round(tps))
     last = step == max_steps - 1 or step + 1 == stop_at_step
     if val_ds is not None and ((step + 1) % eval_interval == 0 or last):
         val_loss = evaluate_val()

@@ -9,6 +9,7 @@ top to bottom (as nanochat's chat_sft.py and chat_rl.py share common.py and chec
     grad_sync      the context that all-reduces gradients only on a step's last micro-batch
     steps          gradient accumulation, number of steps and warmup steps from the batch sizes and epochs
     set_lr         the schedule factor applied to every group's base lr
+    clip_grad      gradient clipping that returns the norm (logged by both scripts)
     save / resume  checkpoint (model dir + train_state.pt, one atomic swap; FSDP gathers first), exact resume
     recover        finish or undo the checkpoint swap a kill interrupted (call before reading out_dir)
     JsonLog        one JSON line per event in out_dir/log.jsonl (and wandb when asked)
@@ -105,6 +106,14 @@ def lora_merged(sd):
     the next stage's start), train_state.pt the adapters apart (for an exact resume)."""
     sd, adapters = M.merge_lora_state_dict(sd)
     return sd, {"lora": adapters}
+
+
+def clip_grad(params, max_norm):
+    """Clip the gradients' global norm to max_norm (0 = no clipping) and return the norm before, as a
+    float (inf / nan when a gradient overflowed): logged, it is the first sign of a bad step. Under
+    FSDP2 the norm is a DTensor over the shards: its full value is gathered."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def _full_states(raw, optimizer):
