@@ -272,9 +272,19 @@ def write_atomic(path, text):
 # 2. templates: conversation -> segments (text or a token id, supervised or not) -> ids, labels
 
 
+def image_first(text):
+    """LLaVA's preprocess_multimodal: a turn's one <image> moves to the front ('Q\n<image>', as some
+    llava_v1_5_mix665k records have it, is read as '<image>\nQ', as evaluation prompts put it). Several
+    placeholders in one turn stay where they are: their places say which image goes where."""
+    if text.count(IMAGE_PLACEHOLDER) != 1 or text.startswith(IMAGE_PLACEHOLDER + "\n"):
+        return text
+    return IMAGE_PLACEHOLDER + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip()
+
+
 def to_messages(conversations, system=None):
-    """LLaVA turns -> chat messages; `system` is used when the conversation has no system turn."""
-    messages = [{"role": ROLES[t["from"]], "content": t["value"]} for t in conversations]
+    """LLaVA turns -> chat messages (a turn's single <image> first, image_first); `system` is used
+    when the conversation has no system turn."""
+    messages = [{"role": ROLES[t["from"]], "content": image_first(t["value"])} for t in conversations]
     if system is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
     return messages

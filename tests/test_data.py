@@ -208,6 +208,15 @@ def test_max_len_truncates_text_keeps_images(tok):
         build(tok, "vicuna_v1", max_len=first_img + N_IMG + 1)
 
 
+@pytest.mark.parametrize("template", ["plain", "vicuna_v1"])
+def test_image_moves_to_the_front_as_llava_does(tok, template):
+    """LLaVA's preprocess_multimodal: 'What shape is it?\n<image>' trains exactly as '<image>\nWhat shape is it?'."""
+    late = [dict(CONV[0], value="What shape is it?\n<image>")] + CONV[1:]
+    assert build(tok, template, conv=late) == build(tok, template)
+    assert data.image_first("<image>\nQ") == "<image>\nQ" and data.image_first("A <image> B") == "<image>\nA  B"
+    assert data.image_first("<image> and <image>") == "<image> and <image>"  # several: positional, untouched
+
+
 def test_build_sample_bad_conversations(tok):
     with pytest.raises(DataError, match="image count|placeholder"):
         build(tok, "vicuna_v1", n_images=2)
@@ -275,9 +284,10 @@ def bad_set(tmp_path, tok, improc):
     """records: 0 good, 1 missing image, 2 corrupt image, 3 image truncated by max_len, 4 good text-only."""
     Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "good.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG garbage, not an image" * 10)
-    long_q = {"from": "human", "value": "Describe the image. " * 12 + "<image>"}
+    long_q = [{"from": "human", "value": "Describe the image. " * 12}, CONV[1],  # the image comes in a later turn
+              {"from": "human", "value": "<image>\nAnd this one?"}]
     records = [rec(0, "good.png"), rec(1, "missing.png"), rec(2, "corrupt.png"),
-               rec(3, "good.png", conv=[long_q, CONV[1]]),
+               rec(3, "good.png", conv=long_q + [CONV[1]]),
                rec(4, None, conv=[{"from": "human", "value": "hi"}, CONV[1]])]
     path = write_json(tmp_path / "set.json", records)
     records = load_records(path)
