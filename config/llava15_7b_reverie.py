@@ -1,31 +1,16 @@
 # REVERIE's recipe on LLaVA-1.5-7B: stage 2 (visual instruction tuning) on llava_v1_5_mix665k plus the
-# REVERIE rows, full fine-tune, LLaVA-1.5's stage-2 settings (the paper trains its LLaVA-1.5 model on
-# "LLaVA-665k + REVERIE"; the LoRA variant of its table: config/llava15_7b_reverie_lora.py).
+# REVERIE rows, full fine-tune, LLaVA-1.5's stage-2 settings (config/llava15_7b_stage2.py; the paper
+# trains its LLaVA-1.5 model on "LLaVA-665k + REVERIE"; the LoRA variant of its table:
+# config/llava15_7b_reverie_lora.py).
 # First turn the released annotations into LLaVA conversations (the images: Visual Genome VG_100K /
-# VG_100K_2, COCO train2017, ScienceQA train, as REVERIE's README lists them, under data/llava/):
+# VG_100K_2, COCO train2017, ScienceQA train, as REVERIE's README lists them, under data/llava/; adapt
+# image_map to the folders your copy of reverie.json names):
 #   python prepare_reverie.py --data_path=data/reverie/reverie.json --image_root=data/llava \
 #       --image_map="VG_100K:vg/VG_100K,VG_100K_2:vg/VG_100K_2,train2017:coco/train2017,train:scienceqa/train" \
 #       --out_path=data/reverie/reverie_llava.json
 #   torchrun --standalone --nproc_per_node=8 sft.py config/llava15_7b_reverie.py
 # The answer-only control is the same command on `prepare_reverie.py --rationales=none` output.
-init_from = "out/llava15-7b-stage1"
+exec(open("config/llava15_7b_stage2.py").read())
 data_path = "data/llava/llava_v1_5_mix665k.json,data/reverie/reverie_llava.json"
-val_data_path = None
-image_root = "data/llava"
-template = "vicuna_v1"
-pad_to_square = True
-max_len = 2048
-global_batch_size = 128
-micro_batch_size = 16          # x 8 GPUs = 128: no accumulation
-epochs = 1.0
-lr_vision = 0.0
-lr_projector = 2e-5
-lr_lm = 2e-5
-weight_decay = 0.0
-warmup_ratio = 0.03
-eval_interval = 1000
-num_workers = 8
-gradient_checkpointing = True
-distributed = "fsdp"
 out_dir = "out/llava15-7b-reverie"
 wandb_run_name = "llava15-7b-reverie"
