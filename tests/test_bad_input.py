@@ -105,7 +105,8 @@ def bad_training_files(tmp_path, recs):
         "zero-byte image": write(d / "zi.json", [dict(recs[0], image=str(d / "zero.png"))]),
         "image outside the root": write(d / "out.json", [dict(recs[0], image="../../etc/passwd")]),
         "empty answer": write(d / "ea.json", recs[:2] + [dict(recs[2], conversations=turn[:1] + [dict(turn[1], value="  ")])]),
-        "over-long sample": write(d / "long.json", [dict(recs[0], conversations=[dict(turn[0], value="x " * 400 + turn[0]["value"])] + turn[1:])]),
+        "over-long sample": write(d / "long.json", [dict(recs[0], conversations=[  # the image after 400 words of text
+            dict(turn[0], value="x " * 400), dict(turn[1], value="ok")] + turn)]),
         "bad ratio": write(d / "ok.json", recs) + ":abc",
     }
 
