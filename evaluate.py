@@ -3,7 +3,7 @@ Evaluate a checkpoint on benchmarks: generate answers, score them by each benchm
 (benchmarks.py), print one table, write predictions and metrics.json (atomically) under out_dir.
 
 The shapes suite, held-out scenes (after `python prepare_shapes.py` and `python sft.py`): POPE,
-multiple choice, VQA, CoT and CHAIR in one call, one table:
+multiple choice, VQA, CoT, CHAIR, MME and MMBench in one call, one table:
     python evaluate.py
 One benchmark, any checkpoint (ours or llava-hf), question files in LLaVA's formats:
     python evaluate.py --task=pope --init_from=llava-hf/llava-1.5-7b-hf --data_path=pope/llava_pope_test.jsonl --image_root=val2014
@@ -23,7 +23,7 @@ Several GPUs (questions are sharded over ranks, gathered, scored on rank 0):
     torchrun --standalone --nproc_per_node=8 evaluate.py --init_from=...
 
 Question files (JSONL, one object a line; image paths relative to image_root; details and the
-prompt rules in B.benchmark_question):
+prompt rules in benchmarks.benchmark_question):
   pope   question_id, image, text, label yes|no, category random|popular|adversarial (optional);
          or LLaVA's llava_pope_test.jsonl (no label) + POPE's coco/coco_pope_<category>.json (the labels)
   mc     question_id, image (optional), question, options [..], answer (letter), category (optional);
