@@ -273,8 +273,8 @@ def write_atomic(path, text):
 
 
 def image_first(text):
-    """LLaVA's preprocess_multimodal: a turn's one <image> moves to the front ('Q\n<image>', as some
-    llava_v1_5_mix665k records have it, is read as '<image>\nQ', as evaluation prompts put it). Several
+    """LLaVA's preprocess_multimodal: a turn's one <image> moves to the front ('Q\\n<image>', as some
+    llava_v1_5_mix665k records have it, is read as '<image>\\nQ', as evaluation prompts put it). Several
     placeholders in one turn stay where they are: their places say which image goes where."""
     if text.count(IMAGE_PLACEHOLDER) != 1 or text.startswith(IMAGE_PLACEHOLDER + "\n"):
         return text
