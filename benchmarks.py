@@ -799,13 +799,13 @@ def mme_metrics(rows):
     """One MME subtask: accuracy (per question), acc_plus (images with both questions right), score =
     100 * (accuracy + acc_plus), the figure MME's tables sum (0-200 per subtask), other = answers
     that are neither yes nor no, n questions."""
-    right = {}
-    for r in rows:
-        right.setdefault(r["mme_image"], []).append(mme_answer(r["text"]) == r["label"])
+    preds, right = [mme_answer(r["text"]) for r in rows], {}
+    for r, p in zip(rows, preds):
+        right.setdefault(r["mme_image"], []).append(p == r["label"])
     acc = sum(map(sum, right.values())) / len(rows)
     acc_plus = sum(all(v) for v in right.values()) / len(right)
     return dict(accuracy=acc, acc_plus=acc_plus, score=100 * (acc + acc_plus),
-                other=sum(mme_answer(r["text"]) == "other" for r in rows) / len(rows), n=len(rows))
+                other=preds.count("other") / len(rows), n=len(rows))
 
 
 def score_mme(rows):

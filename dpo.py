@@ -107,8 +107,7 @@ dist, dev, log, master = run.dist, run.device, run.log, run.dist.master
 T.recover(out_dir, run)  # finish (or undo) a checkpoint write a kill interrupted, before anything reads out_dir
 
 # model: the policy, and where the reference comes from ------------------------------
-resume_state = M.load_train_state(out_dir) if init_from == "resume" else None
-base_from = json.loads(resume_state["config"])["init_from"] if resume_state else init_from  # the starting model
+resume_state, base_from = T.resume_point(init_from, out_dir)  # base_from: the starting model
 if resume_state and not lora_r:
     vlm = M.VLM.from_pretrained(out_dir)
     log(f"resuming from {out_dir} at step {resume_state['step']}")

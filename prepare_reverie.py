@@ -110,9 +110,10 @@ def verdict(rec, where):
 
 
 def read_instructions(records, fmt, path, dropped):
-    """-> {key: instruction}, in file order; an instruction is dict(image, question, answer, positive
-    (rationale or None), negatives [(confusing answer, rationale)], and for released rows the rows'
-    own turns (pos_turns, neg_turns))."""
+    """-> {key: instruction}, in file order; an instruction is dict(image, question, answer, pos, neg),
+    pos and neg the (request, rationale) turns that follow the answer in its positive and negative
+    rows: for raw rows the requests are positive_prompt and negative_prompt with the confusing answer,
+    for released rows their own wording."""
     out = {}
     for i, rec in enumerate(records):
         where = f"{path}: record {i}"
@@ -128,22 +129,22 @@ def read_instructions(records, fmt, path, dropped):
                 raise D.DataError(f"{where}: empty image, question or correct_answer", "malformed record")
             key = (f["image"], f["question"])
             ins = out.setdefault(key, dict(image=f["image"], question=f["question"], answer=f["correct_answer"],
-                                           positive=None, negatives=[], inconsistent=False, src=where))
+                                           pos=[], neg=[], inconsistent=False, src=where))
             if ins["answer"] != f["correct_answer"]:
                 raise D.DataError(f"{where}: correct_answer {f['correct_answer']!r:.40} differs from {ins['src']}'s "
                                   f"{ins['answer']!r:.40} for the same image and question", "malformed record")
             if filter_inconsistent and verdict(rec, where):
                 ins["inconsistent"] = True
             if f["correct_rationale"]:
-                ins["positive"] = ins["positive"] or f["correct_rationale"]
+                ins["pos"] = ins["pos"] or [(positive_prompt, f["correct_rationale"])]
             else:
                 dropped["empty correct_rationale"] += 1
             if not f["confusing_answer"] or not f["incorrect_rationale"]:
                 dropped["empty confusing_answer or incorrect_rationale"] += 1
             elif f["confusing_answer"].lower() == f["correct_answer"].lower():
                 dropped["confusing answer equals the correct one"] += 1
-            elif f["confusing_answer"] not in [c for c, _ in ins["negatives"]]:
-                ins["negatives"].append((f["confusing_answer"], f["incorrect_rationale"]))
+            elif (request := negative_prompt.format(answer=f["confusing_answer"])) not in [r for r, _ in ins["neg"]]:
+                ins["neg"].append((request, f["incorrect_rationale"]))
         else:
             conv = rec.get("conversations")
             try:
@@ -158,27 +159,22 @@ def read_instructions(records, fmt, path, dropped):
                 raise D.DataError(f"{where}: needs an 'image'", "malformed record")
             q, a, request, rationale = (text_of(t["value"], where, "conversations") for t in conv)
             key = (image, q)
-            ins = out.setdefault(key, dict(image=image, question=q, answer=None, positive=None, negatives=[],
-                                           inconsistent=False, src=where, pos_turns=None, neg_turns=[]))
+            ins = out.setdefault(key, dict(image=image, question=q, answer=None, pos=[], neg=[], inconsistent=False,
+                                           src=where))
             if not rationale:
                 dropped["empty rationale"] += 1
-            elif NEGATIVE_REQUEST.search(request):
-                ins["negatives"].append((request, rationale))
-                ins["neg_turns"].append((a, request, rationale))
+            elif NEGATIVE_REQUEST.search(request):  # its own answer turn is not used: the positive row's is
+                ins["neg"].append((request, rationale))
             else:
-                ins["answer"], ins["positive"], ins["pos_turns"] = a, rationale, (a, request, rationale)
+                ins["answer"], ins["pos"] = a, [(request, rationale)]
     return out
 
 
 def rows_of(ins):
     """The conversations (lists of (human, gpt) pairs) this instruction gives under the settings."""
-    q, a, raw = ins["question"], ins["answer"], "pos_turns" not in ins
-    pos = [(positive_prompt, ins["positive"])] if raw else [ins["pos_turns"][1:]] if ins["pos_turns"] else []
-    pos = pos if ins["positive"] else []
-    neg = ([(negative_prompt.format(answer=c), r) for c, r in ins["negatives"]] if raw
-           else [(req, r) for _, req, r in ins["neg_turns"]])
+    q, a, pos, neg = ins["question"], ins["answer"], ins["pos"], ins["neg"]
     if rationales == "none":
-        n = 1 if answer_rows == "one" else (1 if layout == "joint" else len(pos) + len(neg))
+        n = 1 if answer_rows == "one" or layout == "joint" else len(pos) + len(neg)
         return [("answer", [(q, a)])] * max(n, 1)
     pos = pos if rationales in ("both", "positive") else []
     neg = neg if rationales in ("both", "negative") else []

@@ -100,9 +100,8 @@ dist, dev, log, master = run.dist, run.device, run.log, run.dist.master
 T.recover(out_dir, run)  # finish (or undo) a checkpoint write a kill interrupted, before anything reads out_dir
 
 # model --------------------------------------------------------------------------
-resume_state = M.load_train_state(out_dir) if init_from == "resume" else None
 # where the run started; LoRA resumes from there (the adapted layers' own weights) plus its saved adapters
-start_from = json.loads(resume_state["config"])["init_from"] if resume_state else init_from
+resume_state, start_from = T.resume_point(init_from, out_dir)
 if lora_r and start_from == "scratch":
     raise ConfigError("LoRA adapts a pretrained LM: use init_from=parts or a checkpoint, not scratch")
 source = start_from if lora_r else init_from

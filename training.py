@@ -3,6 +3,7 @@ The training machinery sft.py and dpo.py share, as small functions: each script 
 top to bottom (as nanochat's chat_sft.py and chat_rl.py share common.py and checkpoint_manager.py).
 
     setup          distributed init, device, precision (autocast), TF32, a master-only print
+    resume_point   the train state of a resumed run and the model the run started from
     add_lora, lora_merged   LoRA adapters on the LM (resuming: the starting model + the saved adapters),
                    and the checkpoint's merged weights
     wrap           FSDP2 sharding or DDP, optional torch.compile; returns the wrapped and the raw module
@@ -45,6 +46,16 @@ def setup(seed, device="auto", dtype="auto"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Run(dist, dist.device, ptdtype, autocast, print if dist.master else (lambda *a, **k: None))
+
+
+def resume_point(init_from, out_dir):
+    """(train state or None, the model the run started from): init_from='resume' continues out_dir's
+    checkpoint, whose saved config names where the run began (a checkpoint, 'parts', ...; LoRA and
+    DPO's reference rebuild from it); any other init_from is itself the start."""
+    if init_from != "resume":
+        return None, init_from
+    state = M.load_train_state(out_dir)
+    return state, json.loads(state["config"])["init_from"]
 
 
 def wrap(vlm, run, distributed="ddp", compile=False):
