@@ -65,6 +65,22 @@ def tiny_tokenizer():
     return make_tokenizer()
 
 
+def run_inprocess(script, args, monkeypatch):
+    """The script in this process; what it changes process-wide (the RNG it seeds, the hooks configure()
+    installs) is put back, so later tests see the same state whichever ran before."""
+    import runpy
+    import warnings
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    monkeypatch.chdir(ROOT)
+    rng = torch.get_rng_state()
+    try:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    finally:
+        torch.set_rng_state(rng)
+
+
 def run_script(script, args, nproc=1, timeout=600):
     """Run a stage script in a subprocess (under torchrun when nproc > 1); fail with its output."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")

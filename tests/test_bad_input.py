@@ -6,7 +6,6 @@ on real subprocesses; the many kinds of bad file run the scripts in-process (run
 code without a Python start-up per case."""
 import json
 import os
-import runpy
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import pytest
 from PIL import Image
 
 import errors
-from conftest import ROOT, tiny_world_vlm
+from conftest import ROOT, run_inprocess, tiny_world_vlm
 
 TINY = ["--init_from=scratch", "--n_layer=1", "--n_head=2", "--n_embd=32", "--max_len=256", "--eval_batches=1",
         "--num_workers=0", "--dtype=float32", "--device=cpu", "--max_steps=2", "--global_batch_size=4",
@@ -39,22 +38,6 @@ def write(path, records):
     with open(path, "w") as f:
         json.dump(records, f)
     return str(path)
-
-
-def run_inprocess(script, args, monkeypatch):
-    """The script in this process; what it changes process-wide (the RNG it seeds, the hooks configure()
-    installs) is put back, so later tests see the same state whichever ran before."""
-    import warnings
-    import torch
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
-    monkeypatch.chdir(ROOT)
-    rng = torch.get_rng_state()
-    try:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    finally:
-        torch.set_rng_state(rng)
 
 
 def run_subprocess(script, args, **env):

@@ -1,4 +1,4 @@
-"""prepare_reverie.py as a subprocess, on small files in REVERIE's two formats: the rows each setting
+"""prepare_reverie.py on small files in REVERIE's two formats: the rows each setting
 writes (worked out by hand), the consistency filter, subsampling, mixing, image remapping, and the
 errors for malformed input. And the shapes world's rows: true of their scenes."""
 import json
@@ -9,9 +9,10 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, run_inprocess
 
 import data as D
+import errors
 
 
 def raw_rows():
@@ -35,12 +36,16 @@ def world(tmp_path, rows=None, name="raw.json"):
 
 
 def prepare(tmp_path, data, *args, ok=True, out="out.json"):
-    p = subprocess.run([sys.executable, "prepare_reverie.py", f"--data_path={data}", f"--image_root={tmp_path}",
-                        f"--out_path={tmp_path / out}", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
-    assert (p.returncode == 0) == ok, p.stdout[-2000:] + p.stderr[-2000:]
-    if not ok:
-        return p.stderr.strip().splitlines()[-1]
+    """prepare_reverie.py in this process (a Python start-up per case would be most of the test's time):
+    (its rows, its summary), or with ok=False the one line a user would see."""
+    argv = [f"--data_path={data}", f"--image_root={tmp_path}", f"--out_path={tmp_path / out}", *args]
+    with pytest.MonkeyPatch.context() as mp:
+        try:
+            run_inprocess("prepare_reverie.py", argv, mp)
+        except errors.USER_ERRORS as e:
+            assert not ok, e
+            return f"error: {errors.message(e)}"
+    assert ok, "prepare_reverie.py did not fail"
     return json.loads((tmp_path / out).read_text()), json.loads((tmp_path / out.replace(".json", "_summary.json")).read_text())
 
 
@@ -160,6 +165,16 @@ def test_image_map_and_missing_images(tmp_path):
 def test_malformed_input_is_named(tmp_path, rows, message):
     last = prepare(tmp_path, world(tmp_path, rows), ok=False)
     assert last.startswith("error: ") and message in last, last
+
+
+def test_bad_file_exits_with_one_line(tmp_path):
+    """What a user meets on the command line: status 1, one 'error:' line naming the file and record, no traceback."""
+    p = subprocess.run([sys.executable, "prepare_reverie.py", f"--data_path={world(tmp_path, [{'q': 1}])}",
+                        f"--image_root={tmp_path}", f"--out_path={tmp_path / 'out.json'}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'raw.json'}: record 0: unknown format")
+    assert not (tmp_path / "out.json").exists()
 
 
 def test_shapes_world_rows_are_true_of_their_scenes(tmp_path):
