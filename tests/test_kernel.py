@@ -81,8 +81,11 @@ def test_all_ignored_single_row_and_empty(impl):
     loss = M.fused_linear_cross_entropy(hidden, weight, torch.full((4,), -100), impl=impl)
     loss.backward()
     assert loss.item() == 0.0 and hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
+    hidden.grad = weight.grad = None
     none = M.fused_linear_cross_entropy(hidden, weight, torch.full((4,), -100), reduction="none", impl=impl)
     assert none.shape == (4,) and (none == 0).all() and none.requires_grad
+    none.sum().backward()  # zeros for both, not None: a DDP rank with no supervised token still reduces them
+    assert hidden.grad.abs().sum() == 0 and weight.grad is not None and weight.grad.abs().sum() == 0
     # an empty batch
     empty = M.fused_linear_cross_entropy(hidden[:0], weight, torch.zeros(0, dtype=torch.long), impl=impl)
     assert empty.item() == 0.0
@@ -114,6 +117,40 @@ def test_bf16_confident_target(impl):
     torch.testing.assert_close(got[2], w.grad, rtol=2e-2, atol=1e-5)
     # the gradient of a confident row is small but not zero: it must not have been rounded away
     assert (got[1].float().abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_backward_work_under_no_grad(reduction, monkeypatch):
+    """Under torch.no_grad (val loss, DPO's reference pass) with inputs that require grad, only the
+    forward runs: no logit gradients, no dL/dh and dL/dW matmuls, the same loss."""
+    hidden, weight, targets = _problem()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    calls = []
+    monkeypatch.setattr(M, "_backprop_chunk", lambda *a: calls.append(1))
+    with torch.no_grad():
+        got = M.fused_linear_cross_entropy(h, w, targets, reduction=reduction, chunk_size=8)
+    assert calls == [] and not got.requires_grad
+    ref = F.cross_entropy(hidden @ weight.T, targets, reduction=reduction)
+    torch.testing.assert_close(got, ref, **TOL[torch.float32])
+    M.fused_linear_cross_entropy(h, w, targets, reduction=reduction, chunk_size=8).sum().backward()
+    assert calls  # the same call with grad does the work: the counter sees it
+
+
+def test_none_under_bf16_autocast_is_as_close_as_sum():
+    """reduction='none' recomputes logits in backward: under bf16 autocast it must do so in bf16, as its
+    forward did, so its gradients are as close to fp32 F.cross_entropy's as the one-pass 'sum' path's."""
+    hidden, weight, targets = _problem(N=64, H=32, V=500, seed=5)
+    ref = _reference(hidden, weight, targets, "sum")
+
+    def err(reduction):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = M.fused_linear_cross_entropy(h, w, targets, reduction=reduction, impl="torch")
+        loss.sum().backward()
+        return [((g - r).norm() / r.norm()).item() for g, r in ((h.grad, ref[1]), (w.grad, ref[2]))]
+
+    e_sum, e_none = err("sum"), err("none")
+    assert all(n <= 1.25 * s + 1e-4 for n, s in zip(e_none, e_sum)), (e_none, e_sum)
 
 
 def test_bad_targets_and_impl():
