@@ -119,7 +119,7 @@ tok = vlm.tokenizer
 ref_model = None
 if reference == "copy":  # the starting model, before any adapter: frozen, in eval mode
     ref_model = copy.deepcopy(vlm) if not resume_state else M.VLM.from_pretrained(base_from)
-    ref_model.eval().requires_grad_(False).to(dev)
+    T.master_weights(ref_model.eval().requires_grad_(False), run).to(dev)
 if lora_r:
     T.add_lora(vlm, lora_r, lora_alpha, lora_dropout, lora_targets, resume_state, out_dir, log)
 if gradient_checkpointing:
@@ -158,6 +158,7 @@ def to_dev(batch):
 # optimizer ----------------------------------------------------------------------
 lrs = {"vision": lr_vision, "projector": lr_projector, "lm": lr_lm}
 M.set_trainable(vlm, lrs)
+T.master_weights(vlm, run)
 if ref_model is not None and run.dist.ddp and distributed == "fsdp":
     M.shard_fsdp(ref_model, run.ptdtype if run.ptdtype != torch.float32 else None)
 model, raw, fsdp, autocast = T.wrap(vlm, run, distributed, compile)

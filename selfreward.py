@@ -124,7 +124,7 @@ prompts = D.load_prompts(data_path, image_root, max_prompts, image_prefix, parse
 if mode == "answer" and check == "chain" and (no_chain := [p["id"] for p in prompts if "rationale" not in p]):
     raise SystemExit(f"{data_path}: check=chain needs each question's gold chain ('rationale'); "
                      f"{len(no_chain)} have none (first: id {no_chain[0]!r})")
-run = T.setup(seed, device, dtype)
+run = T.setup(seed, device, dtype, training=False)
 dist, dev, log = run.dist, run.device, run.log
 os.makedirs(out_dir, exist_ok=True)
 settings_path = os.path.join(out_dir, "settings.json")

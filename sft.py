@@ -170,6 +170,7 @@ def to_dev(batch):
 # optimizer ----------------------------------------------------------------------
 lrs = {"vision": lr_vision, "projector": lr_projector, "lm": lr_lm}
 unused = M.set_trainable(vlm, lrs)
+T.master_weights(vlm, run)
 if unused:
     log(f"frozen: {len(unused)} vision parameters the chosen feature layer never uses")
 vlm, raw, fsdp, autocast = T.wrap(vlm, run, distributed, compile)

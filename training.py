@@ -35,11 +35,17 @@ from configurator import ConfigError
 Run = namedtuple("Run", "dist device ptdtype autocast log")
 
 
-def setup(seed, device="auto", dtype="auto"):
-    """torchrun-aware init; dtype 'auto' = bfloat16 autocast on CUDA, float32 on CPU."""
+def setup(seed, device="auto", dtype="auto", training=True):
+    """torchrun-aware init; dtype 'auto' = bfloat16 autocast on CUDA, float32 on CPU. float16 only
+    for inference (training=False): fp16 training needs a loss scaler, which these loops do without."""
     dist = M.init_distributed(seed, None if device == "auto" else device)
     if dtype == "auto":
         dtype = "bfloat16" if dist.device.type == "cuda" else "float32"
+    if dtype == "float16" and training:
+        raise ConfigError("dtype='float16' trains without a loss scaler: small gradients flush to zero. "
+                          "Use bfloat16 (same memory, fp32's range) or float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be auto, float32, bfloat16{'' if training else ' or float16'}, got {dtype!r}")
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     autocast = torch.autocast(dist.device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
     if dist.device.type == "cuda":
@@ -56,6 +62,19 @@ def resume_point(init_from, out_dir):
         return None, init_from
     state = M.load_train_state(out_dir)
     return state, json.loads(state["config"])["init_from"]
+
+
+def master_weights(vlm, run):
+    """Trainable parameters (hence AdamW's state) in fp32, frozen ones in the run's compute dtype.
+    Checkpoints come in fp16 (Vicuna, llava-hf; transformers loads them as stored): trained in fp16
+    with no loss scaler, updates below fp16's resolution vanish and small gradients flush to zero.
+    Frozen parts only feed autocast's matmuls, so bf16 on a GPU halves their memory for free.
+    Call after set_trainable (and add_lora), before wrap."""
+    for p in vlm.parameters():
+        want = torch.float32 if p.requires_grad else run.ptdtype
+        if p.is_floating_point() and p.dtype != want:
+            p.data = p.data.to(want)
+    return vlm
 
 
 def wrap(vlm, run, distributed="ddp", compile=False):

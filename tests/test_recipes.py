@@ -4,25 +4,53 @@ up to the size of the weights (hub-style loading, <image> token added to the tok
 the plain and vicuna_v1 templates, checkpoint hand-over from stage 1 to stage 2)."""
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import make_tokenizer, run_script, run_sft as run, tiny_configs
 
 
-def _save_tiny_hub_models(root, tokenizer):
+def _save_tiny_hub_models(root, tokenizer, dtype=torch.float32):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, LlamaForCausalLM
     v, t = tiny_configs(vocab_size=len(tokenizer), image_size=48, patch_size=16)
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(t)
+    lm = LlamaForCausalLM(t).to(dtype)  # Vicuna's weights are stored in fp16
     lm.save_pretrained(root / "vicuna")
     tokenizer.save_pretrained(root / "vicuna")
     # openai/clip-vit-large-patch14-336 is a full CLIPModel checkpoint (text + vision) with its processor
     clip = CLIPModel(CLIPConfig(vision_config=v.to_dict(), text_config=dict(hidden_size=32, intermediate_size=64,
                                 num_hidden_layers=1, num_attention_heads=2, vocab_size=100), projection_dim=16))
-    clip.save_pretrained(root / "clip")
+    clip.to(dtype).save_pretrained(root / "clip")
     CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}).save_pretrained(root / "clip")
     return lm, clip
+
+
+def test_fp16_checkpoints_train_fp32_masters(shapes, tmp_path):
+    """Vicuna and CLIP ship in fp16 and transformers loads them so. Trained as loaded, an AdamW update
+    of 1e-6 to a weight of ~0.02 (fp16's spacing there: 1.5e-5) rounds away; in fp32 masters it stays."""
+    tokenizer = make_tokenizer(with_image=False)
+    lm, _ = _save_tiny_hub_models(tmp_path, tokenizer, dtype=torch.float16)
+    out = str(tmp_path / "stage2")
+    run(["config/llava15_7b_stage2.py", "--init_from=parts", f"--lm_path={tmp_path / 'vicuna'}",
+         f"--vision_path={tmp_path / 'clip'}", f"--tokenizer_path={tmp_path / 'vicuna'}", *shapes[:3],
+         f"--out_dir={out}", "--lr_lm=1e-6", "--lr_projector=1e-6", "--warmup_ratio=0", "--max_steps=1",
+         "--global_batch_size=4", "--micro_batch_size=4", "--num_workers=0", "--eval_interval=100",
+         "--device=cpu", "--dtype=float32", "--gradient_checkpointing=False", "--distributed=ddp"])
+    w = load_file(os.path.join(out, "model.safetensors"))
+    before = lm.state_dict()["model.layers.0.mlp.up_proj.weight"]
+    after = w["lm.model.layers.0.mlp.up_proj.weight"]
+    assert after.dtype == torch.float32 and w["projector.linear_1.weight"].dtype == torch.float32
+    moved = (after != before.float()).float().mean().item()
+    assert moved > 0.9, moved  # trained in fp16, under 10 % of the weights (the tiny ones) would move
+
+
+def test_fp16_training_is_refused_inference_is_not():
+    import training as T
+    from configurator import ConfigError
+    with pytest.raises(ConfigError, match="loss scaler"):
+        T.setup(0, "cpu", "float16")
+    assert T.setup(0, "cpu", "float16", training=False).ptdtype == torch.float16  # generation needs no scaler
 
 
 def test_llava15_stage1_then_stage2(shapes, tmp_path):
