@@ -389,6 +389,7 @@ class VLM(nn.Module):
         self.vision, self.lm = vision, lm
         self.projector = Projector(vcfg.hidden_size, tcfg.hidden_size, self.config["projector_type"], self.config["projector_bias"])
         self.image_token_id = int(config["image_token_id"])
+        self.sharded = False  # set by shard_fsdp: every rank must then run the same collectives
         self.tokenizer = None
         self.image_processor = None
 
@@ -427,9 +428,10 @@ class VLM(nn.Module):
             emb = emb.masked_scatter(image_mask[..., None], feats.to(emb.dtype))
         elif image_mask.any():
             raise ValueError("input_ids contain image tokens but no pixel_values were given")
-        elif self.training and any(p.requires_grad for p in [*self.vision.parameters(), *self.projector.parameters()]):
+        elif self.sharded or (self.training and any(p.requires_grad for p in [*self.vision.parameters(), *self.projector.parameters()])):
             # a text-only batch: touch the vision path with zero weight so DDP sees every trainable
-            # parameter used on every rank (otherwise its gradient all-reduce hangs or errors)
+            # parameter used on every rank (otherwise its gradient all-reduce hangs or errors); under
+            # FSDP2, trained or not, in eval too: the other ranks all-gather the vision blocks and wait for this one
             v = self.vision.config
             dummy = torch.zeros(1, 3, v.image_size, v.image_size, device=emb.device)
             emb = emb + 0.0 * self.encode_images(dummy).sum()
@@ -562,18 +564,28 @@ class VLM(nn.Module):
                         if stop_string_in_tail(tokenizer, seen[b], stop_strings):
                             finish[b], hit[b] = "stop", True
                 done |= hit
-                if done.all():
-                    break
+            if self._all_done(done):
+                break
             pos = pos + 1
             h = base(inputs_embeds=self.lm.get_input_embeddings()(nxt[:, None]), attention_mask=mask[:, :T + step + 1],
                      position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
-        tokens = torch.stack(toks, 1) if toks else input_ids.new_zeros(B, 0)
-        logprobs = torch.stack(lps, 1) if lps else torch.zeros(B, 0, device=dev)
-        scores = torch.stack(scs, 1) if scs else torch.zeros(B, 0, device=dev)
+        n = int(lengths.max()) if B else 0  # under FSDP2 a finished rank steps on with the others: drop those columns
+        tokens = torch.stack(toks, 1)[:, :n] if toks else input_ids.new_zeros(B, 0)
+        logprobs = torch.stack(lps, 1)[:, :n] if lps else torch.zeros(B, 0, device=dev)
+        scores = torch.stack(scs, 1)[:, :n] if scs else torch.zeros(B, 0, device=dev)
         text = None
         if tokenizer is not None:
             text = [tokenizer.decode(r[:n], skip_special_tokens=True) for r, n in zip(tokens.tolist(), lengths.tolist())]
         return Generation(tokens, logprobs, scores, lengths, finish, text)
+
+    def _all_done(self, done):
+        """Every row has ended; under FSDP2, on every rank: each decode step all-gathers the LM's blocks,
+        so a rank that stopped early would leave the others waiting."""
+        if not self.sharded:
+            return bool(done.all())
+        left = (~done).sum().float()
+        torch.distributed.all_reduce(left)
+        return left.item() == 0
 
     @staticmethod
     def _diverse_step(logprobs, done, K, penalty):
@@ -991,13 +1003,17 @@ def shard_fsdp(vlm, param_dtype=None):
     """FSDP2: every transformer block of the vision tower and the LM is its own shard group, the rest
     (embeddings, projector, head) the root's. Parameters, gradients and optimizer state are split
     over ranks, so 7B full fine-tuning fits 8 x 80 GB. The root group is gathered for the whole
-    forward, which is what lets forward() use the output weight directly in the fused loss."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    forward, which is what lets forward() use the output weight directly in the fused loss.
+    generate and token_logprobs bypass forward(), so they are registered to gather the root too."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for m in list(vlm.modules()):
         if type(m).__name__.endswith(("DecoderLayer", "EncoderLayer")):
             fully_shard(m, mp_policy=mp)
     fully_shard(vlm, mp_policy=mp)
+    for method in ("generate", "token_logprobs"):
+        register_fsdp_forward_method(vlm, method)
+    vlm.sharded = True
     return vlm
 
 
