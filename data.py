@@ -568,33 +568,51 @@ class SFTDataset(torch.utils.data.Dataset):
                     pixel_values=torch.stack(images) if images else None,
                     n_images=len(images))
 
-    def validate(self, check_images=False):
+    def validate(self, check_images=False, rank=0, world_size=1):
         """
         Build every sample's text (no image decoding) and return the indices that are fine.
         check_images=True also opens each image file's header: catches missing and non-image
-        files, not truncated ones (those fail when decoded: an error, or with skip_bad a skip the
-        batch counts). skip_bad=False: raises the first error.
+        files; 'full' decodes each image too, which also catches truncated ones (otherwise those
+        fail when decoded: an error, or with skip_bad a skip the batch counts). skip_bad=False:
+        raises the first error, in file order. Sets self.lengths: each good sample's token count.
+
+        world_size > 1 (torch.distributed initialised): each rank checks every world_size-th
+        record and the verdicts are gathered, so the work is split and every rank ends with the
+        same list, the same skip counts and the same first error (ranks that disagreed on the data
+        would disagree on the number of steps, and hang).
         """
-        good = []
-        for i, record in enumerate(self.records):
+        verdicts = {}  # index -> token count, or (message, kind) of its error
+        for i in range(rank, len(self.records), world_size):
+            record = self.records[i]
             try:
-                self.text_sample(record)
+                sample = self.text_sample(record)
                 if check_images:
                     for path in image_paths(record, self.image_root):
-                        check_image_file(path)
+                        check_image_file(path, decode=check_images == "full")
+                verdicts[i] = max(len(sample[k]) for k in ("input_ids", "chosen_ids", "rejected_ids") if k in sample)
             except DataError as e:
-                self.bad(record, e)
-                continue
-            good.append(i)
+                verdicts[i] = (str(e), e.kind)
+        if world_size > 1:
+            parts = [None] * world_size
+            torch.distributed.all_gather_object(parts, verdicts)
+            verdicts = {i: v for part in parts for i, v in part.items()}
+        good, self.lengths = [], {}
+        for i in range(len(self.records)):
+            if isinstance(verdicts[i], tuple):
+                self.bad(self.records[i], DataError(*verdicts[i]))
+            else:
+                good.append(i)
+                self.lengths[i] = verdicts[i]
         return good
 
 
-def check_image_file(path):
+def check_image_file(path, decode=False):
     if not os.path.isfile(path):
         raise DataError(f"image not found: {path}", "missing image")
     try:
-        with Image.open(path):  # lazy: reads the header only
-            pass
+        with Image.open(path) as img:  # lazy: reads the header only
+            if decode:
+                img.load()
     except Exception as e:
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}", "corrupt image") from None
 

@@ -46,7 +46,8 @@ image_root = "data/shapes/images"
 template = "chat"          # 'plain' (LLaVA stage 1) | 'vicuna_v1' (LLaVA-1.5) | 'chat' (the tokenizer's own chat template)
 max_len = 512              # tokens; text is truncated, an image never is (too long -> error, or skip with skip_bad)
 skip_bad = False           # True: count and skip bad samples (missing/corrupt image, too long...) instead of stopping
-check_images = True        # open every image's header before step 1, so a missing or non-image file stops (or is skipped) now, not hours in
+check_images = "header"    # before step 1, split over the ranks: 'header' opens every image's header (a missing or non-image
+                           # file stops, or is skipped, now, not hours in), 'full' decodes every image (truncated files too), 'none'
 pad_to_square = True       # LLaVA-1.5: pad images to square with the processor's mean colour
 num_workers = 0            # DataLoader workers for image decoding (use 4-8 on GPU machines)
 # model: pretrained parts (init_from='parts': both; 'scratch': the vision tower only)
@@ -140,7 +141,9 @@ log(f"model: {n_params / 1e6:.2f}M parameters ({', '.join(f'{p} {sum(q.numel() f
 def make_dataset(spec):
     ds = D.SFTDataset(D.load_records(spec, image_root), tok, vlm.image_processor, template, vlm.image_token_id,
                       vlm.num_image_tokens, image_root, max_len=max_len, pad_to_square=pad_to_square, skip_bad=skip_bad)
-    good = ds.validate(check_images=check_images)  # decide errors and skips once, up front, identically on every rank
+    if check_images not in ("header", "full", "none"):
+        raise ConfigError(f"check_images must be 'header', 'full' or 'none', got {check_images!r}")
+    good = ds.validate({"header": True, "full": "full", "none": False}[check_images], dist.rank, dist.world_size)  # split over the ranks, gathered: the same verdicts everywhere
     if ds.skipped:
         log(f"{spec}: skipping {sum(ds.skipped.values())} of {len(ds)} samples: {dict(ds.skipped)}")
     return ds, good
