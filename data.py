@@ -657,12 +657,20 @@ def epoch_permutation(n, seed, epoch):
     return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist())
 
 
-def batch_indices(n, global_batch, step, seed, rank=0, world_size=1):
+def batch_indices(n, global_batch, step, seed, rank=0, world_size=1, group=0, lengths=None):
     """
     This rank's share of optimizer step `step`'s global batch. The data is an endless stream of
     permutations of range(n) (epoch e seeded by seed + e); step s takes stream items
     [s*global_batch, (s+1)*global_batch) and rank r gets every world_size-th of them from r.
     So the global batch is the same for any world size, and resuming at a step continues exactly.
+
+    group=k > 0 with lengths (one per item: its token count, negative for a text-only sample, as
+    LLaVA's group_by_modality_length marks them): the stream is cut into windows of k global
+    batches; a window's items are sorted by modality and length, cut into its k batches, and those
+    visited in a seeded random order; each rank takes a contiguous run of its step's sorted batch.
+    Micro-batches then hold samples of one modality and similar length: far less padding. Every
+    sample is still seen once per epoch (up to the windows that straddle an epoch's end), and the
+    global batch is still the same for any world size.
     """
     if n <= 0:
         raise ValueError("batch_indices: empty dataset")
@@ -670,9 +678,27 @@ def batch_indices(n, global_batch, step, seed, rank=0, world_size=1):
         raise ValueError(f"global batch {global_batch} must be a positive multiple of world size {world_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} out of range for world size {world_size}")
+    if group and lengths is not None:
+        if len(lengths) != n:
+            raise ValueError(f"batch_indices: {len(lengths)} lengths for {n} items")
+        w = step // group
+        batch = _grouped_window(n, global_batch, seed, group, w, tuple(lengths))[step - w * group]
+        share = global_batch // world_size
+        return list(batch[rank * share:(rank + 1) * share])
     start = step * global_batch
     batch = [epoch_permutation(n, seed, pos // n)[pos % n] for pos in range(start, start + global_batch)]
     return batch[rank::world_size]
+
+
+@lru_cache(maxsize=2)
+def _grouped_window(n, global_batch, seed, group, w, lengths):
+    """Window w's `group` global batches, length-grouped (see batch_indices), in their visiting order."""
+    start = w * group * global_batch
+    items = [epoch_permutation(n, seed, pos // n)[pos % n] for pos in range(start, start + group * global_batch)]
+    items.sort(key=lambda i: (lengths[i] > 0, abs(lengths[i])))
+    batches = [items[b * global_batch:(b + 1) * global_batch] for b in range(group)]
+    order = torch.randperm(group, generator=torch.Generator().manual_seed(seed * 1_000_003 + w)).tolist()
+    return [batches[b] for b in order]
 
 
 def micro_batches(indices, micro_batch_size):

@@ -49,6 +49,7 @@ skip_bad = False           # True: count and skip bad samples (missing/corrupt i
 check_images = "header"    # before step 1, split over the ranks: 'header' opens every image's header (a missing or non-image
                            # file stops, or is skipped, now, not hours in), 'full' decodes every image (truncated files too), 'none'
 pad_to_square = True       # LLaVA-1.5: pad images to square with the processor's mean colour
+group_by_length = 0        # k > 0: sort windows of k global batches by modality and length (less padding; see data.batch_indices)
 num_workers = 0            # DataLoader workers for image decoding (use 4-8 on GPU machines)
 # model: pretrained parts (init_from='parts': both; 'scratch': the vision tower only)
 lm_path = "models/shapes/lm"        # e.g. 'lmsys/vicuna-7b-v1.5'; the shapes world ships a tiny pretrained LM
@@ -156,10 +157,15 @@ log(f"{len(train_idx)} training samples, global batch {global_batch_size} = {mic
     f"x {dist.world_size} ranks, {max_steps} steps")
 
 
+# each sample's token count, negative when it has no image: what group_by_length sorts by
+lengths = tuple(train_ds.lengths[i] * (1 if D.record_images(train_ds.records[i]) else -1) for i in train_idx)
+
+
 def step_batches(start):
     """Yields this rank's micro-batches (lists of dataset indices), step after step, from `start`."""
     for step in range(start, max_steps):
-        mine = D.batch_indices(len(train_idx), global_batch_size, step, seed, dist.rank, dist.world_size)
+        mine = D.batch_indices(len(train_idx), global_batch_size, step, seed, dist.rank, dist.world_size,
+                               group_by_length, lengths)
         yield from D.micro_batches([train_idx[i] for i in mine], micro_batch_size)
 
 

@@ -413,6 +413,35 @@ def test_batch_indices_world_sizes_and_epochs():
         batch_indices(n, 5, 0, seed, world_size=2)
 
 
+def test_length_grouping_keeps_the_batches_and_cuts_padding():
+    """group_by_length: the same samples per window (each once per epoch when windows tile it), the
+    same global batch on 1 or 2 ranks, micro-batches of one modality, far less padding than random."""
+    g = torch.Generator().manual_seed(0)
+    n, gb, mb, group, seed = 64, 8, 4, 4, 1
+    lengths = [int(x) * (1 if i % 4 else -1) for i, x in enumerate(torch.randint(10, 500, (n,), generator=g))]
+    plain = [batch_indices(n, gb, s, seed) for s in range(16)]  # 16 steps = 2 epochs = 4 windows
+    grouped = [batch_indices(n, gb, s, seed, group=group, lengths=lengths) for s in range(16)]
+    for w in range(4):
+        win = slice(w * group, (w + 1) * group)
+        assert sorted(sum(grouped[win], [])) == sorted(sum(plain[win], []))  # a window: the same samples, regrouped
+    assert grouped != plain and sorted(sum(grouped[:8], [])) == list(range(n))  # epoch 0: each sample once
+    for s in range(16):
+        r0, r1 = (batch_indices(n, gb, s, seed, r, 2, group, lengths) for r in (0, 1))
+        assert r0 + r1 == grouped[s]  # ranks take contiguous runs of the one-process batch
+    data._grouped_window.cache_clear()  # a resumed run recomputes its window
+    assert batch_indices(n, gb, 5, seed, group=group, lengths=lengths) == grouped[5]
+
+    def padding(steps):
+        mbs = [m for b in steps for m in micro_batches(b, mb)]
+        mixed = sum(len({lengths[i] > 0 for i in m}) > 1 for m in mbs)
+        pad = sum(max(abs(lengths[i]) for i in m) * len(m) - sum(abs(lengths[i]) for i in m) for m in mbs)
+        return mixed, pad / sum(max(abs(lengths[i]) for i in m) * len(m) for m in mbs)
+
+    (mixed_plain, pad_plain), (mixed_grouped, pad_grouped) = padding(plain), padding(grouped)
+    assert mixed_grouped <= 4 < mixed_plain  # at most the one micro-batch per window where the modalities meet
+    assert pad_grouped < 0.5 * pad_plain, (pad_grouped, pad_plain)
+
+
 def test_micro_batches():
     assert micro_batches([1, 2, 3, 4, 5], 2) == [[1, 2], [3, 4], [5]]
     assert micro_batches([], 2) == []

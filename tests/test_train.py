@@ -40,10 +40,10 @@ def test_resume_continues_exactly(shapes, tmp_path):
 
 @pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one(shapes, tmp_path, distributed):
-    """Same global batch: 1 process x 4 accumulation steps == 2 ranks x 2 (gloo on CPU).
-    For FSDP2 the checkpoint is also gathered from the shards, and val loss runs sharded."""
+    """Same global batch: 1 process x 4 accumulation steps == 2 ranks x 2 (gloo on CPU), with length
+    grouping. For FSDP2 the checkpoint is also gathered from the shards, and val loss runs sharded."""
     common = shapes + TINY + SCRATCH_VISION + ["--max_steps=3", "--global_batch_size=16", "--micro_batch_size=4",
-                                               "--eval_interval=3", "--eval_batches=0"]
+                                               "--eval_interval=3", "--eval_batches=0", "--group_by_length=2"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run(common + [f"--out_dir={one}"])
     run(common + [f"--out_dir={two}", f"--distributed={distributed}"], nproc=2)
