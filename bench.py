@@ -2,7 +2,7 @@
 Speed and memory, side by side against the obvious alternative, in one run. Prints tables and writes JSON.
 
     python bench.py                       # everything this machine can run (a few minutes on 2 CPU cores)
-    python bench.py --which=loss          # one section: loss | sft | gen | dpo | csr | all
+    python bench.py --which=loss          # one section: loss | sft | gen | dpo | data | csr | all
     python bench.py --rounds=3            # each case 3 times, in turn with its rival (a shared machine's noise)
     python bench.py --device=cuda         # on a GPU: adds our Triton kernel, liger-kernel and
                                           # cut-cross-entropy (when installed) at 7B-like shapes
@@ -19,6 +19,12 @@ Sections:
         log-probs), full fine-tuning vs LoRA. Memory here is the whole footprint the step needs (models,
         gradients, AdamW state, activations): what a reference copy costs is the point. On CUDA the
         allocator's peak; on CPU a count of those tensors (RSS was too noisy to tell the cases apart).
+  data  start-up on a generated LLaVA-format file of data_records records (llava_v1_5_mix665k's count;
+        image records pointing at a few small PNGs, 6 % long text-only ones as ShareGPT's): parsing
+        the file and validating each record (template, tokenisation, image header), every rank the
+        whole file (before) vs one rank's share when data_ranks split it (after; the gather of the
+        verdicts is a few MB); then the padding share of micro-batches at LLaVA-1.5 stage 2's batch
+        (128 = 8 ranks x 16) with group_by_length 0 (random), 1, 16 and 50.
   csr   calibrated self-rewarding's sentence-tree search (sentence_tree.grow_trees) on the shapes world
         (prepare_shapes.py's prompts, its CLIP as the scorer, csr_model as the VLM): pairs/s and
         sentences/s batched over prompts and live nodes vs one prompt at a time, node by node (one
@@ -44,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-which = "all"            # loss | sft | gen | dpo | csr | all
+which = "all"            # loss | sft | gen | dpo | data | csr | all
 device = "auto"          # auto | cpu | cuda
 out = "bench.json"       # results (written atomically)
 repeats = 3              # timed runs per case (median), after one warm-up
@@ -60,6 +66,8 @@ image_size, patch_size = 96, 8       # -> 144 image tokens
 sft_batch, sft_seq, sft_answer = 8, 512, 64  # per sample: 144 image + prompt, the last 64 tokens supervised
 gen_batch, gen_prompt, gen_new = 16, 32, 32  # prompt = image tokens + gen_prompt text tokens
 dpo_pairs, dpo_lora_r = 4, 16        # pairs per DPO step (8 sequences of sft_seq tokens, sft_answer supervised); LoRA rank
+data_records, data_ranks = 665_000, 8  # the data section: records in the generated file; ranks that split its validation
+data_steps = 500         # steps whose micro-batches the padding figures cover
 csr_model = ""           # the VLM for csr: a checkpoint dir; '' = the world's LM + CLIP tower with a fresh projector
 csr_prompts, csr_batches = 32, [1, 8, 32]  # prompts searched; prompts per batch (1 = node by node as well)
 case = ""                # internal: run one case in this process and print its JSON (the parent sets it)
@@ -296,6 +304,77 @@ def dpo_case(reference, lora):
                 activations=sum(saved.values()), sec=sec, pairs_s=B / sec, mem_kind="tensor accounting")
 
 
+def write_llava_file(d, n):
+    """A LLaVA-format training file of n records in d (plus 4 small images), lengths loosely like
+    mix665k's: short-answer VQA turns, longer conversations, 6 % long text-only records."""
+    import random
+    from PIL import Image
+    for k in range(4):
+        Image.new("RGB", (64, 48), (60 * k, 90, 200)).save(os.path.join(d, f"{k}.png"))
+    rng = random.Random(0)
+    words = "the a red blue green circle square triangle left right top bottom of is there in and with".split()
+    recs = []
+    for i in range(n):
+        text_only = rng.random() < 0.06
+        turns = rng.randint(1, 6) if text_only else rng.choice([1, 1, 1, 2, 3, 5, 8, 12])
+        conv = []
+        for t in range(turns):
+            a = rng.randint(100, 400) if text_only else rng.randint(1, 3) if rng.random() < 0.6 else rng.randint(20, 120)
+            conv += [{"from": "human", "value": " ".join(rng.choices(words, k=rng.randint(5, 20))) + "?"},
+                     {"from": "gpt", "value": " ".join(rng.choices(words, k=a)) + "."}]
+        rec = {"id": str(i), "conversations": conv}
+        if not text_only:
+            rec["image"] = f"{i % 4}.png"
+            conv[0]["value"] = "<image>\n" + conv[0]["value"]
+        recs.append(rec)
+    path = os.path.join(d, "mix.json")
+    with open(path, "w") as f:
+        json.dump(recs, f)
+    return path
+
+
+def data_case(path, world, workers=0):
+    """One rank's start-up: parse the file, validate its share (1 / world) of the records, in
+    `workers` processes (sft.py's num_workers)."""
+    import pickle
+    import data as D
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained("data/shapes/tokenizer")
+    base = reset_peak()
+    t0 = time.perf_counter()
+    recs = D.load_records(path, os.path.dirname(path))
+    t1 = time.perf_counter()
+    ds = D.SFTDataset(recs, tok, None, "vicuna_v1", tok.convert_tokens_to_ids("<image>"), 576, os.path.dirname(path),
+                      max_len=2048)
+    verdicts = ds.check(True, 0, world, workers)
+    t2 = time.perf_counter()
+    if world == 1:  # the padding figures use every record's token count (negative: text-only), as sft.py does
+        lengths = [v * (1 if D.record_images(r) else -1) for r, v in zip(recs, (verdicts[i] for i in range(len(recs))))]
+        with open(path + ".lengths.json", "w") as f:
+            json.dump(lengths, f)
+    return dict(sec=t2 - t0, load_sec=t1 - t0, check_sec=t2 - t1, mem=peak() - base, records=len(recs),
+                verdicts_mb=len(pickle.dumps(verdicts)) / 2 ** 20)
+
+
+def padding_figures(lengths, group, global_batch=128, world=8, micro=16):
+    """Over data_steps steps: padding share of the micro-batches' tokens, micro-batches that mix
+    modalities, and a step-time proxy (the largest micro-batch, B x longest, of any rank, summed)."""
+    import data as D
+    pad = tot = mixed = cost = 0
+    for step in range(data_steps):
+        worst = 0
+        for r in range(world):
+            for m in D.micro_batches(D.batch_indices(len(lengths), global_batch, step, 0, r, world, group, lengths), micro):
+                ls = [abs(lengths[i]) for i in m]
+                pad += max(ls) * len(m) - sum(ls)
+                tot += max(ls) * len(m)
+                mixed += len({lengths[i] > 0 for i in m}) > 1
+                worst = max(worst, max(ls) * len(m))
+        cost += worst
+    return dict(group=group, padding=pad / tot, mixed=mixed / (data_steps * world * global_batch // world // micro),
+                step_cost=cost)
+
+
 def csr_case(batch):
     """CSR's search over csr_prompts prompts, `batch` at a time (batch 1: one node per generate call too)."""
     import hashlib
@@ -329,7 +408,7 @@ def csr_case(batch):
 
 if case:  # child: run one case, print its JSON as the last line
     name, *args = json.loads(case)
-    fn = dict(loss=loss_case, sft=sft_case, gen=gen_case, dpo=dpo_case, csr=csr_case)[name]
+    fn = dict(loss=loss_case, sft=sft_case, gen=gen_case, dpo=dpo_case, data=data_case, csr=csr_case)[name]
     print(json.dumps(fn(*args)))
     sys.exit(0)
 
@@ -470,6 +549,35 @@ if which in ("dpo", "all"):
         print(f"{'LoRA' if lora else 'full':>8s} {ref:>13s} {fmt_mem(r['mem']):>10s} {1e3 * r['sec']:6.0f}ms"
               + (f" {r['mem_vs_copy']:9.2f} {r['mem_vs_full_copy']:13.2f}" if "mem_vs_copy" in r else ""))
     results["dpo"] = rows
+
+if which in ("data", "all"):
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.time()
+        path = write_llava_file(d, data_records)
+        print(f"\nstart-up on {data_records:,} generated LLaVA-format records ({os.path.getsize(path) / 2 ** 20:.0f} MB, "
+              f"written in {time.time() - t0:.0f}s): parse + validate (template, tokens, image header), each rank in its own process")
+        done = run_rounds([("data", path, 1, 0), ("data", path, data_ranks, 0), ("data", path, data_ranks, 2)])
+        rows = []
+        print(f"{'validation':>44s} {'parse':>7s} {'validate':>9s} {'total':>7s} {'peak RSS':>9s}")
+        for (_, _, world, workers), r in done.items():
+            label = ("every rank, all records (before)" if world == 1 else f"one rank's share of {world} (after)") + \
+                (f", {workers} workers" if workers else "")
+            r.update(world=world, workers=workers, label=label)
+            rows.append(r)
+            print(f"{label:>44s} " + (f"{r['load_sec']:6.1f}s {r['check_sec']:8.1f}s {r['sec']:6.1f}s {fmt_mem(r['mem']):>9s}"
+                                       if "error" not in r else f"error: {r['error'][:80]}"))
+        if all("error" not in r for r in rows):
+            print(f"after / before: {rows[1]['sec'] / rows[0]['sec']:.2f}x start-up time ({rows[2]['sec'] / rows[0]['sec']:.2f}x "
+                  f"with 2 workers); the gather moves "
+                  f"{rows[0]['verdicts_mb']:.1f} MB of verdicts to every rank")
+            lengths = tuple(json.load(open(path + ".lengths.json")))
+            pads = [padding_figures(lengths, g) for g in (0, 1, 16, 50)]
+            print(f"\nmicro-batches of {data_steps} steps at global batch 128 = 8 ranks x 16 (LLaVA-1.5 stage 2)")
+            print(f"{'group_by_length':>15s} {'padding share':>13s} {'mixed-modality':>14s} {'step cost vs random':>19s}")
+            for p in pads:
+                p["step_cost_ratio"] = p["step_cost"] / pads[0]["step_cost"]
+                print(f"{p['group']:15d} {p['padding']:13.1%} {p['mixed']:14.1%} {p['step_cost_ratio']:19.2f}")
+        results["data"] = dict(startup=rows, padding=pads if all("error" not in r for r in rows) else None)
 
 if which in ("csr", "all"):
     print(f"\nCSR sentence-tree search, {csr_prompts} shapes prompts, K 5 diverse proposals, best 1 + worst 2 kept"

@@ -131,7 +131,7 @@ def make_dataset(spec):
     ds = D.PairDataset(D.load_pairs(spec, image_root), tok, vlm.image_processor, template, vlm.image_token_id,
                        vlm.num_image_tokens, image_root, max_len=max_len, pad_to_square=pad_to_square,
                        skip_bad=skip_bad, max_words=max_words, drop_eos=drop_eos)
-    good = ds.validate(True, dist.rank, dist.world_size)  # every image file is there, before a step is taken
+    good = ds.validate(True, dist.rank, dist.world_size, num_workers)  # every image file is there, before a step is taken
     if ds.skipped:
         log(f"{spec}: skipping {sum(ds.skipped.values())} of {len(ds)} pairs: {dict(ds.skipped)}")
     return ds, good

@@ -50,7 +50,7 @@ check_images = "header"    # before step 1, split over the ranks: 'header' opens
                            # file stops, or is skipped, now, not hours in), 'full' decodes every image (truncated files too), 'none'
 pad_to_square = True       # LLaVA-1.5: pad images to square with the processor's mean colour
 group_by_length = 0        # k > 0: sort windows of k global batches by modality and length (less padding; see data.batch_indices)
-num_workers = 0            # DataLoader workers for image decoding (use 4-8 on GPU machines)
+num_workers = 0            # DataLoader workers for image decoding, and processes for validating the data (use 4-8 on GPU machines)
 # model: pretrained parts (init_from='parts': both; 'scratch': the vision tower only)
 lm_path = "models/shapes/lm"        # e.g. 'lmsys/vicuna-7b-v1.5'; the shapes world ships a tiny pretrained LM
 vision_path = "models/shapes/clip"  # e.g. 'openai/clip-vit-large-patch14-336'; the shapes world ships a tiny pretrained CLIP
@@ -144,7 +144,7 @@ def make_dataset(spec):
                       vlm.num_image_tokens, image_root, max_len=max_len, pad_to_square=pad_to_square, skip_bad=skip_bad)
     if check_images not in ("header", "full", "none"):
         raise ConfigError(f"check_images must be 'header', 'full' or 'none', got {check_images!r}")
-    good = ds.validate({"header": True, "full": "full", "none": False}[check_images], dist.rank, dist.world_size)  # split over the ranks, gathered: the same verdicts everywhere
+    good = ds.validate({"header": True, "full": "full", "none": False}[check_images], dist.rank, dist.world_size, num_workers)  # split over the ranks, gathered: the same verdicts everywhere
     if ds.skipped:
         log(f"{spec}: skipping {sum(ds.skipped.values())} of {len(ds)} samples: {dict(ds.skipped)}")
     return ds, good

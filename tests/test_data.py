@@ -442,6 +442,15 @@ def test_length_grouping_keeps_the_batches_and_cuts_padding():
     assert pad_grouped < 0.5 * pad_plain, (pad_grouped, pad_plain)
 
 
+def test_validation_in_worker_processes_gives_the_same_verdicts(tiny_tokenizer):
+    recs = [{"id": str(i), "conversations": [{"from": "human", "value": "Is there a red circle?"},
+                                             {"from": "gpt", "value": "Yes. " * (i % 50 + 1) if i % 700 else ""}]}
+            for i in range(2500)]  # every 700th answer is empty: an error the verdicts must carry
+    ds = SFTDataset(recs, tiny_tokenizer, None, "vicuna_v1", 4, 16, None, max_len=256)
+    serial = ds.check()
+    assert serial == ds.check(workers=2) and sum(isinstance(v, tuple) for v in serial.values()) == 4
+
+
 def test_micro_batches():
     assert micro_batches([1, 2, 3, 4, 5], 2) == [[1, 2], [3, 4], [5]]
     assert micro_batches([], 2) == []
