@@ -163,7 +163,7 @@ if ref_model is not None and run.dist.ddp and distributed == "fsdp":
     M.shard_fsdp(ref_model, run.ptdtype if run.ptdtype != torch.float32 else None)
 model, raw, fsdp, autocast = T.wrap(vlm, run, distributed, compile)
 optimizer = M.configure_optimizer(raw, lrs, weight_decay, (beta1, beta2), fused=dev.type == "cuda")
-start_step = T.resume(optimizer, raw, fsdp, resume_state)
+start_step = T.resume(optimizer, raw, fsdp, resume_state, out_dir)
 trainable = [p for p in raw.parameters() if p.requires_grad]
 log(f"training {sum(p.numel() for p in trainable) / 1e6:.3f}M of {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters")
 

@@ -611,7 +611,7 @@ class VLM(nn.Module):
         """Our checkpoint directory: config.json, model.safetensors, tokenizer and image-processor files.
         Written into a temporary directory next to `path`, then swapped in, so a crash never leaves a
         half-written checkpoint under the real name."""
-        with _atomic_dir(path) as tmp:
+        with atomic_dir(path) as tmp:
             self._write(tmp)
 
     def _write(self, d, state_dict=None):
@@ -638,7 +638,7 @@ class VLM(nn.Module):
             "vision_feature_select_strategy": self.config["vision_feature_select_strategy"],
             "tie_word_embeddings": bool(self.lm.config.tie_word_embeddings),
         }
-        with _atomic_dir(path) as tmp:
+        with atomic_dir(path) as tmp:
             save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
             _write_json(os.path.join(tmp, "config.json"), cfg)
             self._save_processors(tmp)
@@ -918,14 +918,19 @@ def recover_dir(path):
     return did
 
 
-class _atomic_dir:
-    """with _atomic_dir(path) as d: write the directory's files into d; on leaving the block they
+def partial_dir(path):
+    """Where atomic_dir(path) writes before the swap (other ranks write their shards there too)."""
+    return os.path.abspath(path) + ".partial"
+
+
+class atomic_dir:
+    """with atomic_dir(path) as d: write the directory's files into d; on leaving the block they
     replace `path` as one crash-safe swap (the steps above). An exception inside the block leaves
     `path` as it was."""
 
     def __init__(self, path):
         self.path = os.path.abspath(path)
-        self.partial = self.path + ".partial"
+        self.partial = partial_dir(path)
 
     def __enter__(self):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -1029,11 +1034,16 @@ def save_checkpoint(path, vlm, optimizer_state, state, model_state=None):
     """The model directory (loadable on its own) plus train_state.pt: optimizer, step, RNG, data
     position, config. One atomic directory swap for both, so model and state never disagree.
     model_state: a full state dict gathered from FSDP shards (default: vlm's own)."""
+    with atomic_dir(path) as tmp:
+        write_checkpoint(tmp, vlm, optimizer_state, state, model_state)
+
+
+def write_checkpoint(d, vlm, optimizer_state, state, model_state=None):
+    """save_checkpoint's files, into directory d. optimizer_state 'sharded': it is in d/sharded."""
     train_state = dict(state, optimizer=optimizer_state, rng_cpu=torch.get_rng_state(),
                        rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    with _atomic_dir(path) as tmp:
-        vlm._write(tmp, model_state)
-        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+    vlm._write(d, model_state)
+    torch.save(train_state, os.path.join(d, "train_state.pt"))
 
 
 def load_train_state(path):

@@ -346,7 +346,7 @@ def pretrain_lm(tok, out):
             acc = lookup_accuracy(lm, tok, image_token_id, held_out)
             bar.write(f"step {step + 1} ({time.time() - t0:.0f}s): loss {loss.item():.3f}; held-out lookup "
                       + ", ".join(f"{k} {100 * v:.0f}%" for k, v in acc.items()))
-    with M._atomic_dir(out) as d:  # a crash never leaves half a model directory
+    with M.atomic_dir(out) as d:  # a crash never leaves half a model directory
         lm.save_pretrained(d)
         tok.save_pretrained(d)
     return acc
@@ -505,7 +505,7 @@ def pretrain_clip(tok, out):
         cells = cells.view(len(held_out), 9, 2, len(W.SHAPES) + 1).argmax(-1)
         hs, hc = cell_targets(held_out)
         cell_acc = ((cells[..., 0] == hs).float().mean().item(), (cells[..., 1] == hc).float().mean().item())
-    with M._atomic_dir(out) as d:
+    with M.atomic_dir(out) as d:
         model.save_pretrained(d)
         ctok.save_pretrained(d)
         proc.save_pretrained(d)

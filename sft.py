@@ -184,7 +184,7 @@ if unused:
     log(f"frozen: {len(unused)} vision parameters the chosen feature layer never uses")
 vlm, raw, fsdp, autocast = T.wrap(vlm, run, distributed, compile)
 optimizer = M.configure_optimizer(raw, lrs, weight_decay, (beta1, beta2), fused=dev.type == "cuda")
-start_step = T.resume(optimizer, raw, fsdp, resume_state)
+start_step = T.resume(optimizer, raw, fsdp, resume_state, out_dir)
 trainable = [p for p in raw.parameters() if p.requires_grad]
 
 

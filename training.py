@@ -146,27 +146,41 @@ def clip_grad(params, max_norm):
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def _full_states(raw, optimizer):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(raw, options=full), get_optimizer_state_dict(raw, optimizer, options=full)
-
-
 def save(out_dir, raw, optimizer, run, fsdp, state, model_state=None):
     """Checkpoint: the model directory (loadable on its own) + train_state.pt, swapped in atomically.
-    Under FSDP the full states are gathered to CPU first (a collective: every rank calls this).
     model_state: a function of the full state dict giving (state dict to save, extra train state),
-    e.g. LoRA adapters merged for the model directory, kept apart for resuming."""
+    e.g. LoRA adapters merged for the model directory, kept apart for resuming.
+    Under FSDP (a collective: every rank calls this) the optimizer state is written sharded, see save_sharded."""
     if fsdp:
-        msd, osd = _full_states(raw, optimizer)
-    else:
-        msd, osd = (raw.state_dict() if model_state else None), optimizer.state_dict()
+        return save_sharded(out_dir, raw, optimizer, run, state, model_state)
     if not run.dist.master:
         return
-    extra = {}
+    msd, extra = (raw.state_dict(), {}) if model_state else (None, {})
     if model_state is not None:
         msd, extra = model_state(msd)
-    M.save_checkpoint(out_dir, raw, osd, dict(state, **extra), model_state=msd)
+    M.save_checkpoint(out_dir, raw, optimizer.state_dict(), dict(state, **extra), model_state=msd)
+
+
+def save_sharded(out_dir, raw, optimizer, run, state, model_state=None):
+    """FSDP2: each rank writes its own shards of the model and of AdamW's state (2x the model in fp32:
+    ~56 GB at 7B) with torch.distributed.checkpoint into <checkpoint>/sharded, in parallel, instead of
+    gathering them onto rank 0 while the others wait; the model is also gathered once into the usual
+    model.safetensors (what evaluate.py and the next stage load). One atomic swap for all of it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    msd, osd = get_state_dict(raw, optimizer)  # DTensors: this rank's shards only
+    full = get_model_state_dict(raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    master = run.dist.master
+    with (M.atomic_dir(out_dir) if master else nullcontext(M.partial_dir(out_dir))) as tmp:
+        torch.distributed.barrier()  # the master has made the directory
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=os.path.join(tmp, "sharded"))
+        if master:
+            extra = {}
+            if model_state is not None:
+                full, extra = model_state(full)
+            M.write_checkpoint(tmp, raw, "sharded", dict(state, **extra), model_state=full)
+        torch.distributed.barrier()  # every rank's shards are written before the master swaps the directory in
+    torch.distributed.barrier()
 
 
 def recover(out_dir, run):
@@ -179,11 +193,20 @@ def recover(out_dir, run):
         torch.distributed.barrier()
 
 
-def resume(optimizer, raw, fsdp, resume_state):
-    """Optimizer state and RNG from a checkpoint's train state; returns the step to start from."""
+def resume(optimizer, raw, fsdp, resume_state, out_dir):
+    """Optimizer state and RNG from a checkpoint's train state; returns the step to start from. A
+    sharded checkpoint (FSDP2) is read with torch.distributed.checkpoint: each rank reads its own
+    shards of the model and optimizer (on any number of ranks), never the whole of either."""
     if resume_state is None:
         return 0
-    if fsdp:
+    if resume_state["optimizer"] == "sharded":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        msd, osd = get_state_dict(raw, optimizer)
+        sd = {"model": msd, "optimizer": osd}
+        dcp.load(sd, checkpoint_id=os.path.join(out_dir, "sharded"))
+        set_state_dict(raw, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+    elif fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(raw, optimizer, resume_state["optimizer"], options=StateDictOptions(full_state_dict=True))
     else:

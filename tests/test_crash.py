@@ -94,7 +94,7 @@ def test_exception_while_writing_keeps_the_old_checkpoint(tmp_path):
     path = str(tmp_path / "ckpt")
     a.save_pretrained(path)
     with pytest.raises(RuntimeError, match="disk full"):
-        with M._atomic_dir(path) as d:
+        with M.atomic_dir(path) as d:
             open(os.path.join(d, "config.json"), "w").close()
             raise RuntimeError("disk full")
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
