@@ -2,7 +2,7 @@
 Speed and memory, side by side against the obvious alternative, in one run. Prints tables and writes JSON.
 
     python bench.py                       # everything this machine can run (a few minutes on 2 CPU cores)
-    python bench.py --which=loss          # one section: loss | sft | gen | dpo | data | csr | all
+    python bench.py --which=loss          # one section: loss | sft | gen | dpo | data | plan | csr | all
     python bench.py --rounds=3            # each case 3 times, in turn with its rival (a shared machine's noise)
     python bench.py --device=cuda         # on a GPU: adds our Triton kernel, liger-kernel and
                                           # cut-cross-entropy (when installed) at 7B-like shapes
@@ -25,6 +25,9 @@ Sections:
         whole file (before) vs one rank's share when data_ranks split it (after; the gather of the
         verdicts is a few MB); then the padding share of micro-batches at LLaVA-1.5 stage 2's batch
         (128 = 8 ranks x 16) with group_by_length 0 (random), 1, 16 and 50.
+  plan  a memory plan, COMPUTED from a config's settings (not measured): LLaVA-1.5-7B stage 2 per GPU
+        (sharded fp32 weights, gradients and AdamW state, FSDP2's gathered bf16 blocks, activations with
+        and without gradient checkpointing, the fused loss's buffers, the transient at load).
   csr   calibrated self-rewarding's sentence-tree search (sentence_tree.grow_trees) on the shapes world
         (prepare_shapes.py's prompts, its CLIP as the scorer, csr_model as the VLM): pairs/s and
         sentences/s batched over prompts and live nodes vs one prompt at a time, node by node (one
@@ -50,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-which = "all"            # loss | sft | gen | dpo | data | csr | all
+which = "all"            # loss | sft | gen | dpo | data | plan | csr | all
 device = "auto"          # auto | cpu | cuda
 out = "bench.json"       # results (written atomically)
 repeats = 3              # timed runs per case (median), after one warm-up
@@ -68,6 +71,7 @@ gen_batch, gen_prompt, gen_new = 16, 32, 32  # prompt = image tokens + gen_promp
 dpo_pairs, dpo_lora_r = 4, 16        # pairs per DPO step (8 sequences of sft_seq tokens, sft_answer supervised); LoRA rank
 data_records, data_ranks = 665_000, 8  # the data section: records in the generated file; ranks that split its validation
 data_steps = 500         # steps whose micro-batches the padding figures cover
+plan_config, plan_gpus = "config/llava15_7b_stage2.py", 8  # the plan section: the recipe and its number of GPUs
 csr_model = ""           # the VLM for csr: a checkpoint dir; '' = the world's LM + CLIP tower with a fresh projector
 csr_prompts, csr_batches = 32, [1, 8, 32]  # prompts searched; prompts per batch (1 = node by node as well)
 case = ""                # internal: run one case in this process and print its JSON (the parent sets it)
@@ -375,6 +379,46 @@ def padding_figures(lengths, group, global_batch=128, world=8, micro=16):
                 step_cost=cost)
 
 
+# the published shapes of lmsys/vicuna-7b-v1.5 (Llama-2-7B; vocabulary 32000 + <image>, padded to a multiple
+# of 64 by from_parts) and openai/clip-vit-large-patch14-336 (576 patches), and LLaVA's 2-layer MLP projector
+VICUNA_7B = dict(hidden=4096, inter=11008, layers=32, vocab=32064)
+CLIP_L336 = dict(hidden=1024, inter=4096, layers=24, patches=576)
+
+
+def memory_plan(cfg, gpus):
+    """(rows of (what, GB per GPU), notes): the recipe's per-GPU memory from its settings and the
+    shapes above. bf16 = 2 bytes, fp32 = 4; activations counted per token and layer as the tensors
+    autograd keeps for a Llama block under SDPA (no T x T matrix): 10 x hidden + 4 x intermediate."""
+    h, i, L, V = VICUNA_7B["hidden"], VICUNA_7B["inter"], VICUNA_7B["layers"], VICUNA_7B["vocab"]
+    vh, vi, vL, n_img = CLIP_L336["hidden"], CLIP_L336["inter"], CLIP_L336["layers"], CLIP_L336["patches"]
+    block = 4 * h * h + 3 * h * i + 2 * h
+    lm = L * block + 2 * V * h + h                       # untied embeddings and head
+    vision = vL * (4 * vh * vh + 2 * vh * vi + 9 * vh) + (n_img + 1) * vh + 3 * 14 * 14 * vh
+    proj = vh * h + h + h * h + h
+    train = (lm if cfg["lr_lm"] else 0) + (proj if cfg["lr_projector"] else 0) + (vision if cfg["lr_vision"] else 0)
+    frozen = lm + vision + proj - train
+    shard = gpus if cfg.get("distributed") == "fsdp" else 1
+    tokens = cfg["micro_batch_size"] * cfg["max_len"]     # every micro-batch padded to max_len: the worst case
+    per_layer = tokens * (10 * h + 4 * i) * 2
+    ckpt = cfg.get("gradient_checkpointing", False)
+    acts = L * tokens * h * 2 + per_layer if ckpt else L * per_layer
+    GB = 1e9
+    rows = [("trainable weights, fp32 masters (sharded)", 4 * train / shard / GB),
+            ("their gradients, fp32 (sharded)", 4 * train / shard / GB),
+            ("AdamW's two moments, fp32 (sharded)", 8 * train / shard / GB),
+            ("frozen weights, bf16 (sharded)", 2 * frozen / shard / GB),
+            ("gathered for compute: the root (embeddings, head, projector) + 2 LM blocks, bf16", 2 * (2 * V * h + proj + 2 * block) / GB),
+            ("a block's unsharded fp32 gradients before their reduce-scatter", 4 * block / GB),
+            (f"activations, {tokens:,} tokens, " + ("checkpointed: each block's input + one block's" if ckpt else "every block's"), acts / GB),
+            ("projector activations (the frozen tower keeps none)", cfg["micro_batch_size"] * n_img * (vh + 2 * h) * 2 / GB),
+            ("fused loss: a 1,024-row bf16 logits chunk + the fp32 dL/dW accumulator", (1024 * V * 2 + V * h * 4) / GB)]
+    other = L * per_layer if ckpt else L * tokens * h * 2 + per_layer  # the other setting of gradient_checkpointing
+    notes = dict(params_billion=(lm + vision + proj) / 1e9, trainable_billion=train / 1e9, tokens=tokens,
+                 load_transient_gb=(4 * train + 2 * (frozen)) / GB,  # vlm.to(device) + master_weights, before sharding
+                 activations_other_gb=other / GB, checkpointing=ckpt)
+    return rows, notes
+
+
 def csr_case(batch):
     """CSR's search over csr_prompts prompts, `batch` at a time (batch 1: one node per generate call too)."""
     import hashlib
@@ -578,6 +622,22 @@ if which in ("data", "all"):
                 p["step_cost_ratio"] = p["step_cost"] / pads[0]["step_cost"]
                 print(f"{p['group']:15d} {p['padding']:13.1%} {p['mixed']:14.1%} {p['step_cost_ratio']:19.2f}")
         results["data"] = dict(startup=rows, padding=pads if all("error" not in r for r in rows) else None)
+
+if which in ("plan", "all"):
+    cfg = {}
+    exec(open(plan_config).read(), {}, cfg)  # the recipe's own settings
+    rows, notes = memory_plan(cfg, plan_gpus)
+    total = sum(gb for _, gb in rows)
+    print(f"\nmemory plan, COMPUTED (not measured): {plan_config} on {plan_gpus} GPUs, "
+          f"{notes['params_billion']:.2f}B parameters ({notes['trainable_billion']:.2f}B trained), micro-batch "
+          f"{cfg['micro_batch_size']} x {cfg['max_len']} tokens, {cfg.get('distributed', 'ddp')}")
+    for what, gb in rows:
+        print(f"{gb:8.2f} GB  {what}")
+    print(f"{total:8.2f} GB  per GPU in all, before the CUDA context, NCCL buffers and allocator fragmentation")
+    print(f"{notes['activations_other_gb']:8.2f} GB  activations {'without' if notes['checkpointing'] else 'with'} "
+          f"gradient checkpointing instead")
+    print(f"{notes['load_transient_gb']:8.2f} GB  at load, before sharding: the whole model on each GPU, trainable parts cast to fp32")
+    results["plan"] = dict(config=plan_config, gpus=plan_gpus, rows=dict(rows), total_gb=total, **notes)
 
 if which in ("csr", "all"):
     print(f"\nCSR sentence-tree search, {csr_prompts} shapes prompts, K 5 diverse proposals, best 1 + worst 2 kept"
