@@ -428,7 +428,8 @@ class VLM(nn.Module):
             emb = emb.masked_scatter(image_mask[..., None], feats.to(emb.dtype))
         elif image_mask.any():
             raise ValueError("input_ids contain image tokens but no pixel_values were given")
-        elif self.sharded or (self.training and any(p.requires_grad for p in [*self.vision.parameters(), *self.projector.parameters()])):
+        elif self.sharded or (self.training and any(p.requires_grad for p in
+                                                    [*self.vision.parameters(), *self.projector.parameters()])):
             # a text-only batch: touch the vision path with zero weight so DDP sees every trainable
             # parameter used on every rank (otherwise its gradient all-reduce hangs or errors); under
             # FSDP2, trained or not, in eval too: the other ranks all-gather the vision blocks and wait for this one

@@ -144,7 +144,8 @@ def make_dataset(spec):
                       vlm.num_image_tokens, image_root, max_len=max_len, pad_to_square=pad_to_square, skip_bad=skip_bad)
     if check_images not in ("header", "full", "none"):
         raise ConfigError(f"check_images must be 'header', 'full' or 'none', got {check_images!r}")
-    good = ds.validate({"header": True, "full": "full", "none": False}[check_images], dist.rank, dist.world_size, num_workers)  # split over the ranks, gathered: the same verdicts everywhere
+    # split over the ranks (and num_workers processes each), then gathered: the same verdicts everywhere
+    good = ds.validate({"header": True, "full": "full", "none": False}[check_images], dist.rank, dist.world_size, num_workers)
     if ds.skipped:
         log(f"{spec}: skipping {sum(ds.skipped.values())} of {len(ds)} samples: {dict(ds.skipped)}")
     return ds, good

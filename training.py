@@ -195,8 +195,9 @@ def recover(out_dir, run):
 
 def resume(optimizer, raw, fsdp, resume_state, out_dir):
     """Optimizer state and RNG from a checkpoint's train state; returns the step to start from. A
-    sharded checkpoint (FSDP2) is read with torch.distributed.checkpoint: each rank reads its own
-    shards of the model and optimizer (on any number of ranks), never the whole of either."""
+    sharded checkpoint (FSDP2) is read with torch.distributed.checkpoint: each rank reads only its own
+    shards of AdamW's state and of the model, on any number of ranks. (The model itself was built from
+    the checkpoint's model.safetensors, whole, on every rank: the README's memory plan counts it.)"""
     if resume_state is None:
         return 0
     if resume_state["optimizer"] == "sharded":
