@@ -22,8 +22,8 @@ warmup_ratio = 0.03
 eval_interval = 1000
 num_workers = 8
 # LLaVA groups by modality and length within each global batch; we sort windows of 16 global batches
-# (`python bench.py --which=data`: random 38 % padding; within one batch 17 % but no faster, since a
-# step waits for its slowest rank; windows of 16: 2 %, a 0.57x step-time proxy)
+# (`python bench.py --which=data`: random 38 % padding; within one batch 16 % but no faster, since a
+# step waits for its slowest rank; windows of 16: 1.7 %, a 0.57x step-time proxy)
 group_by_length = 16
 gradient_checkpointing = True
 distributed = "fsdp"          # 7B weights + grads + AdamW state (~112 GB in fp32) must be sharded over the 8 GPUs
