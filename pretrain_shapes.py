@@ -40,7 +40,10 @@ changed) added as hard negatives (NegCLIP), so its score tells a true sentence f
 what calibrated self-rewarding needs of it. Its vision tower is also what the VLM sees through, so
 its penultimate-layer patch features are additionally trained to name each cell's shape and colour
 (a linear probe trained with it, dropped afterwards): real CLIP features separate objects in patches;
-a 0.4M-parameter one learns that in seconds only with the help.
+a 0.4M-parameter one learns that in seconds only with the help. A second probe reads each patch's
+row and column; clip_position sets how much of its gradient reaches the features (0, the default
+and the shipped CLIP: none, the probe only measures; the features then barely know where a patch is,
+and the VLM's position answers are near chance: see the README).
 """
 
 import copy
@@ -86,6 +89,7 @@ clip_batch = 128
 clip_lr = 2e-3
 clip_scenes = 20000
 clip_embd = 64          # projection (joint embedding) size
+clip_position = 0.0     # how much a per-patch row / column probe trains the patch features (0 = it only reads them)
 # -----------------------------------------------------------------------------
 _config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 
@@ -455,7 +459,11 @@ def pretrain_clip(tok, out):
     pixels, held_pixels = render_pixels(scenes, proc), render_pixels(held_out, proc)
     shape_y, color_y = cell_targets(scenes)
     probe = torch.nn.Linear(vision_cfg['hidden_size'], 2 * (len(W.SHAPES) + 1))
-    params = list(model.parameters()) + list(probe.parameters())
+    with torch.random.fork_rng():  # its own random stream: with clip_position=0 the CLIP is the one trained without it
+        torch.manual_seed(seed + 1)
+        where_probe = torch.nn.Linear(vision_cfg['hidden_size'], 6)  # a patch's row (3) and column (3)
+    rows, cols = torch.arange(9).div(3, rounding_mode='floor'), torch.arange(9) % 3
+    params = list(model.parameters()) + list(probe.parameters()) + list(where_probe.parameters())
     opt = torch.optim.AdamW(params, lr=clip_lr, weight_decay=0.0)
     rng = random.Random(f"{seed}:clip:sentences")
     gen = torch.Generator().manual_seed(seed)
@@ -488,23 +496,33 @@ def pretrain_clip(tok, out):
         hard.scatter_(1, own, 0)
         target = torch.arange(B)
         contrastive = (F.cross_entropy(logits + hard, target) + F.cross_entropy(logits[:, :B].T, target)) / 2
-        cells = probe(vis.hidden_states[-2][:, 1:]).view(B, 9, 2, len(W.SHAPES) + 1)
+        feats = vis.hidden_states[-2][:, 1:]
+        cells = probe(feats).view(B, 9, 2, len(W.SHAPES) + 1)
         cell_loss = F.cross_entropy(cells[:, :, 0].flatten(0, 1), shape_y[idx].flatten()) + \
             F.cross_entropy(cells[:, :, 1].flatten(0, 1), color_y[idx].flatten())
-        loss = contrastive + cell_loss
+        # Where a patch is. The LM's slots hold their cell's row and column words, so the projector has to
+        # write them, which it can only if the features carry them. The probe always learns to read them;
+        # the features get clip_position of its gradient (same values, gradient scaled; 0 = a pure probe)
+        f = clip_position * feats + (1 - clip_position) * feats.detach()
+        w = where_probe(f)
+        where = F.cross_entropy(w[..., :3].flatten(0, 1), rows.repeat(B)) + F.cross_entropy(w[..., 3:].flatten(0, 1), cols.repeat(B))
+        loss = contrastive + cell_loss + where
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(contrastive=f"{contrastive.item():.3f}", cells=f"{cell_loss.item():.3f}")
+        bar.set_postfix(contrastive=f"{contrastive.item():.3f}", cells=f"{cell_loss.item():.3f}", where=f"{where.item():.3f}")
         if (step + 1) % 500 == 0 or step + 1 == clip_steps:
             check = clip_check(model, ctok, held_pixels, held_out)
             bar.write(f"step {step + 1} ({time.time() - t0:.0f}s): true sentence above the altered one on held-out "
                       "scenes: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in check.items()))
     with torch.no_grad():
-        cells = probe(model.vision_model(pixel_values=held_pixels, output_hidden_states=True).hidden_states[-2][:, 1:])
-        cells = cells.view(len(held_out), 9, 2, len(W.SHAPES) + 1).argmax(-1)
+        feats = model.vision_model(pixel_values=held_pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        cells = probe(feats).view(len(held_out), 9, 2, len(W.SHAPES) + 1).argmax(-1)
         hs, hc = cell_targets(held_out)
-        cell_acc = ((cells[..., 0] == hs).float().mean().item(), (cells[..., 1] == hc).float().mean().item())
+        w = where_probe(feats)
+        cell_where = (w[..., :3].argmax(-1) == rows) & (w[..., 3:].argmax(-1) == cols)
+        cell_acc = ((cells[..., 0] == hs).float().mean().item(), (cells[..., 1] == hc).float().mean().item(),
+                    cell_where.float().mean().item())
     with M.atomic_dir(out) as d:
         model.save_pretrained(d)
         ctok.save_pretrained(d)
@@ -525,7 +543,8 @@ def main():
         check, cell_acc = pretrain_clip(tok, os.path.join(out_dir, 'clip'))
         print(f"{out_dir}/clip: {clip_steps} steps in {time.time() - t:.0f}s; on held-out scenes a true sentence scores "
               f"above it altered in " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in check.items())
-              + f" of cases; per-cell shape / colour from the patch features {100 * cell_acc[0]:.1f}% / {100 * cell_acc[1]:.1f}%")
+              + " of cases; a linear probe on the patch features reads each cell's shape / colour / row and column in "
+              + " / ".join(f"{100 * a:.1f}%" for a in cell_acc))
     if which in ('all', 'lm'):
         t = time.time()
         acc = pretrain_lm(tok, os.path.join(out_dir, 'lm'))
