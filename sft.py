@@ -159,7 +159,8 @@ log(f"{len(train_idx)} training samples, global batch {global_batch_size} = {mic
 
 
 # each sample's token count, negative when it has no image: what group_by_length sorts by
-lengths = tuple(train_ds.lengths[i] * (1 if D.record_images(train_ds.records[i]) else -1) for i in train_idx)
+lengths = tuple(train_ds.lengths[i] * (1 if D.record_images(train_ds.records[i]) else -1)
+                for i in train_idx) if group_by_length else None
 
 
 def step_batches(start):

@@ -155,30 +155,27 @@ def save(out_dir, raw, optimizer, run, fsdp, state, model_state=None):
         return save_sharded(out_dir, raw, optimizer, run, state, model_state)
     if not run.dist.master:
         return
-    msd, extra = (raw.state_dict(), {}) if model_state else (None, {})
-    if model_state is not None:
-        msd, extra = model_state(msd)
+    msd, extra = model_state(raw.state_dict()) if model_state else (None, {})
     M.save_checkpoint(out_dir, raw, optimizer.state_dict(), dict(state, **extra), model_state=msd)
 
 
 def save_sharded(out_dir, raw, optimizer, run, state, model_state=None):
-    """FSDP2: each rank writes its own shards of the model and of AdamW's state (2x the model in fp32:
-    ~56 GB at 7B) with torch.distributed.checkpoint into <checkpoint>/sharded, in parallel, instead of
-    gathering them onto rank 0 while the others wait; the model is also gathered once into the usual
-    model.safetensors (what evaluate.py and the next stage load). One atomic swap for all of it."""
+    """FSDP2: each rank writes its own shards of AdamW's state (2x the model in fp32: ~56 GB at 7B)
+    with torch.distributed.checkpoint into <checkpoint>/sharded, in parallel, instead of gathering
+    them onto rank 0 while the others wait; the model, gathered once, goes into the usual
+    model.safetensors (what evaluate.py, the next stage and a resume load). One atomic swap for all."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-    msd, osd = get_state_dict(raw, optimizer)  # DTensors: this rank's shards only
+    # DTensors: this rank's shards (get_optimizer_state_dict on its own raised KeyError 0 here, torch 2.13)
+    osd = get_state_dict(raw, optimizer)[1]
     full = get_model_state_dict(raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     master = run.dist.master
     with (M.atomic_dir(out_dir) if master else nullcontext(M.partial_dir(out_dir))) as tmp:
         torch.distributed.barrier()  # the master has made the directory
-        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=os.path.join(tmp, "sharded"))
+        dcp.save({"optimizer": osd}, checkpoint_id=os.path.join(tmp, "sharded"))
         if master:
-            extra = {}
-            if model_state is not None:
-                full, extra = model_state(full)
-            M.write_checkpoint(tmp, raw, "sharded", dict(state, **extra), model_state=full)
+            msd, extra = model_state(full) if model_state else (full, {})
+            M.write_checkpoint(tmp, raw, "sharded", dict(state, **extra), model_state=msd)
         torch.distributed.barrier()  # every rank's shards are written before the master swaps the directory in
     torch.distributed.barrier()
 
@@ -196,17 +193,16 @@ def recover(out_dir, run):
 def resume(optimizer, raw, fsdp, resume_state, out_dir):
     """Optimizer state and RNG from a checkpoint's train state; returns the step to start from. A
     sharded checkpoint (FSDP2) is read with torch.distributed.checkpoint: each rank reads only its own
-    shards of AdamW's state and of the model, on any number of ranks. (The model itself was built from
-    the checkpoint's model.safetensors, whole, on every rank: the README's memory plan counts it.)"""
+    shards of AdamW's state, on any number of ranks. (The model was built from the checkpoint's
+    model.safetensors, whole, on every rank: the README's memory plan counts it.)"""
     if resume_state is None:
         return 0
     if resume_state["optimizer"] == "sharded":
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-        msd, osd = get_state_dict(raw, optimizer)
-        sd = {"model": msd, "optimizer": osd}
-        dcp.load(sd, checkpoint_id=os.path.join(out_dir, "sharded"))
-        set_state_dict(raw, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+        sd = {"optimizer": get_optimizer_state_dict(raw, optimizer)}
+        dcp.load(sd, checkpoint_id=os.path.join(out_dir, "sharded"))  # fills this rank's shards in place
+        set_optimizer_state_dict(raw, optimizer, sd["optimizer"])
     elif fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(raw, optimizer, resume_state["optimizer"], options=StateDictOptions(full_state_dict=True))
