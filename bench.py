@@ -414,7 +414,9 @@ def memory_plan(cfg, gpus):
             ("fused loss: a 1,024-row bf16 logits chunk + the fp32 dL/dW accumulator", (1024 * V * 2 + V * h * 4) / GB)]
     other = L * per_layer if ckpt else L * tokens * h * 2 + per_layer  # the other setting of gradient_checkpointing
     notes = dict(params_billion=(lm + vision + proj) / 1e9, trainable_billion=train / 1e9, tokens=tokens,
-                 load_transient_gb=(4 * train + 2 * (frozen)) / GB,  # vlm.to(device) + master_weights, before sharding
+                 # loading (training.build / shard): rank 0 alone holds the model in host memory, trained parts
+                 # cast to fp32; fully_shard moves it to the GPUs one group at a time (the root, or a block)
+                 load_host_gb=(4 * train + 2 * frozen) / GB, load_gpu_gb=4 * max(2 * V * h + proj, block) / GB,
                  activations_other_gb=other / GB, checkpointing=ckpt)
     return rows, notes
 
@@ -636,7 +638,10 @@ if which in ("plan", "all"):
     print(f"{total:8.2f} GB  per GPU in all, before the CUDA context, NCCL buffers and allocator fragmentation")
     print(f"{notes['activations_other_gb']:8.2f} GB  activations {'without' if notes['checkpointing'] else 'with'} "
           f"gradient checkpointing instead")
-    print(f"{notes['load_transient_gb']:8.2f} GB  at load, before sharding: the whole model on each GPU, trainable parts cast to fp32")
+    print(f"{notes['load_host_gb']:8.2f} GB  at load, in rank 0's host memory alone: the whole model, trainable parts in fp32 "
+          f"(the other ranks build it on the meta device)")
+    print(f"{notes['load_gpu_gb']:8.2f} GB  at load, on a GPU on top of its shards: the largest group (root or block) in fp32, "
+          f"whole, until fully_shard keeps its slice")
     results["plan"] = dict(config=plan_config, gpus=plan_gpus, rows=dict(rows), total_gb=total, **notes)
 
 if which in ("csr", "all"):

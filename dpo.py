@@ -108,23 +108,21 @@ T.recover(out_dir, run)  # finish (or undo) a checkpoint write a kill interrupte
 
 # model: the policy, and where the reference comes from ------------------------------
 resume_state, base_from = T.resume_point(init_from, out_dir)  # base_from: the starting model
-if resume_state and not lora_r:
-    vlm = M.VLM.from_pretrained(out_dir)
+policy_from = out_dir if resume_state and not lora_r else base_from  # (LoRA resumes from its start + adapters)
+vlm = T.build(lambda: M.VLM.from_pretrained(policy_from), run, distributed)  # FSDP2: only rank 0 reads it
+if resume_state:
     log(f"resuming from {out_dir} at step {resume_state['step']}")
-else:
-    vlm = M.VLM.from_pretrained(base_from)
 template = template or vlm.config["template"]
 pad_to_square = vlm.config.get("pad_to_square", True)
 tok = vlm.tokenizer
 ref_model = None
 if reference == "copy":  # the starting model, before any adapter: frozen, in eval mode
-    ref_model = copy.deepcopy(vlm) if not resume_state else M.VLM.from_pretrained(base_from)
-    T.master_weights(ref_model.eval().requires_grad_(False), run).to(dev)
+    ref_model = copy.deepcopy(vlm) if not resume_state else T.build(lambda: M.VLM.from_pretrained(base_from), run, distributed)
+    T.master_weights(ref_model.eval().requires_grad_(False), run)
 if lora_r:
     T.add_lora(vlm, lora_r, lora_alpha, lora_dropout, lora_targets, resume_state, out_dir, log)
 if gradient_checkpointing:
     vlm.lm.gradient_checkpointing_enable()
-vlm.to(dev)
 
 # data ---------------------------------------------------------------------------
 def make_dataset(spec):
@@ -159,8 +157,8 @@ def to_dev(batch):
 lrs = {"vision": lr_vision, "projector": lr_projector, "lm": lr_lm}
 M.set_trainable(vlm, lrs)
 T.master_weights(vlm, run)
-if ref_model is not None and run.dist.ddp and distributed == "fsdp":
-    M.shard_fsdp(ref_model, run.ptdtype if run.ptdtype != torch.float32 else None)
+if ref_model is not None:  # sharded like the policy (its shards from rank 0), or moved whole
+    T.shard(ref_model, run) if run.dist.ddp and distributed == "fsdp" else ref_model.to(dev)
 model, raw, fsdp, autocast = T.wrap(vlm, run, distributed, compile)
 optimizer = M.configure_optimizer(raw, lrs, weight_decay, (beta1, beta2), fused=dev.type == "cuda")
 start_step = T.resume(optimizer, raw, fsdp, resume_state, out_dir)

@@ -107,25 +107,31 @@ resume_state, start_from = T.resume_point(init_from, out_dir)
 if lora_r and start_from == "scratch":
     raise ConfigError("LoRA adapts a pretrained LM: use init_from=parts or a checkpoint, not scratch")
 source = start_from if lora_r else init_from
-if source == "scratch":
-    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig
-    tok = AutoTokenizer.from_pretrained(tokenizer_path or "data/shapes/tokenizer")
-    vision = vision_path or CLIPVisionConfig(hidden_size=vision_n_embd, intermediate_size=4 * vision_n_embd,
-                                             num_hidden_layers=vision_n_layer, num_attention_heads=vision_n_head,
-                                             image_size=image_size, patch_size=patch_size)
-    tcfg = LlamaConfig(vocab_size=len(tok), hidden_size=n_embd, intermediate_size=4 * n_embd, num_hidden_layers=n_layer,
-                       num_attention_heads=n_head, num_key_value_heads=n_head, max_position_embeddings=max(max_len, 512),
-                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id)
-    vlm = M.VLM.from_parts(lm=tcfg, vision=vision, tokenizer=tok, projector_type=projector_type,
-                           vision_feature_layer=vision_feature_layer, template=template)
-elif source == "parts":
-    vlm = M.VLM.from_parts(lm=lm_path, vision=vision_path, tokenizer=tokenizer_path, projector_type=projector_type,
-                           vision_feature_layer=vision_feature_layer, template=template)
-else:
-    vlm = M.VLM.from_pretrained(out_dir if source == "resume" else source)
-    if source == "resume":
-        log(f"resuming from {out_dir} at step {resume_state['step']}")
+
+
+def load_model():
+    """The starting model (under FSDP2 only rank 0 calls this: T.build)."""
+    if source == "scratch":
+        from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig
+        tok = AutoTokenizer.from_pretrained(tokenizer_path or "data/shapes/tokenizer")
+        vision = vision_path or CLIPVisionConfig(hidden_size=vision_n_embd, intermediate_size=4 * vision_n_embd,
+                                                 num_hidden_layers=vision_n_layer, num_attention_heads=vision_n_head,
+                                                 image_size=image_size, patch_size=patch_size)
+        tcfg = LlamaConfig(vocab_size=len(tok), hidden_size=n_embd, intermediate_size=4 * n_embd, num_hidden_layers=n_layer,
+                           num_attention_heads=n_head, num_key_value_heads=n_head, max_position_embeddings=max(max_len, 512),
+                           tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)
+        return M.VLM.from_parts(lm=tcfg, vision=vision, tokenizer=tok, projector_type=projector_type,
+                                vision_feature_layer=vision_feature_layer, template=template)
+    if source == "parts":
+        return M.VLM.from_parts(lm=lm_path, vision=vision_path, tokenizer=tokenizer_path, projector_type=projector_type,
+                                vision_feature_layer=vision_feature_layer, template=template)
+    return M.VLM.from_pretrained(out_dir if source == "resume" else source)
+
+
+vlm = T.build(load_model, run, distributed)
+if source == "resume":
+    log(f"resuming from {out_dir} at step {resume_state['step']}")
 if lora_r:
     T.add_lora(vlm, lora_r, lora_alpha, lora_dropout, lora_targets, resume_state, out_dir, log)
 vlm.config["template"] = template
@@ -133,7 +139,6 @@ vlm.config["pad_to_square"] = pad_to_square
 tok = vlm.tokenizer
 if gradient_checkpointing:
     vlm.lm.gradient_checkpointing_enable()
-vlm.to(dev)
 n_params = sum(p.numel() for p in vlm.parameters())
 log(f"model: {n_params / 1e6:.2f}M parameters ({', '.join(f'{p} {sum(q.numel() for n, q in vlm.named_parameters() if M.part_of(n) == p) / 1e6:.2f}M' for p in M.PARTS)}), "
     f"{vlm.num_image_tokens} tokens per image")

@@ -6,7 +6,11 @@ top to bottom (as nanochat's chat_sft.py and chat_rl.py share common.py and chec
     resume_point   the train state of a resumed run and the model the run started from
     add_lora, lora_merged   LoRA adapters on the LM (resuming: the starting model + the saved adapters),
                    and the checkpoint's merged weights
-    wrap           FSDP2 sharding or DDP, optional torch.compile; returns the wrapped and the raw module
+    build          the starting model; under FSDP2 only rank 0 reads its weights, the others build it on
+                   the meta device (no memory)
+    master_weights trainable parameters in fp32, frozen ones in the compute dtype
+    wrap, shard    FSDP2 sharding (every rank's shards filled from rank 0) or DDP, optional torch.compile;
+                   returns the wrapped and the raw module
     grad_sync      the context that all-reduces gradients only on a step's last micro-batch
     steps          gradient accumulation, number of steps and warmup steps from the batch sizes and epochs
     set_lr         the schedule factor applied to every group's base lr
@@ -64,6 +68,30 @@ def resume_point(init_from, out_dir):
     return state, json.loads(state["config"])["init_from"]
 
 
+def build(load, run, distributed="ddp"):
+    """The starting model, as load() reads it (weights, tokenizer, image processor). Under FSDP2 only
+    rank 0 calls load(): at 7B each rank reading the checkpoint would hold its own 14-28 GB copy in
+    host memory (8 per node) only to keep 1/8 of it after sharding. The other ranks get rank 0's
+    config, tokenizer and image processor and build the same modules on the meta device (shapes and
+    dtypes, no storage); shard() then fills every rank's shards from rank 0's weights."""
+    if not (run.dist.ddp and distributed == "fsdp"):
+        return load()
+    vlm = load() if run.dist.master else None
+    got = [(vlm.config, vlm.tokenizer, vlm.image_processor) if vlm is not None else None]
+    torch.distributed.broadcast_object_list(got, src=0)
+    if vlm is None:
+        config, tokenizer, image_processor = got[0]
+        with torch.device("meta"):
+            vlm = M.VLM(config)
+        vlm.tokenizer, vlm.image_processor = tokenizer, image_processor
+    return vlm
+
+
+def on_meta(vlm):
+    """True on the ranks build() gave a model without storage (nothing to read into it yet)."""
+    return any(p.is_meta for p in vlm.parameters())
+
+
 def master_weights(vlm, run):
     """Trainable parameters (hence AdamW's state) in fp32, frozen ones in the run's compute dtype.
     Checkpoints come in fp16 (Vicuna, llava-hf; transformers loads them as stored): trained in fp16
@@ -80,17 +108,43 @@ def master_weights(vlm, run):
 def wrap(vlm, run, distributed="ddp", compile=False):
     """(model to call in the loop, raw module, fsdp?, autocast to use). FSDP2 (distributed='fsdp'
     under torchrun) casts parameters to the run's dtype itself, so it needs no autocast. Call after
-    set_trainable and before building the optimizer (FSDP replaces parameters with sharded ones)."""
+    set_trainable and before building the optimizer (FSDP replaces parameters with sharded ones).
+    The model comes in on the CPU (or the meta device, see build) and leaves on the run's device."""
     fsdp = run.dist.ddp and distributed == "fsdp"
     autocast = run.autocast
     if fsdp:
-        M.shard_fsdp(vlm, run.ptdtype if run.ptdtype != torch.float32 else None)
+        shard(vlm, run)
         autocast = nullcontext()
+    else:
+        vlm.to(run.device)
     model = torch.compile(vlm) if compile else vlm
     if run.dist.ddp and not fsdp:
         dev = run.device
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.dist.local_rank] if dev.type == "cuda" else None)
     return model, vlm, fsdp, autocast
+
+
+def shard(vlm, run):
+    """FSDP2-shard vlm (model.shard_fsdp) and fill every rank's shards from rank 0's weights. Sharding
+    a model that is still on the CPU moves it to the GPU one block at a time (fully_shard moves a
+    group's parameters, then keeps this rank's slice), so no GPU ever holds the whole model; the ranks
+    that built it on the meta device get storage for their slices, which torch.distributed.checkpoint's
+    set_model_state_dict fills from rank 0's full state dict one tensor at a time. Buffers (rotary
+    tables, position ids: not sharded, and not all in the state dict) are rank 0's too."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    master = run.dist.master
+    full = vlm.state_dict() if master else {}  # before sharding: rank 0's tensors, whole
+    buffers = [{n: b.cpu() for n, b in vlm.named_buffers()} if master else None]
+    M.shard_fsdp(vlm, run.ptdtype if run.ptdtype != torch.float32 else None)
+    if on_meta(vlm):
+        vlm.to_empty(device=run.device)
+    set_model_state_dict(vlm, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    torch.distributed.broadcast_object_list(buffers, src=0)
+    if not master:
+        for name, b in buffers[0].items():
+            owner, _, attr = name.rpartition(".")
+            setattr(vlm.get_submodule(owner), attr, b.to(run.device))
+    return vlm
 
 
 def grad_sync(model, raw, run, fsdp, on):
@@ -122,7 +176,7 @@ def add_lora(vlm, r, alpha, dropout, targets, resume_state, out_dir, log):
     every other weight (a trained projector) comes from out_dir's checkpoint, which holds them merged."""
     names = M.add_lora(vlm, r, alpha, dropout, targets)
     log(f"LoRA r {r}, alpha {alpha} on {len(names)} layers ({names[0]}, ...)")
-    if resume_state:
+    if resume_state and not on_meta(vlm):  # (on the meta device nothing is read: shard() fills it from rank 0)
         saved = M.VLM.from_pretrained(out_dir).state_dict()
         adapted = {n + suffix for n in names for suffix in (".weight", ".bias")}
         vlm.load_state_dict({k: v for k, v in saved.items() if k not in adapted}, strict=False)
@@ -193,8 +247,8 @@ def recover(out_dir, run):
 def resume(optimizer, raw, fsdp, resume_state, out_dir):
     """Optimizer state and RNG from a checkpoint's train state; returns the step to start from. A
     sharded checkpoint (FSDP2) is read with torch.distributed.checkpoint: each rank reads only its own
-    shards of AdamW's state, on any number of ranks. (The model was built from the checkpoint's
-    model.safetensors, whole, on every rank: the README's memory plan counts it.)"""
+    shards of AdamW's state, on any number of ranks. (The model came from the checkpoint's
+    model.safetensors, read by rank 0 alone: build / shard.)"""
     if resume_state is None:
         return 0
     if resume_state["optimizer"] == "sharded":

@@ -4,6 +4,7 @@ micro-batch is text-only (no vision all-gathers) or whose generation ends first 
 would leave the other waiting forever; each rank's results must equal one unsharded process's on the
 same inputs. Data validation is split over the ranks and gathered: both must end with the verdicts of
 one process (the same good records, skip counts and first error), or they disagree on the steps.
+Only rank 0 reads the model; rank 1 builds it on the meta device and is sent its shards.
 
 Run by the test below under torchrun; `python tests/test_distributed.py OUT` is the worker."""
 import json
@@ -23,7 +24,7 @@ import model as M  # noqa: E402
 
 def tiny_vlm():
     tok = make_tokenizer()
-    v, t = tiny_configs(vocab_size=len(tok))
+    v, t = tiny_configs(vocab_size=len(tok), tie=True)  # tied, as the shapes LM: the meta-device build must keep the tie
     torch.manual_seed(0)
     return M.VLM.from_parts(lm=t, vision=v, tokenizer=tok)
 
@@ -108,11 +109,22 @@ def test_two_ranks_match_one_process(tmp_path):
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"rank {rank}, {k}: {m}")
 
 
+def rank0_only():
+    """What training.build calls on rank 0 only: rank 1 builds on the meta device and gets its shards
+    (and its rotary tables) from rank 0 in training.shard, so it must never read the weights."""
+    assert int(os.environ["RANK"]) == 0, "rank 1 read the weights"
+    return tiny_vlm()
+
+
 if __name__ == "__main__":
     import torch.distributed as dist
-    dist.init_process_group("gloo")
-    rank, d = dist.get_rank(), pathlib.Path(sys.argv[1])
-    vlm = tiny_vlm()
+    import training as T
+    run = T.setup(1, "cpu")
+    rank, d = run.dist.rank, pathlib.Path(sys.argv[1])
+    vlm = T.build(rank0_only, run, "fsdp")
     checked = verdicts(vlm, d, rank, 2)
-    torch.save(dict(results(M.shard_fsdp(vlm), rank), verdicts=checked), d / f"rank{rank}.pt")
+    assert T.on_meta(vlm) == (rank == 1)
+    T.shard(vlm, run)
+    assert vlm.lm.lm_head.weight is vlm.lm.model.embed_tokens.weight
+    torch.save(dict(results(vlm, rank), verdicts=checked), d / f"rank{rank}.pt")
     dist.destroy_process_group()
