@@ -86,6 +86,31 @@ def test_fsdp_sharded_checkpoint_resumes_exactly(shapes, tmp_path):
     assert abs(c[4] - a[4]) < 1e-5 * a[4] and abs(c[6] - a[6]) < 1e-4 * a[6]
 
 
+def test_fsdp_bf16_gradient_checkpointing_resumes_exactly(shapes, tmp_path):
+    """The 7B recipe's settings on 2 gloo ranks: FSDP2 with bf16 compute (its mixed-precision policy:
+    bf16 gathers, fp32 gradient reduction) and activation checkpointing; fp32 masters in the checkpoint;
+    stopped and resumed == uninterrupted, and close to one process under bf16 autocast."""
+    # the tower frozen, as in the recipe (trained in fp32 under CPU autocast, its LayerNorms would see bf16
+    # inputs with fp32 weights, which CPU autocast, unlike CUDA's, does not cast)
+    common = [a for a in shapes + TINY + SCRATCH_VISION if a not in ("--dtype=float32", "--lr_vision=1e-3")] + [
+        "--dtype=bfloat16", "--gradient_checkpointing=True", "--max_steps=4", "--global_batch_size=8",
+        "--micro_batch_size=4", "--eval_interval=2", "--eval_batches=0"]
+    one, full, part = (str(tmp_path / k) for k in ("one", "full", "part"))
+    run(common + [f"--out_dir={one}"])
+    run(common + [f"--out_dir={full}", "--distributed=fsdp"], nproc=2)
+    run(common + [f"--out_dir={part}", "--distributed=fsdp", "--stop_at_step=2"], nproc=2)
+    run(common + [f"--out_dir={part}", "--distributed=fsdp", "--init_from=resume"], nproc=2)
+    a, b, c = ({r["step"]: r["loss"] for r in log(o) if "loss" in r} for o in (full, part, one))
+    assert sorted(b) == [1, 2, 3, 4] and b[3] == a[3] and b[4] == a[4]
+    wa, wb = weights(full), weights(part)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the trained LM and projector are the fp32 masters; the frozen tower was kept (and is saved) in bf16
+    assert {(k.split(".")[0], v.dtype) for k, v in wa.items() if v.is_floating_point()} == {
+        ("lm", torch.float32), ("projector", torch.float32), ("vision", torch.bfloat16)}
+    # one process autocasts, FSDP2 casts the gathered parameters: both bf16 compute, not the same rounding
+    assert all(abs(a[s] - c[s]) < 0.03 * c[s] for s in a), (a, c)
+
+
 def test_short_training_learns(shapes, tmp_path):
     out = str(tmp_path / "learn")
     run(shapes + TINY + ["--n_embd=64", "--max_steps=40", "--global_batch_size=16", "--micro_batch_size=16",
