@@ -56,6 +56,7 @@ max_words = 0              # keep the first N words of chosen and rejected (LLaV
 drop_eos = False           # leave the answers' end-of-turn unsupervised (LLaVA-Reasoner, with truncation)
 skip_bad = False
 num_workers = 0
+group_by_length = 0        # k > 0: sort windows of k global batches by modality and length (less padding; see data.batch_indices)
 # DPO
 beta = 0.1
 loss_type = "sigmoid"      # 'sigmoid' (DPO) | 'robust' (with label_smoothing) | 'ipo' | 'hinge' (model.dpo_loss)
@@ -279,9 +280,15 @@ def checkpoint(step, val):
         T.save(out_dir, raw, optimizer, run, fsdp, state, model_state=T.lora_merged if lora_r else None)
 
 
+# each pair's longer answer in tokens, negative when it has no image: what group_by_length sorts by
+lengths = tuple(train_ds.lengths[i] * (1 if D.record_images(train_ds.records[i]) else -1)
+                for i in train_idx) if group_by_length else None
+
+
 def step_batches(start):
     for step in range(start, max_steps):
-        mine = D.batch_indices(len(train_idx), global_batch_size, step, seed, dist.rank, dist.world_size)
+        mine = D.batch_indices(len(train_idx), global_batch_size, step, seed, dist.rank, dist.world_size,
+                               group_by_length, lengths)
         yield from D.micro_batches([train_idx[i] for i in mine], micro_batch_size)
 
 # training loop --------------------------------------------------------------------

@@ -315,12 +315,13 @@ def test_lora_precomputed_resume_continues_exactly(dpo_setup, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("distributed,reference", [("ddp", "copy"), ("fsdp", "precomputed")])
+@pytest.mark.parametrize("distributed,reference", [("ddp", "copy"), ("fsdp", "copy"), ("fsdp", "precomputed")])
 def test_torchrun_two_processes_match_one(dpo_setup, tmp_path, distributed, reference):
-    """1 process with a frozen copy == 2 ranks (DDP with a copy; FSDP2 with the reference precomputed,
-    each rank its share of the pairs): the same metrics step by step, held-out figures and weights."""
+    """1 process with a frozen copy == 2 ranks (DDP with a copy; FSDP2 with a sharded copy, which rank 1
+    builds on the meta device, or with the reference precomputed, each rank its share of the pairs):
+    the same metrics step by step, held-out figures and weights, with length grouping."""
     common = dpo_setup + ["--max_steps=2", "--global_batch_size=8", "--micro_batch_size=2", "--lr_lm=1e-3",
-                          "--lr_projector=1e-3", "--eval_interval=2", "--sft_weight=0.5"]
+                          "--lr_projector=1e-3", "--eval_interval=2", "--sft_weight=0.5", "--group_by_length=2"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_script("dpo.py", common + [f"--out_dir={one}"])
     run_script("dpo.py", common + [f"--out_dir={two}", f"--distributed={distributed}", f"--reference={reference}"], nproc=2)
