@@ -679,6 +679,12 @@ def epoch_permutation(n, seed, epoch):
     return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist())
 
 
+def grouping_lengths(ds, indices):
+    """What batch_indices' length grouping sorts by, one per index: the sample's token count (a pair's
+    longer answer), negative when it has no image (LLaVA's group_by_modality_length marks them so)."""
+    return tuple(ds.lengths[i] * (1 if record_images(ds.records[i]) else -1) for i in indices)
+
+
 def batch_indices(n, global_batch, step, seed, rank=0, world_size=1, group=0, lengths=None):
     """
     This rank's share of optimizer step `step`'s global batch. The data is an endless stream of

@@ -280,9 +280,7 @@ def checkpoint(step, val):
         T.save(out_dir, raw, optimizer, run, fsdp, state, model_state=T.lora_merged if lora_r else None)
 
 
-# each pair's longer answer in tokens, negative when it has no image: what group_by_length sorts by
-lengths = tuple(train_ds.lengths[i] * (1 if D.record_images(train_ds.records[i]) else -1)
-                for i in train_idx) if group_by_length else None
+lengths = D.grouping_lengths(train_ds, train_idx) if group_by_length else None  # what group_by_length sorts by
 
 
 def step_batches(start):

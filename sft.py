@@ -163,9 +163,7 @@ log(f"{len(train_idx)} training samples, global batch {global_batch_size} = {mic
     f"x {dist.world_size} ranks, {max_steps} steps")
 
 
-# each sample's token count, negative when it has no image: what group_by_length sorts by
-lengths = tuple(train_ds.lengths[i] * (1 if D.record_images(train_ds.records[i]) else -1)
-                for i in train_idx) if group_by_length else None
+lengths = D.grouping_lengths(train_ds, train_idx) if group_by_length else None  # what group_by_length sorts by
 
 
 def step_batches(start):
