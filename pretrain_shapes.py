@@ -83,6 +83,9 @@ lm_lr = 3e-3
 lm_rope_theta = 10000.0
 lm_eval_interval = 500
 slot_positions = 0.3     # the slots also hold their cell's row and column words, at this weight (0 = not)
+lm_prior_noise = 0.0    # share of the chat and caption documents about a scene with a missing partner written as if
+                        # it were there (prepare_shapes' believed_scene; the slots stay true): a language prior, as
+                        # Vicuna's text has one; 0 = truthful text (the shipped LM)
 # CLIP
 clip_steps = 1500
 clip_batch = 128
@@ -188,12 +191,15 @@ def make_documents(scenes, rng, tok, image_token_id, mix):
             segs = [(tok.bos_token_id, False)] + recall_segments(scene, rng, recall_facts)
             ids, labels, _ = D.encode_segments(segs, tok, image_token_id, 9)
         else:
+            told = scene  # the scene the text is about; the slots always hold the true one
+            if lm_prior_noise and kind in ('chat', 'caption') and rng.random() < lm_prior_noise:
+                told = W.believed_scene(scene, rng) or scene
             if kind == 'chat':
-                qas = W.sample_qas(scene, rng, rng.randint(4, 8))
+                qas = W.sample_qas(told, rng, rng.randint(4, 8))
             elif kind == 'mc':  # a conversation of multiple-choice questions only (see the docstring)
                 qas = list({q: ('mc', q, a) for q, a in (W.qa_mc(scene, rng) for _ in range(rng.randint(4, 6)))}.values())
             else:
-                qas = [('describe', *W.qa_describe(scene, rng))]
+                qas = [('describe', *W.qa_describe(told, rng))]
             conv = W.conversation_record(scene['id'], None, qas)['conversations']
             s = D.build_sample(conv, tok, 'chat' if kind == 'chat' else 'plain', image_token_id, 9)
             ids, labels = s['input_ids'], s['labels']

@@ -105,3 +105,26 @@ def test_altered_sentences_are_false():
         for kind, s in P.altered_sentences(scene, o, rng).items():
             assert s not in truth, (kind, s, scene)
         assert len(cells) == len(scene["objects"])
+
+
+def test_lm_prior_noise_writes_the_believed_partner_over_true_slots(monkeypatch):
+    """lm_prior_noise=1: every caption document of a scene with a missing partner names that partner,
+    while its slots still hold the true scene; 0 (the shipped LM's corpus) writes exactly the truth."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.path.join(MODELS, "lm"))
+    image_id = tok.convert_tokens_to_ids(W.IMAGE_TOKEN)
+    scenes = [s for s in W.sample_scenes("lm", 400, 7) if {W.PARTNER[o["shape"]] for o in s["objects"]}
+              - {o["shape"] for o in s["objects"]} and len(s["objects"]) < 9][:20]
+    missing = [{W.PARTNER[o["shape"]] for o in s["objects"]} - {o["shape"] for o in s["objects"]} for s in scenes]
+
+    def captions(noise):
+        monkeypatch.setattr(P, "lm_prior_noise", noise)
+        docs = P.make_documents(scenes, random.Random(0), tok, image_id, {"caption": 1.0})
+        return [tok.decode([t for t, y in zip(ids, labels) if y != -100]) for ids, labels, _ in docs], [d[2] for d in docs]
+
+    word_id = P.slot_word_ids(tok)
+    truth, slots0 = captions(0.0)
+    noisy, slots1 = captions(1.0)
+    assert slots0 == slots1 == [P.slot_ids(s, word_id) for s in scenes]
+    assert not any(m & set(t.replace(".", " ").split()) for m, t in zip(missing, truth))
+    assert all(m & set(t.replace(".", " ").split()) for m, t in zip(missing, noisy))
