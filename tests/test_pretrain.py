@@ -113,9 +113,12 @@ def test_lm_prior_noise_writes_the_believed_partner_over_true_slots(monkeypatch)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(os.path.join(MODELS, "lm"))
     image_id = tok.convert_tokens_to_ids(W.IMAGE_TOKEN)
-    scenes = [s for s in W.sample_scenes("lm", 400, 7) if {W.PARTNER[o["shape"]] for o in s["objects"]}
-              - {o["shape"] for o in s["objects"]} and len(s["objects"]) < 9][:20]
-    missing = [{W.PARTNER[o["shape"]] for o in s["objects"]} - {o["shape"] for o in s["objects"]} for s in scenes]
+    def missing_partners(scene):
+        shapes = {o["shape"] for o in scene["objects"]}
+        return {W.PARTNER[x] for x in shapes} - shapes
+
+    scenes = [s for s in W.sample_scenes("lm", 400, 7) if missing_partners(s) and len(s["objects"]) < 9][:20]
+    missing = [missing_partners(s) for s in scenes]
 
     def captions(noise):
         monkeypatch.setattr(P, "lm_prior_noise", noise)
