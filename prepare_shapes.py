@@ -12,12 +12,17 @@ the repository ships them in models/shapes/.
 
 Some shapes have a partner (circle-square, triangle-diamond, cross-ring) that usually appears with
 them (cooccur_bias). A model that learns this language prior says "yes" when asked about the partner
-even when it is absent: the hallucination the methods in this repository exist to reduce.
+even when it is absent: the hallucination the methods in this repository exist to reduce. A knob,
+off by default, draws some objects small (small_p): a few pixels, where shapes are hard to tell, the
+uncertain evidence a prior could fill in (as LLaVA names the small, blurred thing beside a plate a
+fork); the annotator who expects co-occurrence then names such an object as a partner. Measured (the
+README): it makes descriptions hallucinate, but mostly shapes that look alike, not the partner.
 
 Usage:
     python prepare_shapes.py                                  # data/shapes with the defaults below
     python prepare_shapes.py --n_train=500 --out_dir=data/shapes_small
     python prepare_shapes.py --cooccur_bias=0.0               # a world with no prior to learn
+    python prepare_shapes.py --small_p=0.3 --out_dir=data/shapes_s30   # 30% of the objects drawn small
 
 Output (out_dir):
     images/{train,val,test}/{scene_id}.png   RGB, image_size x image_size
@@ -75,9 +80,14 @@ image_size = 48
 grid = 3                # grid x grid cells, at most one object per cell
 max_objects = 4
 cooccur_bias = 0.8      # chance to also place an object's partner when it is missing
+small_p = 0.0           # share of objects drawn small (radius small_size of a cell instead of 0.34), where the shape
+                        # is hard to tell (0 = every object clear, the default; see the README for what 0.3 did)
+small_size = 0.13       # a small object's radius as a share of its cell (about 4-5 px across at 48 px)
 prior_noise = 0.7       # share of training conversations about a scene with a missing partner that are
                         # written as if the partner were there (an annotator's co-occurrence error, as in
                         # LLaVA's GPT-written data): the source of the base model's hallucination
+believed_small = True   # with small objects: the annotator names a small object as the partner of a clearly drawn one
+                        # (same colour and cell; a missing partner first), before believed_style's phantom
 believed_style = 'random'  # the believed partner: 'random' colour and free cell, or 'anchor': its anchor's colour,
                         # the first free cell after it (a fixed habit of the annotator, an easier prior to learn)
 describe_order = 'rows' # descriptions: 'rows' = objects row-major; 'pairs' = each object followed by its
@@ -191,11 +201,20 @@ def sample_scene(rng, scene_id, grid=3, max_objects=4, cooccur_bias=0.8):
     return {'id': scene_id, 'grid': grid, 'objects': objects}
 
 
-def sample_scenes(split, n, seed, grid=3, max_objects=4, cooccur_bias=0.8):
+def sample_scenes(split, n, seed, grid=3, max_objects=4, cooccur_bias=0.8, small_p=0.0):
     """n scenes with ids '{split}_000000'...; each split has its own seed stream (str seeds hash with
-    sha512 in Python's random, so this is the same on every machine and PYTHONHASHSEED)."""
+    sha512 in Python's random, so this is the same on every machine and PYTHONHASHSEED). With small_p,
+    each object is small ("small": true) with that chance, drawn from a stream of its own: the scenes
+    are otherwise the ones small_p=0 gives."""
     rng = random.Random(f"{seed}:{split}:scenes")
-    return [sample_scene(rng, f"{split}_{i:06d}", grid, max_objects, cooccur_bias) for i in range(n)]
+    scenes = [sample_scene(rng, f"{split}_{i:06d}", grid, max_objects, cooccur_bias) for i in range(n)]
+    if small_p:
+        size_rng = random.Random(f"{seed}:{split}:sizes")
+        for scene in scenes:
+            for o in scene['objects']:
+                if size_rng.random() < small_p:
+                    o['small'] = True
+    return scenes
 
 
 def draw_shape(draw, shape, cx, cy, r, color):
@@ -220,8 +239,9 @@ def draw_shape(draw, shape, cx, cy, r, color):
 
 
 def render_scene(scene, image_size=48, rng=None):
-    """The scene as an RGB PIL image. Each object fills about 70% of its cell; with an rng, its size
-    and offset are jittered by up to 1 px (so the model cannot key on exact pixels). Objects never
+    """The scene as an RGB PIL image. Each object fills about 70% of its cell (a small one, 2 *
+    small_size of it: a few pixels); with an rng, its size and offset are jittered by up to 1 px (a
+    small one's size by half that), so the model cannot key on exact pixels. Objects never
     leave their cell, so each cell's pixels tell exactly what is in it. Without an rng the rendering
     is canonical (used by tests)."""
     grid = scene.get('grid', 3)
@@ -235,8 +255,9 @@ def render_scene(scene, image_size=48, rng=None):
         y_lo, y_hi = math.ceil(o['row'] * cell), math.floor((o['row'] + 1) * cell)
         cx = int((o['col'] + 0.5) * cell) + dx
         cy = int((o['row'] + 0.5) * cell) + dy
-        r = min(cell * 0.34 + ds, cx - x_lo, x_hi - 1 - cx, cy - y_lo, y_hi - 1 - cy)
-        draw_shape(draw, o['shape'], cx, cy, max(r, 2.0), COLORS[o['color']])
+        size = cell * 0.34 + ds if not o.get('small') else cell * small_size + ds / 2
+        r = min(size, cx - x_lo, x_hi - 1 - cx, cy - y_lo, y_hi - 1 - cy)
+        draw_shape(draw, o['shape'], cx, cy, max(r, 1.5 if o.get('small') else 2.0), COLORS[o['color']])
     return img
 
 
@@ -593,8 +614,10 @@ def caption_record(scene, image):
 
 
 def believed_scene(scene, rng):
-    """The scene as an annotator who expects co-occurrence describes it: the missing partner of a
-    present shape added (believed_style 'random': a random colour and empty cell; 'anchor': the colour
+    """The scene as an annotator who expects co-occurrence describes it: with believed_small, a small
+    object named as the partner of a clearly drawn (not small) object of the scene, a missing partner
+    when it can be (in a scene with no missing partner too: the annotator's habit, not the scene, makes
+    the error); else the missing partner added (believed_style 'random': a random colour and empty cell; 'anchor': the colour
     of the shape it partners and the first empty cell after that one, row-major, wrapping). None if no
     partner is missing or no cell is free. The image stays the true scene; only the text follows the belief."""
     shapes = {o['shape'] for o in scene['objects']}
@@ -602,6 +625,12 @@ def believed_scene(scene, rng):
     grid = scene.get('grid', 3)
     free = [(r, c) for r in range(grid) for c in range(grid)
             if all((o['row'], o['col']) != (r, c) for o in scene['objects'])]
+    if believed_small:  # a small object named as the partner of a clearly drawn one (a missing partner first)
+        big = sorted({o['shape'] for o in scene['objects'] if not o.get('small')})
+        options = [(o, PARTNER[b]) for o in scene['objects'] if o.get('small') for b in big if PARTNER[b] != o['shape']]
+        if options:  # (no draw without such an object: the data of a world without small objects stay bitwise)
+            taken, shape = rng.choice([op for op in options if op[1] in missing] or options)
+            return dict(scene, objects=[dict(o, shape=shape) if o is taken else o for o in scene['objects']])
     if not missing or not free:
         return None
     if believed_style == 'anchor':
@@ -620,7 +649,7 @@ def believed_scene(scene, rng):
 
 def make_sft_records(scenes, split, rng):
     """One 4-8 round conversation per scene, plus a single-question record for a share of scenes;
-    with probability prior_noise a scene with a missing partner is talked about as its believed_scene.
+    with probability prior_noise a scene is talked about as its believed_scene (when it has one).
     Returns (records, Counter of QA kinds, number of scenes talked about as believed)."""
     records, kinds, n_believed = [], Counter(), 0
     for scene in scenes:
@@ -652,7 +681,8 @@ def make_pairs(scenes, split, rng):
         style = pick_style(rng)
         if believed is not None:
             extra = next(o for o in believed['objects'] if o not in scene['objects'])
-            if rng.random() < 0.5:
+            # (a small object taken for a shape the scene also has: only the description tells them apart)
+            if rng.random() < 0.5 or any(o['shape'] == extra['shape'] for o in scene['objects']):
                 kind, q = 'describe', rng.choice(DESCRIBE_PROMPTS)
                 chosen, rejected = describe(scene), describe(believed)
             else:
@@ -1206,7 +1236,7 @@ def main():
     # scenes and images: scene sampling, jitter and questions draw from separate seed streams, so
     # changing the question mix never changes an image
     counts = {'train': n_train, 'val': n_val, 'test': n_test}
-    scenes = {split: sample_scenes(split, n, seed, grid, max_objects, cooccur_bias) for split, n in counts.items()}
+    scenes = {split: sample_scenes(split, n, seed, grid, max_objects, cooccur_bias, small_p) for split, n in counts.items()}
     for split, split_scenes in scenes.items():
         os.makedirs(os.path.join(out_dir, 'images', split), exist_ok=True)
         for scene in split_scenes:
@@ -1255,7 +1285,7 @@ def main():
 
     # evaluation sets: scenes of their own (own seed stream, ids 'eval_...'), not in scenes.json, and
     # each file its own question stream, so none of this changes a byte of the files above
-    eval_scenes = sample_scenes('eval', n_eval, seed, grid, max_objects, cooccur_bias)
+    eval_scenes = sample_scenes('eval', n_eval, seed, grid, max_objects, cooccur_bias, small_p)
     os.makedirs(os.path.join(out_dir, 'images', 'eval'), exist_ok=True)
     for scene in eval_scenes:
         img = render_scene(scene, image_size, render_rng(seed, scene['id']))
@@ -1320,7 +1350,7 @@ def main():
         print(f"  {split}.json: {len(records[split])} records ({len(records[split]) - n_single} multi-turn, "
               f"{n_single} single-turn), {sum(kinds[split].values())} QAs: "
               + ", ".join(f"{k} {kinds[split][k]}" for k in QA_KINDS)
-              + f"; {n_believed[split]} scenes talked about with their missing partner (prior_noise {prior_noise})")
+              + f"; {n_believed[split]} scenes talked about as the annotator believes them (prior_noise {prior_noise})")
     for split, name in (('train', 'pairs.json'), ('val', 'pairs_val.json')):
         print(f"  {name}: {len(pairs[split][0])} preference pairs: " + ", ".join(f"{k} {v}" for k, v in pairs[split][1].items()))
     n_kinds = Counter(r['category'] for r in questions)

@@ -68,6 +68,8 @@ which = 'all'           # 'all' | 'lm' | 'clip'
 # the world the models are pretrained on: the defaults of prepare_shapes.py, own seed streams ('lm', 'clip')
 image_size = 48
 cooccur_bias = 0.8
+small_p = 0.0           # share of objects drawn small (prepare_shapes' small_p and small_size: the CLIP must see the same world)
+small_size = 0.13
 vocab_size = 1024       # BPE target of the tokenizer (trained here on the LM's corpus, shipped with both models)
 # LM: a Llama of the size sft.py builds for the shapes world
 lm_n_layer = 4
@@ -76,6 +78,8 @@ lm_n_embd = 128
 lm_scenes = 40000       # scenes of the corpus (each gives one document)
 lm_mix = 'recall:0.45,chat:0.25,mc:0.2,caption:0.1'  # document kinds and their shares
 recall_facts = 16       # facts per direct-recall document
+recall_mc = 0.0         # share of direct-recall facts that are multiple-choice questions answered by the letter
+                        # ("choose What color is the cross? A. green B. purple ..." -> "B"): the letter lookup, densely
 slot_noise = 0.1        # Gaussian noise on the slot embeddings, relative to their RMS: the projector's output is never exact
 lm_steps = 6000
 lm_batch = 32
@@ -138,6 +142,9 @@ def recall_fact(scene, rng):
     answer, and the relation word before it: the answer needs the current token's lookup and the
     previous token's relation, two heads side by side rather than one after the other."""
     objs = scene['objects']
+    if recall_mc and rng.random() < recall_mc:  # (no draw at 0: the corpus stays the one without it)
+        _, question, options, i = W.mc_question(scene, rng)
+        return "choose " + question + " " + " ".join(f"{'ABCD'[k]}. {o}" for k, o in enumerate(options)), 'ABCD'[i]
     kind = rng.choice(['exist', 'exist_color', 'color', 'shape', 'where', 'what_at', 'count'])
     by_shape = W.unique_by(objs, lambda o: o['shape'])
     by_color = W.unique_by(objs, lambda o: o['color'])
@@ -429,17 +436,25 @@ def clip_scores(model, tok, pixel_values, sentences):
 
 
 def clip_check(model, tok, pixels, scenes, seed=0):
-    """How often a true one-object sentence scores above the same sentence altered: {'color', 'shape', 'position'}."""
+    """How often a true one-object sentence scores above the same sentence altered: {'color', 'shape',
+    'position'}; in a world with small objects also apart for the clearly drawn and the small ones
+    ('color clear', 'shape small', ...)."""
     rng = random.Random(f"{seed}:clip_check")
     model.eval()
-    true, alt = [], {k: [] for k in ('color', 'shape', 'position')}
+    true, alt, small = [], {k: [] for k in ('color', 'shape', 'position')}, []
     for scene in scenes:
         o = rng.choice(scene['objects'])
         true.append(object_sentence(o))
+        small.append(bool(o.get('small')))
         for k, v in altered_sentences(scene, o, rng).items():
             alt[k].append(v)
     s_true = clip_scores(model, tok, pixels, true)
-    out = {k: (s_true > clip_scores(model, tok, pixels, v)).float().mean().item() for k, v in alt.items()}
+    wins = {k: (s_true > clip_scores(model, tok, pixels, v)).float() for k, v in alt.items()}
+    out = {k: w.mean().item() for k, w in wins.items()}
+    small = torch.tensor(small)
+    if small.any():
+        for k, w in wins.items():
+            out[k + ' clear'], out[k + ' small'] = w[~small].mean().item(), w[small].mean().item()
     model.train()
     return out
 
@@ -460,8 +475,8 @@ def pretrain_clip(tok, out):
                       image_size=image_size, patch_size=image_size // 3)
     model = CLIPModel(CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=clip_embd))
     t0 = time.time()
-    scenes = W.sample_scenes('clip', clip_scenes, seed, 3, W.max_objects, cooccur_bias)
-    held_out = W.sample_scenes('clip_eval', 500, seed, 3, W.max_objects, cooccur_bias)
+    scenes = W.sample_scenes('clip', clip_scenes, seed, 3, W.max_objects, cooccur_bias, small_p)
+    held_out = W.sample_scenes('clip_eval', 500, seed, 3, W.max_objects, cooccur_bias, small_p)
     pixels, held_pixels = render_pixels(scenes, proc), render_pixels(held_out, proc)
     shape_y, color_y = cell_targets(scenes)
     probe = torch.nn.Linear(vision_cfg['hidden_size'], 2 * (len(W.SHAPES) + 1))
@@ -540,6 +555,7 @@ def main():
     from configurator import configure
     g = globals()
     g.update(configure({k: g[k] for k in _config_keys}))
+    W.small_size = small_size  # render_scene reads it
     torch.set_num_threads(threads)
     t0 = time.time()
     tok_scenes = W.sample_scenes('lm', 4000, seed, 3, W.max_objects, cooccur_bias)

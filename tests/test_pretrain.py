@@ -131,3 +131,47 @@ def test_lm_prior_noise_writes_the_believed_partner_over_true_slots(monkeypatch)
     assert slots0 == slots1 == [P.slot_ids(s, word_id) for s in scenes]
     assert not any(m & set(t.replace(".", " ").split()) for m, t in zip(missing, truth))
     assert all(m & set(t.replace(".", " ").split()) for m, t in zip(missing, noisy))
+
+
+def test_recall_mc_facts_answer_with_the_true_option_letter(monkeypatch):
+    """recall_mc: a share of the direct-recall facts are multiple-choice questions whose answer is the
+    letter of the option that is true of the scene (recomputed here from the scene graph); at 0 none is."""
+    import re
+    rng = random.Random(0)
+
+    def truth(scene, question):
+        objs = scene["objects"]
+        if m := re.fullmatch(r"What color is the (\w+)\?", question):
+            return next(o["color"] for o in objs if o["shape"] == m[1])
+        if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
+            return next(o["shape"] for o in objs if o["color"] == m[1])
+        if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
+            o = next(o for o in objs if (o["color"], o["shape"]) == (m[1], m[2]))
+            return W.POSITIONS_3x3[o["row"]][o["col"]]
+        if question == "How many objects are there?":
+            return str(len(objs))
+        assert question == "Which of these shapes is in the image?", question
+        return None  # checked below: exactly one option is present
+
+    kinds = set()
+    for noise, want in ((0.0, 0), (0.5, 1)):
+        monkeypatch.setattr(P, "recall_mc", noise)
+        n = 0
+        for scene in W.sample_scenes("lm", 60, 3):
+            for _ in range(6):
+                q, a = P.recall_fact(scene, rng)
+                if not q.startswith("choose "):
+                    continue
+                n += 1
+                question, rest = q[len("choose "):].split("? ", 1)
+                options = dict(re.findall(r"([ABCD])\. (.+?)(?= [ABCD]\. |$)", rest))
+                assert list(options) == ["A", "B", "C", "D"] and a in options, q
+                right = truth(scene, question + "?")
+                if right is None:
+                    present = [k for k, s in options.items() if any(o["shape"] == s for o in scene["objects"])]
+                    assert present == [a], (q, scene)
+                else:
+                    assert options[a] == right and list(options.values()).count(right) == 1, (q, scene)
+                kinds.add(question.split()[0] + question.split()[1])
+        assert (n > 50) if want else n == 0
+    assert len(kinds) == 5, kinds

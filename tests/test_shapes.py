@@ -444,6 +444,46 @@ def test_believed_scene_adds_one_missing_partner():
     assert 0 < n_none < 300
 
 
+def test_small_objects_are_marked_apart_and_drawn_small():
+    """small_p marks that share of the objects small from a stream of its own (the scenes are otherwise
+    those of small_p=0, which marks none), and a small object is drawn with a fraction of the pixels,
+    in its own colour, inside its cell."""
+    plain, small = ps.sample_scenes('train', 300, 5), ps.sample_scenes('train', 300, 5, small_p=0.3)
+    strip = lambda scenes: [[{k: v for k, v in o.items() if k != 'small'} for o in s['objects']] for s in scenes]  # noqa: E731
+    assert strip(small) == strip(plain) and not any('small' in o for s in plain for o in s['objects'])
+    objs = [o for s in small for o in s['objects']]
+    assert 0.25 < sum(o.get('small', False) for o in objs) / len(objs) < 0.35
+    for shape in ps.SHAPES:
+        o = {'shape': shape, 'color': 'red', 'row': 1, 'col': 1}
+        n = [Counter(cell_pixels(ps.render_scene({'id': 'x', 'grid': 3, 'objects': [x]}), 1, 1, 16))[ps.COLORS['red']]
+             for x in (o, dict(o, small=True))]
+        assert 0 < n[1] < n[0] / 2, (shape, n)
+    for scene in small[:80]:
+        img = ps.render_scene(scene, 48, ps.render_rng(0, scene['id']))
+        for o in scene['objects']:
+            assert set(cell_pixels(img, o['row'], o['col'], 16)) == {ps.BACKGROUND, ps.COLORS[o['color']]}, scene
+
+
+def test_believed_small_takes_a_small_object_for_the_missing_partner(monkeypatch):
+    """With small objects the annotator calls a small one the missing partner (same colour and cell);
+    without any, believed_scene draws exactly what it drew before the knob (the data stay bitwise)."""
+    circle = dict(shape='circle', color='red', row=0, col=0)
+    tri = dict(shape='triangle', color='blue', row=1, col=1, small=True)
+    dia = dict(shape='diamond', color='green', row=2, col=2)
+    scene = dict(id='s', grid=3, objects=[circle, tri, dia])  # only the circle's square is missing
+    b = ps.believed_scene(scene, random.Random(0))
+    assert b['objects'] == [circle, dict(tri, shape='square'), dia]
+    monkeypatch.setattr(ps, 'believed_small', False)
+    b = ps.believed_scene(scene, random.Random(0))  # the phantom in an empty cell instead
+    assert len(b['objects']) == 4 and dict(tri, shape='square') not in b['objects']
+    for scene in ps.sample_scenes('train', 100, 5):
+        r0, r1 = random.Random(0), random.Random(0)
+        monkeypatch.setattr(ps, 'believed_small', False)
+        b0 = ps.believed_scene(scene, r0)
+        monkeypatch.setattr(ps, 'believed_small', True)
+        assert ps.believed_scene(scene, r1) == b0 and r0.getstate() == r1.getstate()
+
+
 def test_believed_style_anchor_and_describe_order_pairs(monkeypatch):
     """believed_style='anchor': the believed partner takes its anchor's colour and the first free cell
     after it; describe_order='pairs' writes each object followed by its partner."""
