@@ -614,12 +614,13 @@ def caption_record(scene, image):
 
 
 def believed_scene(scene, rng):
-    """The scene as an annotator who expects co-occurrence describes it: with believed_small, a small
-    object named as the partner of a clearly drawn (not small) object of the scene, a missing partner
-    when it can be (in a scene with no missing partner too: the annotator's habit, not the scene, makes
-    the error); else the missing partner added (believed_style 'random': a random colour and empty cell; 'anchor': the colour
-    of the shape it partners and the first empty cell after that one, row-major, wrapping). None if no
-    partner is missing or no cell is free. The image stays the true scene; only the text follows the belief."""
+    """The scene as an annotator who expects co-occurrence describes it. With believed_small and a
+    small object, that object named as the partner of a clearly drawn one (a missing partner when it
+    can be; in a scene with no missing partner too: the annotator's habit makes the error, not the
+    scene). Otherwise the missing partner of a present shape added (believed_style 'random': a random
+    colour and empty cell; 'anchor': the colour of the shape it partners and the first empty cell
+    after that one, row-major, wrapping); None if no partner is missing or no cell is free. The image
+    stays the true scene; only the text follows the belief."""
     shapes = {o['shape'] for o in scene['objects']}
     missing = sorted({PARTNER[s] for s in shapes} - shapes)
     grid = scene.get('grid', 3)
