@@ -7,8 +7,9 @@ checkpoint, same data, same steps, only the method differs; >= 3 seeds).
     python experiment.py config/exp_base.py --seeds=[1,2,3,4,5]
     python experiment.py config/exp_csr.py --only="['base','csr1']"   # some of a config's runs
 
-An experiment config defines `runs`: {name: {"steps": [command, ...], "model": dir, "extra": {key: path}}}
-("extra" optional: JSON files the steps wrote, tabulated under metrics[key]). Commands are
+An experiment config defines `runs`: {name: {"steps": [command, ...], "model": dir, "extra": {key: path},
+"eval_args": str}} ("extra" optional: JSON files the steps wrote, tabulated under metrics[key]; "eval_args"
+optional: this run's own evaluate.py arguments, e.g. another world's eval suite). Commands are
 python scripts with arguments, run in order from the repository root; in them and in "model",
 {seed} is the seed, {dir} the run's own directory (<out_dir>/<name>/seed<seed>) and {out} out_dir,
 so a method run starts from the base run of the same seed with e.g. --init_from={out}/base/seed{seed}/stage2.
@@ -138,7 +139,7 @@ for name, spec in runs.items():
         metrics_path = os.path.join(model, "eval", "metrics.json")
         if not os.path.exists(metrics_path):
             print(f"[{name} seed {seed}] evaluate {model}", flush=True)
-            run_step(f"evaluate.py --init_from={model} {eval_args}", log_path)
+            run_step(f"evaluate.py --init_from={model} {eval_args} {fill(spec.get('eval_args', ''), name, seed)}", log_path)
         metrics = json.load(open(metrics_path))
         metrics["chair"]["all"]["partner_share"] = partner_share(os.path.join(model, "eval", "chair_predictions.jsonl"))
         for key, path in spec.get("extra", {}).items():

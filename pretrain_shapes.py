@@ -82,6 +82,7 @@ recall_mc = 0.0         # share of direct-recall facts that are multiple-choice 
                         # ("choose What color is the cross? A. green B. purple ..." -> "B"): the letter lookup, densely
 slot_noise = 0.1        # Gaussian noise on the slot embeddings, relative to their RMS: the projector's output is never exact
 lm_steps = 6000
+lm_init = ''            # '' = a fresh Llama; a directory = continue pretraining that LM (e.g. models/shapes/lm)
 lm_batch = 32
 lm_lr = 3e-3
 lm_rope_theta = 10000.0
@@ -346,7 +347,9 @@ def pretrain_lm(tok, out):
                       num_hidden_layers=lm_n_layer, num_attention_heads=lm_n_head, num_key_value_heads=lm_n_head,
                       max_position_embeddings=512, rope_theta=lm_rope_theta, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    lm = LlamaForCausalLM(cfg)
+    lm = LlamaForCausalLM.from_pretrained(lm_init) if lm_init else LlamaForCausalLM(cfg)
+    if lm.config.vocab_size != len(tok):
+        raise SystemExit(f"lm_init={lm_init}: its vocabulary has {lm.config.vocab_size} tokens, the world tokenizer {len(tok)}")
     opt = torch.optim.AdamW(lm.parameters(), lr=lm_lr, betas=(0.9, 0.95), weight_decay=0.0)
     batches = length_batches([len(d[0]) for d in docs], lm_batch, lm_steps, seed)
     bar = tqdm(range(lm_steps), desc="lm", unit="step", mininterval=2)

@@ -1,0 +1,30 @@
+# Issue 9's knob tries, one seed (README: "Small objects, a deeper LM, multiple-choice recall"): the base
+# (stage 1 + stage 2) on the shipped LM and CLIP, on a 6-layer LM, and on the small-object world (30 % of
+# the objects drawn small, the annotator naming them as partners; its own CLIP, position-aware) with the
+# shipped LM and with the 6-layer one. Make the other world and models first (2,340 s for the LM, 211 s
+# for the CLIP on the 2-core machine):
+#   python prepare_shapes.py --small_p=0.3 --out_dir=data/shapes_s30
+#   python pretrain_shapes.py --which=clip --small_p=0.3 --clip_position=1 --out_dir=out/models/clip_s30
+#   python pretrain_shapes.py --which=lm --lm_n_layer=6 --out_dir=out/models/lm6
+#   python experiment.py config/exp_knobs.py
+out_dir = "out/exp_knobs"
+seeds = [1]
+_LM6, _CLIP = "out/models/lm6/lm", "out/models/clip_s30/clip"
+
+
+def _base(lm="models/shapes/lm", clip="models/shapes/clip", data="data/shapes"):
+    """LLaVA's two stages from this LM and CLIP on this world's files."""
+    files = f"--image_root={data}/images --out_dir={{dir}}"
+    return [f"sft.py config/shapes_stage1.py --seed={{seed}} --lm_path={lm} --vision_path={clip} "
+            f"--data_path={data}/captions.json --val_data_path={data}/captions_val.json {files}/stage1",
+            f"sft.py config/shapes_stage2.py --seed={{seed}} --init_from={{dir}}/stage1 "
+            f"--data_path={data}/train.json --val_data_path={data}/val.json {files}/stage2"]
+
+
+_SMALL = {"eval_args": "--shapes_dir=data/shapes_s30/eval --image_root=data/shapes_s30/images"}
+runs = {
+    "shipped": {"steps": _base(), "model": "{dir}/stage2"},
+    "lm6": {"steps": _base(lm=_LM6), "model": "{dir}/stage2"},
+    "small": {"steps": _base(clip=_CLIP, data="data/shapes_s30"), "model": "{dir}/stage2", **_SMALL},
+    "small_lm6": {"steps": _base(lm=_LM6, clip=_CLIP, data="data/shapes_s30"), "model": "{dir}/stage2", **_SMALL},
+}
