@@ -333,8 +333,10 @@ def build_tokenizer(scenes, rng):
 
 
 def pretrain_lm(tok, out):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
+    if lm_init:  # a continued LM keeps the tokenizer it was trained with
+        tok = AutoTokenizer.from_pretrained(lm_init)
     image_token_id = tok.convert_tokens_to_ids(W.IMAGE_TOKEN)
     scenes = W.sample_scenes('lm', lm_scenes, seed, 3, W.max_objects, cooccur_bias)
     mix = dict(D.split_ratio(k) for k in lm_mix.split(','))
@@ -348,8 +350,6 @@ def pretrain_lm(tok, out):
                       max_position_embeddings=512, rope_theta=lm_rope_theta, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     lm = LlamaForCausalLM.from_pretrained(lm_init) if lm_init else LlamaForCausalLM(cfg)
-    if lm.config.vocab_size != len(tok):
-        raise SystemExit(f"lm_init={lm_init}: its vocabulary has {lm.config.vocab_size} tokens, the world tokenizer {len(tok)}")
     opt = torch.optim.AdamW(lm.parameters(), lr=lm_lr, betas=(0.9, 0.95), weight_decay=0.0)
     batches = length_batches([len(d[0]) for d in docs], lm_batch, lm_steps, seed)
     bar = tqdm(range(lm_steps), desc="lm", unit="step", mininterval=2)
