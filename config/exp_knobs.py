@@ -1,15 +1,17 @@
 # Issue 9's knob tries, one seed (README: "Small objects, a deeper LM, multiple-choice recall"): the base
 # (stage 1 + stage 2) on the shipped LM and CLIP, on a 6-layer LM, and on the small-object world (30 % of
 # the objects drawn small, the annotator naming them as partners; its own CLIP, position-aware) with the
-# shipped LM and with the 6-layer one. Make the other world and models first (2,340 s for the LM, 211 s
-# for the CLIP on the 2-core machine):
+# shipped LM and with the 6-layer one; and the shipped LM after 1,500 more steps with multiple-choice recall
+# facts. Make the other world and models first (2,340 s for the 6-layer LM, 211 s for the CLIP, 609 s for the
+# continued LM on the 2-core machine):
 #   python prepare_shapes.py --small_p=0.3 --out_dir=data/shapes_s30
 #   python pretrain_shapes.py --which=clip --small_p=0.3 --clip_position=1 --out_dir=out/models/clip_s30
 #   python pretrain_shapes.py --which=lm --lm_n_layer=6 --out_dir=out/models/lm6
+#   python pretrain_shapes.py --which=lm --lm_init=models/shapes/lm --lm_steps=1500 --recall_mc=0.3 --lm_lr=1e-3 --out_dir=out/models/lm_mc
 #   python experiment.py config/exp_knobs.py
 out_dir = "out/exp_knobs"
 seeds = [1]
-_LM6, _CLIP = "out/models/lm6/lm", "out/models/clip_s30/clip"
+_LM6, _LM_MC, _CLIP = "out/models/lm6/lm", "out/models/lm_mc/lm", "out/models/clip_s30/clip"
 
 
 def _base(lm="models/shapes/lm", clip="models/shapes/clip", data="data/shapes"):
@@ -25,6 +27,7 @@ _SMALL = {"eval_args": "--shapes_dir=data/shapes_s30/eval --image_root=data/shap
 runs = {
     "shipped": {"steps": _base(), "model": "{dir}/stage2"},
     "lm6": {"steps": _base(lm=_LM6), "model": "{dir}/stage2"},
+    "lm_mc": {"steps": _base(lm=_LM_MC), "model": "{dir}/stage2"},
     "small": {"steps": _base(clip=_CLIP, data="data/shapes_s30"), "model": "{dir}/stage2", **_SMALL},
     "small_lm6": {"steps": _base(lm=_LM6, clip=_CLIP, data="data/shapes_s30"), "model": "{dir}/stage2", **_SMALL},
 }
