@@ -255,9 +255,9 @@ def render_scene(scene, image_size=48, rng=None):
         y_lo, y_hi = math.ceil(o['row'] * cell), math.floor((o['row'] + 1) * cell)
         cx = int((o['col'] + 0.5) * cell) + dx
         cy = int((o['row'] + 0.5) * cell) + dy
-        size = cell * 0.34 + ds if not o.get('small') else cell * small_size + ds / 2
+        size, least = (cell * small_size + ds / 2, 1.5) if o.get('small') else (cell * 0.34 + ds, 2.0)
         r = min(size, cx - x_lo, x_hi - 1 - cx, cy - y_lo, y_hi - 1 - cy)
-        draw_shape(draw, o['shape'], cx, cy, max(r, 1.5 if o.get('small') else 2.0), COLORS[o['color']])
+        draw_shape(draw, o['shape'], cx, cy, max(r, least), COLORS[o['color']])
     return img
 
 

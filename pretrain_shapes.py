@@ -345,11 +345,14 @@ def pretrain_lm(tok, out):
     print(f"corpus: {len(docs)} documents, {sum(len(d[0]) for d in docs) / len(docs):.0f} tokens on average, "
           f"built in {time.time() - t0:.0f}s")
     held_out = W.sample_scenes('lm_eval', 400, seed, 3, W.max_objects, cooccur_bias)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=lm_n_embd, intermediate_size=4 * lm_n_embd,
-                      num_hidden_layers=lm_n_layer, num_attention_heads=lm_n_head, num_key_value_heads=lm_n_head,
-                      max_position_embeddings=512, rope_theta=lm_rope_theta, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    lm = LlamaForCausalLM.from_pretrained(lm_init) if lm_init else LlamaForCausalLM(cfg)
+    if lm_init:  # its own architecture: the lm_n_* knobs are for a fresh LM
+        lm = LlamaForCausalLM.from_pretrained(lm_init)
+    else:
+        lm = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tok), hidden_size=lm_n_embd, intermediate_size=4 * lm_n_embd,
+            num_hidden_layers=lm_n_layer, num_attention_heads=lm_n_head, num_key_value_heads=lm_n_head,
+            max_position_embeddings=512, rope_theta=lm_rope_theta, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     opt = torch.optim.AdamW(lm.parameters(), lr=lm_lr, betas=(0.9, 0.95), weight_decay=0.0)
     batches = length_batches([len(d[0]) for d in docs], lm_batch, lm_steps, seed)
     bar = tqdm(range(lm_steps), desc="lm", unit="step", mininterval=2)
