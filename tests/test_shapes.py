@@ -511,6 +511,52 @@ def test_believed_style_anchor_and_describe_order_pairs(monkeypatch):
     assert ps.describe(scene, 'rows').startswith("A red circle is in the top left. A blue ring is at the top.")
 
 
+def test_partner_clause_names_the_partner_with_its_anchor(monkeypatch):
+    """partner_clause: an object whose partner is in the (believed) scene is named with it, so a caption of
+    a believed scene names the absent partner right after its anchor, and CHAIR reads that as a mention
+    of the partner (a hallucination where it is absent); off, the descriptions are the old ones."""
+    import benchmarks
+    scene = dict(id='s', grid=3, objects=[dict(shape='circle', color='red', row=0, col=0),
+                                           dict(shape='ring', color='blue', row=0, col=1),
+                                           dict(shape='square', color='green', row=2, col=2)])
+    plain = ps.describe(scene)
+    monkeypatch.setattr(ps, 'partner_clause', True)
+    assert ps.describe(scene) == ("A red circle is in the top left, with a square nearby. A blue ring is at the top. "
+                                  "A green square is in the bottom right, with a circle nearby.")
+    assert ps.describe(scene).replace(", with a square nearby", "").replace(", with a circle nearby", "") == plain
+    alone = dict(scene, objects=scene['objects'][:2])  # the circle's square is missing: no clause for it
+    assert ps.describe(alone) == "A red circle is in the top left. A blue ring is at the top."
+    rng = random.Random(0)
+    believed = next(b for b in (ps.believed_scene(alone, rng) for _ in range(20)) if 'square' in str(b))
+    text = ps.describe(believed)
+    assert text.startswith("A red circle is in the top left, with a square nearby.")
+    syn = benchmarks.parse_synonyms(ps.synonyms_text())
+    assert benchmarks.chair_objects(text, syn)[:2] == ['circle', 'square']
+    assert benchmarks.chair_metrics([text], [['circle', 'ring']], syn)['chair_s'] == 1.0
+
+
+def test_mc_hard_takes_wrong_options_from_the_scene():
+    """mc_hard: the wrong options are the scene's other colours / shapes / cells (counts next to the
+    right one) first, topped up from the pool; at 0 the draws are exactly the old ones (the default data
+    and every eval set, which never pass it, stay bitwise)."""
+    n = 0
+    for scene in ps.sample_scenes('train', 300, 5):
+        r0, r1 = random.Random(1), random.Random(1)
+        assert ps.mc_question(scene, r0) == ps.mc_question(scene, r1, hard=0.0) and r0.getstate() == r1.getstate()
+        kind, q, options, i = ps.mc_question(scene, random.Random(2), hard=1.0)
+        right, wrong = options[i], options[:i] + options[i + 1:]
+        assert len(set(options)) == 4
+        own = {'color': [o['color'] for o in scene['objects']], 'shape': [o['shape'] for o in scene['objects']],
+               'position': [ps.position_name(o['row'], o['col']) for o in scene['objects']],
+               'count': [str(len(scene['objects']) + d) for d in (-2, -1, 1, 2)], 'exist': []}[kind]
+        near = set(own) - {right}
+        if kind == 'count':
+            near = {c for c in near if int(c) >= 0}
+        assert len(near & set(wrong)) == min(3, len(near)), (kind, options, scene)
+        n += kind != 'exist' and len(near) > 0
+    assert n > 100
+
+
 def test_prior_noise_changes_only_the_training_conversations(tmp_path):
     """The knob writes some training answers from the believed scene (so they disagree with the image)
     and leaves every image, caption and evaluation file byte for byte as it was."""
