@@ -12,7 +12,10 @@ the repository ships them in models/shapes/.
 
 Some shapes have a partner (circle-square, triangle-diamond, cross-ring) that usually appears with
 them (cooccur_bias). A model that learns this language prior says "yes" when asked about the partner
-even when it is absent: the hallucination the methods in this repository exist to reduce. A knob,
+even when it is absent: the hallucination the methods in this repository exist to reduce. The
+annotator also names an object with its partner ("A red circle is at the top, with a square
+nearby.", partner_clause), so captions can follow the prior too, as LLaVA's name a fork beside a plate
+that has none. A knob,
 off by default, draws some objects small (small_p): a few pixels, where shapes are hard to tell, the
 uncertain evidence a prior could fill in (as LLaVA names the small, blurred thing beside a plate a
 fork); the annotator who expects co-occurrence then names such an object as a partner. Measured (the
@@ -93,9 +96,10 @@ believed_style = 'random'  # the believed partner: 'random' colour and free cell
 mc_hard = 0.0           # share of training multiple-choice questions whose wrong options are first the scene's own other
                         # values (the other objects' colours, shapes, cells; counts next to the right one), so that
                         # "the option that is in the image" is not enough (the eval set keeps random options)
-partner_clause = False  # descriptions: an object whose partner is in the scene (as the annotator believes it) gets
-                        # ", with a <partner> nearby" (co-occurring things named together, as in "a table with a fork");
-                        # stage 2's descriptions only: the stage-1 captions stay plain
+partner_clause = True   # descriptions: an object whose partner is in the scene (as the annotator believes it) gets
+                        # ", with a <partner> nearby" (co-occurring things named together, as in "a table with a fork"):
+                        # what makes the base's captions name the absent partner (README); stage 2's descriptions
+                        # only, the stage-1 captions stay plain. False: the world the method tables were measured on
 describe_order = 'rows' # descriptions: 'rows' = objects row-major; 'pairs' = each object followed by its
                         # co-occurrence partner (a believed partner then comes right after its anchor)
 vocab_size = 1024       # BPE target; the world's text is small, so the real size may be lower

@@ -1,9 +1,10 @@
 # Captions that follow the co-occurrence prior (issue 9): the base (stage 1 + stage 2, shipped LM and CLIP)
-# trained on a world whose descriptions name an object with its partner ("A red circle is at the top,
-# with a square nearby."; prepare_shapes.py --partner_clause) against the default world, same seeds,
-# same recipe and steps, each evaluated on its own world's eval files (the same scenes, questions and
-# options; only CHAIR's reference captions differ, and they are not scored). Make the data first:
-#   python prepare_shapes.py --partner_clause=True --out_dir=data/shapes_pc
+# on the default world, whose stage-2 descriptions name an object with its partner ("A red circle is at
+# the top, with a square nearby."; prepare_shapes.py's partner_clause, the default since 2026-12-06),
+# against the world without the clause, same seeds, same stage-1 captions, same recipe and steps, each
+# evaluated on its own world's eval files (the same scenes, questions and options; only CHAIR's unscored
+# reference captions differ). Make the second world first:
+#   python prepare_shapes.py --partner_clause=False --out_dir=data/shapes_plain
 #   python experiment.py config/exp_clause.py
 out_dir = "out/exp_clause"
 seeds = [1, 2, 3]
@@ -18,7 +19,7 @@ def _base(data):
 
 
 runs = {
-    "base": {"steps": _base("data/shapes"), "model": "{dir}/stage2"},
-    "clause": {"steps": _base("data/shapes_pc"), "model": "{dir}/stage2",
-               "eval_args": "--shapes_dir=data/shapes_pc/eval --image_root=data/shapes_pc/images"},
+    "base": {"steps": _base("data/shapes_plain"), "model": "{dir}/stage2",
+             "eval_args": "--shapes_dir=data/shapes_plain/eval --image_root=data/shapes_plain/images"},
+    "clause": {"steps": _base("data/shapes"), "model": "{dir}/stage2"},
 }

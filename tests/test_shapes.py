@@ -111,10 +111,13 @@ def truth(scene, q):
 
 def check_description(scene, text):
     said = []
+    shapes = {o['shape'] for o in scene['objects']}
     for s in text.split('. '):
-        m = re.fullmatch(r"A (\w+) (\w+) is (?:in|at|on) the ([a-z ]+?)\.?", s)
+        m = re.fullmatch(r"A (\w+) (\w+) is (?:in|at|on) the ([a-z ]+?)(?:, with a (\w+) nearby)?\.?", s)
         assert m, s
         said.append({'color': m[1], 'shape': m[2], 'row': CELLS[m[3]][0], 'col': CELLS[m[3]][1]})
+        # partner_clause: the partner named with its anchor exactly when it is in the scene
+        assert m[4] == (ps.PARTNER[m[2]] if ps.partner_clause and ps.PARTNER[m[2]] in shapes else None), s
     assert said == scene['objects']  # every object, row-major, nothing invented
 
 
@@ -506,24 +509,28 @@ def test_believed_style_anchor_and_describe_order_pairs(monkeypatch):
     scene = dict(id='s', grid=3, objects=[dict(shape='circle', color='red', row=0, col=0),
                                            dict(shape='ring', color='blue', row=0, col=1),
                                            dict(shape='square', color='green', row=2, col=2)])
-    assert ps.describe(scene, 'pairs') == ("A red circle is in the top left. A green square is in the bottom right. "
+    assert ps.describe(scene, 'pairs', clause=False) == ("A red circle is in the top left. A green square is in the bottom right. "
                                            "A blue ring is at the top.")
-    assert ps.describe(scene, 'rows').startswith("A red circle is in the top left. A blue ring is at the top.")
+    assert ps.describe(scene, 'rows', clause=False).startswith("A red circle is in the top left. A blue ring is at the top.")
 
 
 def test_partner_clause_names_the_partner_with_its_anchor(monkeypatch):
-    """partner_clause: an object whose partner is in the (believed) scene is named with it, so a caption of
-    a believed scene names the absent partner right after its anchor, and CHAIR reads that as a mention
-    of the partner (a hallucination where it is absent); off, the descriptions are the old ones."""
+    """partner_clause (on by default): an object whose partner is in the (believed) scene is named with
+    it, so a description of a believed scene names the absent partner right after its anchor, and
+    CHAIR reads that as a mention of the partner (a hallucination where it is absent); off, the
+    descriptions are the plain ones."""
     import benchmarks
+    assert ps.partner_clause is True
     scene = dict(id='s', grid=3, objects=[dict(shape='circle', color='red', row=0, col=0),
                                            dict(shape='ring', color='blue', row=0, col=1),
                                            dict(shape='square', color='green', row=2, col=2)])
-    plain = ps.describe(scene)
-    monkeypatch.setattr(ps, 'partner_clause', True)
     assert ps.describe(scene) == ("A red circle is in the top left, with a square nearby. A blue ring is at the top. "
                                   "A green square is in the bottom right, with a circle nearby.")
-    assert ps.describe(scene).replace(", with a square nearby", "").replace(", with a circle nearby", "") == plain
+    plain = "A red circle is in the top left. A blue ring is at the top. A green square is in the bottom right."
+    assert ps.describe(scene, clause=False) == plain
+    monkeypatch.setattr(ps, 'partner_clause', False)
+    assert ps.describe(scene) == plain
+    monkeypatch.setattr(ps, 'partner_clause', True)
     alone = dict(scene, objects=scene['objects'][:2])  # the circle's square is missing: no clause for it
     assert ps.describe(alone) == "A red circle is in the top left. A blue ring is at the top."
     rng = random.Random(0)
@@ -582,13 +589,15 @@ def test_prior_noise_changes_only_the_training_conversations(tmp_path):
 
 
 def test_captions_for_stage_one(built):
-    """captions.json: one LLaVA record per training scene whose answer is the scene's true description."""
+    """captions.json: one LLaVA record per training scene whose answer is the scene's true description
+    (never with partner_clause: stage 1's frozen LM never read it)."""
     caps = json.loads((built[0] / 'captions.json').read_text())
     scenes = json.loads((built[0] / 'scenes.json').read_text())['train']
     assert [c['id'] for c in caps] == [s['id'] for s in scenes]
     for c, scene in zip(caps, scenes):
         assert c['image'] == f"train/{scene['id']}.png" and c['conversations'][0]['value'].startswith('<image>\n')
-        assert c['conversations'][1]['value'] == ps.describe(scene)
+        assert c['conversations'][1]['value'] == ps.describe(scene, clause=False)
+        assert 'nearby' not in c['conversations'][1]['value']
 
 
 # -----------------------------------------------------------------------------
