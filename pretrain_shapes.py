@@ -562,6 +562,10 @@ def main():
     g = globals()
     g.update(configure({k: g[k] for k in _config_keys}))
     W.small_size = small_size  # render_scene reads it
+    # The foundation models read the world's plain language: partner_clause is the instruction data's
+    # annotator habit (stage 2), which neither Vicuna's corpus nor CLIP's captions have (and without it
+    # this corpus is the one the shipped models were made from)
+    W.partner_clause = False
     torch.set_num_threads(threads)
     t0 = time.time()
     tok_scenes = W.sample_scenes('lm', 4000, seed, 3, W.max_objects, cooccur_bias)
