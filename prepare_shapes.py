@@ -328,7 +328,7 @@ def describe(scene, order=None, clause=None):
     place where LLaVA's long captions drift to the language prior. With partner_clause, an object whose
     partner is in the scene is named with it ('A red circle is at the top, with a square nearby.'): the
     annotator's habit of naming things that go together, a language prior a caption can follow
-    (clause: on or off whatever the knob says)."""
+    (clause=True / False overrides the knob)."""
     grid = scene.get('grid', 3)
     objects = scene['objects']
     if (order or describe_order) == 'pairs':
