@@ -2,9 +2,12 @@
 # (stage 1 + stage 2) on the shipped LM and CLIP, on a 6-layer LM, and on the small-object world (30 % of
 # the objects drawn small, the annotator naming them as partners; its own CLIP, position-aware) with the
 # shipped LM and with the 6-layer one; and the shipped LM after 1,500 more steps with multiple-choice recall
-# facts. Make the other world and models first (2,340 s for the 6-layer LM, 211 s for the CLIP, 609 s for the
-# continued LM on the 2-core machine):
-#   python prepare_shapes.py --small_p=0.3 --out_dir=data/shapes_s30
+# facts; and the base on data whose multiple-choice questions take their wrong options from the scene itself
+# (mc_hard). All on the world before partner_clause (the default then). Make those worlds and models first
+# (2,340 s for the 6-layer LM, 211 s for the CLIP, 609 s for the continued LM on the 2-core machine):
+#   python prepare_shapes.py --partner_clause=False --out_dir=data/shapes_plain
+#   python prepare_shapes.py --partner_clause=False --mc_hard=0.7 --out_dir=data/shapes_mch
+#   python prepare_shapes.py --partner_clause=False --small_p=0.3 --out_dir=data/shapes_s30
 #   python pretrain_shapes.py --which=clip --small_p=0.3 --clip_position=1 --out_dir=out/models/clip_s30
 #   python pretrain_shapes.py --which=lm --lm_n_layer=6 --out_dir=out/models/lm6
 #   python pretrain_shapes.py --which=lm --lm_init=models/shapes/lm --lm_steps=1500 --recall_mc=0.3 --lm_lr=1e-3 --out_dir=out/models/lm_mc
@@ -14,7 +17,7 @@ seeds = [1]
 _LM6, _LM_MC, _CLIP = "out/models/lm6/lm", "out/models/lm_mc/lm", "out/models/clip_s30/clip"
 
 
-def _base(lm="models/shapes/lm", clip="models/shapes/clip", data="data/shapes"):
+def _base(lm="models/shapes/lm", clip="models/shapes/clip", data="data/shapes_plain"):
     """LLaVA's two stages from this LM and CLIP on this world's files."""
     files = f"--image_root={data}/images --out_dir={{dir}}"
     return [f"sft.py config/shapes_stage1.py --seed={{seed}} --lm_path={lm} --vision_path={clip} "
@@ -24,10 +27,12 @@ def _base(lm="models/shapes/lm", clip="models/shapes/clip", data="data/shapes"):
 
 
 _SMALL = {"eval_args": "--shapes_dir=data/shapes_s30/eval --image_root=data/shapes_s30/images"}
+_PLAIN = {"eval_args": "--shapes_dir=data/shapes_plain/eval --image_root=data/shapes_plain/images"}
 runs = {
-    "shipped": {"steps": _base(), "model": "{dir}/stage2"},
-    "lm6": {"steps": _base(lm=_LM6), "model": "{dir}/stage2"},
-    "lm_mc": {"steps": _base(lm=_LM_MC), "model": "{dir}/stage2"},
+    "shipped": {"steps": _base(), "model": "{dir}/stage2", **_PLAIN},
+    "lm6": {"steps": _base(lm=_LM6), "model": "{dir}/stage2", **_PLAIN},
+    "lm_mc": {"steps": _base(lm=_LM_MC), "model": "{dir}/stage2", **_PLAIN},
+    "mc_hard": {"steps": _base(data="data/shapes_mch"), "model": "{dir}/stage2", **_PLAIN},
     "small": {"steps": _base(clip=_CLIP, data="data/shapes_s30"), "model": "{dir}/stage2", **_SMALL},
     "small_lm6": {"steps": _base(lm=_LM6, clip=_CLIP, data="data/shapes_s30"), "model": "{dir}/stage2", **_SMALL},
 }
