@@ -339,10 +339,10 @@ def describe(scene, order=None, clause=None):
         objects = grouped
     elif (order or describe_order) != 'rows':
         raise ValueError(f"describe_order must be 'rows' or 'pairs', not {order or describe_order!r}")
+    clause = partner_clause if clause is None else clause
     shapes = {o['shape'] for o in objects}
     return " ".join(f"A {o['color']} {o['shape']} is {position_phrase(o['row'], o['col'], grid)}"
-                    + (f", with a {PARTNER[o['shape']]} nearby."
-                       if (partner_clause if clause is None else clause) and PARTNER[o['shape']] in shapes else ".")
+                    + (f", with a {PARTNER[o['shape']]} nearby." if clause and PARTNER[o['shape']] in shapes else ".")
                     for o in objects)
 
 
