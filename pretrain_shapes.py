@@ -22,11 +22,14 @@ tower's patches) hold the sum of the word embeddings that name the cell's conten
 and the rest of the sequence is the world's text about that scene: LLaVA-format conversations in
 the chat template, captions in LLaVA's stage-1 `plain` format, dense "direct recall" documents
 ("is red circle yes. color square blue. at top left nothing. ...") whose answers come right after
-the word they look up, and conversations of multiple-choice questions only. Picking an option's
-letter is a second lookup on top of the first (the answer word, then the letter in front of it in
-the list), which the chat documents' occasional multiple-choice question did not teach: with those
-alone the LM answered text-only multiple choice at 37 % (chance 25 %) after 5000 steps, while it
-read the same scenes' colours and shapes exactly (measured). Those dense documents are what gets a from-scratch transformer past its long
+the word they look up, and conversations of multiple-choice questions only (in the chat template: the
+first version built them in the `plain` one, which keeps only the answers, so the LM shipped until
+2026-12-06 read a fifth of its documents as bare letters, "B\nD\nC"; a test now checks the questions
+are there). Picking an option's letter is a second lookup on top of the first (the answer word, then
+the letter in front of it in the list); an LM trained on random wrong options learns a shortcut
+instead, "the option that is in the scene", right whenever only one option is (the README measures
+it; the mc_hard probe asks with the scene's own values as the wrong options, where the shortcut
+fails). Those dense documents are what gets a from-scratch transformer past its long
 plateau quickly: the lookup is one attention hop away from the answer, and every sequence carries
 sixteen of them. The row and column words enter the slots at a weight of 0.3 (slot_positions): at
 full weight they are half of every slot and drown the colour and shape that lookups match on (the
@@ -76,10 +79,14 @@ lm_n_layer = 4
 lm_n_head = 4
 lm_n_embd = 128
 lm_scenes = 40000       # scenes of the corpus (each gives one document)
-lm_mix = 'recall:0.45,chat:0.25,mc:0.2,caption:0.1'  # document kinds and their shares
+lm_mix = 'recall:0.45,chat:0.25,mc:0.2,caption:0.1'  # document kinds and their shares; also 'verify' (multiple-choice
+                        # questions with each option marked yes / no and no letter: verify_segments)
 recall_facts = 16       # facts per direct-recall document
 recall_mc = 0.0         # share of direct-recall facts that are multiple-choice questions answered by the letter
                         # ("choose What color is the cross? A. green B. purple ..." -> "B"): the letter lookup, densely
+lm_mc_hard = 0.0        # share of the corpus' multiple-choice questions whose wrong options are the scene's own other
+                        # values first (prepare_shapes' mc_hard): with random options, "pick the option that is in the
+                        # scene" is right most of the time, and that is what an LM trained on them learns (see the README)
 slot_noise = 0.1        # Gaussian noise on the slot embeddings, relative to their RMS: the projector's output is never exact
 lm_steps = 6000
 lm_init = ''            # '' = a fresh Llama; a directory = continue pretraining that LM (e.g. models/shapes/lm)
@@ -144,7 +151,7 @@ def recall_fact(scene, rng):
     previous token's relation, two heads side by side rather than one after the other."""
     objs = scene['objects']
     if recall_mc and rng.random() < recall_mc:  # (no draw at 0: the corpus stays the one without it)
-        _, question, options, i = W.mc_question(scene, rng)
+        _, question, options, i = W.mc_question(scene, rng, hard=lm_mc_hard)
         return "choose " + question + " " + " ".join(f"{'ABCD'[k]}. {o}" for k, o in enumerate(options)), 'ABCD'[i]
     kind = rng.choice(['exist', 'exist_color', 'color', 'shape', 'where', 'what_at', 'count'])
     by_shape = W.unique_by(objs, lambda o: o['shape'])
@@ -188,6 +195,22 @@ def recall_segments(scene, rng, n):
     return segs
 
 
+def verify_segments(scene, rng, n):
+    """A document of n multiple-choice questions whose options are each marked true or false right after
+    them, without a letter to pick: "What color is the cross?\nA. white no\nB. purple yes\n...". The mark
+    is predicted at the option's own word, which is where, causally, the same question in the VLM's
+    form ("A. white\nB. purple\n...") can weigh each option against the image before the letter is
+    asked for. The wrong options are the scene's own other values first (mc_question's hard), the ones
+    a model that only asks "is this option in the scene" gets wrong."""
+    segs = [(W.IMAGE_TOKEN + "\n", False)]
+    for _ in range(n):
+        _, question, options, i = W.mc_question(scene, rng, hard=1.0)
+        segs.append((question + "\n", False))
+        for k, o in enumerate(options):
+            segs += [(f"{'ABCD'[k]}. {o}", False), (" yes" if k == i else " no", True), ("\n", False)]
+    return segs
+
+
 def make_documents(scenes, rng, tok, image_token_id, mix):
     """One document per scene, its kind drawn by mix: (input_ids, labels, slot word ids (9, 4) padded with -1)."""
     kinds, weights = zip(*mix.items())
@@ -195,8 +218,9 @@ def make_documents(scenes, rng, tok, image_token_id, mix):
     docs = []
     for scene in tqdm(scenes, desc="corpus", unit="doc", mininterval=2):
         kind = rng.choices(kinds, weights)[0]
-        if kind == 'recall':
-            segs = [(tok.bos_token_id, False)] + recall_segments(scene, rng, recall_facts)
+        if kind in ('recall', 'verify'):
+            segs = [(tok.bos_token_id, False)] + (recall_segments(scene, rng, recall_facts) if kind == 'recall'
+                                                  else verify_segments(scene, rng, rng.randint(3, 5)))
             ids, labels, _ = D.encode_segments(segs, tok, image_token_id, 9)
         else:
             told = scene  # the scene the text is about; the slots always hold the true one
@@ -205,11 +229,12 @@ def make_documents(scenes, rng, tok, image_token_id, mix):
             if kind == 'chat':
                 qas = W.sample_qas(told, rng, rng.randint(4, 8))
             elif kind == 'mc':  # a conversation of multiple-choice questions only (see the docstring)
-                qas = list({q: ('mc', q, a) for q, a in (W.qa_mc(scene, rng) for _ in range(rng.randint(4, 6)))}.values())
+                mcs = (W.mc_format(*W.mc_question(scene, rng, hard=lm_mc_hard)[1:]) for _ in range(rng.randint(4, 6)))
+                qas = list({q: ('mc', q, a) for q, a in mcs}.values())
             else:
                 qas = [('describe', *W.qa_describe(told, rng))]
             conv = W.conversation_record(scene['id'], None, qas)['conversations']
-            s = D.build_sample(conv, tok, 'chat' if kind == 'chat' else 'plain', image_token_id, 9)
+            s = D.build_sample(conv, tok, 'plain' if kind == 'caption' else 'chat', image_token_id, 9)
             ids, labels = s['input_ids'], s['labels']
         docs.append((ids, labels, slot_ids(scene, word_id)))
     return docs
@@ -310,6 +335,13 @@ def lookup_accuracy(lm, tok, image_token_id, scenes, per_kind=100, seed=0):
             segs = [(tok.bos_token_id, False), (W.IMAGE_TOKEN + "\n", False), (q, False), (" " + a + ".", True)]
             ids, labels, _ = D.encode_segments(segs, tok, image_token_id, 9)
             groups.setdefault('recall:' + q.split()[0], []).append((ids, labels, slot_ids(scene, word_id)))
+    # multiple choice whose wrong options are the scene's own values: an LM that only picks "the option in the
+    # scene" falls far below its 'mc' here (own stream, so the probes above stay the ones reported before)
+    rng = random.Random(f"{seed}:probes:mc_hard")
+    for scene in scenes[:per_kind]:
+        conv = W.conversation_record(scene['id'], None, [('mc', *W.mc_format(*W.mc_question(scene, rng, hard=1.0)[1:]))])
+        s = D.build_sample(conv['conversations'], tok, 'chat', image_token_id, 9)
+        groups.setdefault('mc_hard', []).append((s['input_ids'], s['labels'], slot_ids(scene, word_id)))
     lm.eval()
     out = {}
     for kind, docs in groups.items():

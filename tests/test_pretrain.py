@@ -175,3 +175,66 @@ def test_recall_mc_facts_answer_with_the_true_option_letter(monkeypatch):
                 kinds.add(question.split()[0] + question.split()[1])
         assert (n > 50) if want else n == 0
     assert len(kinds) == 5, kinds
+
+
+def test_lm_mc_hard_takes_the_corpus_wrong_options_from_the_scene(monkeypatch):
+    """lm_mc_hard=1: in the multiple-choice documents a colour question's wrong options are the scene's other
+    colours first (so "the option that is in the scene" is no longer enough); at 0 (the shipped LM's corpus)
+    the documents hold exactly the questions qa_mc has always drawn, where the other colours are often missing."""
+    import re
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.path.join(MODELS, "lm"))
+    image_id = tok.convert_tokens_to_ids(W.IMAGE_TOKEN)
+    scenes = W.sample_scenes("lm", 80, 11)
+    colour_q = re.compile(r"What color is the (\w+)\?\nA\. (\w+)\nB\. (\w+)\nC\. (\w+)\nD\. (\w+)")
+
+    def documents(hard):
+        monkeypatch.setattr(P, "lm_mc_hard", hard)
+        return [tok.decode(d[0]) for d in P.make_documents(scenes, random.Random(0), tok, image_id, {"mc": 1.0})]
+
+    def others_among_options(texts):
+        out = []
+        for scene, text in zip(scenes, texts):
+            for shape, *options in colour_q.findall(text):
+                own = next(o["color"] for o in scene["objects"] if o["shape"] == shape)
+                others = {o["color"] for o in scene["objects"]} - {own}
+                out.append(len(others & set(options)) == min(3, len(others)))
+        return out
+
+    hard, easy = others_among_options(documents(1.0)), others_among_options(documents(0.0))
+    assert len(hard) > 30 and all(hard)
+    assert sum(easy) < 0.8 * len(easy)
+    rng = random.Random(0)  # at 0: make_documents' draws, with qa_mc drawing the questions as before the knob
+    for scene, text in zip(scenes, documents(0.0)):
+        rng.choices(["mc"], [1.0])
+        qas = [W.qa_mc(scene, rng) for _ in range(rng.randint(4, 6))]
+        assert all(q in text for q, _ in qas)
+
+
+def test_verify_documents_mark_each_option_by_the_scene():
+    """'verify' documents: every option of every question is followed by a supervised yes / no, exactly one
+    yes per question, on the option that is true of the scene (checked here for the colour and shape
+    questions against the scene graph); nothing else is supervised (no letter to pick)."""
+    import re
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.path.join(MODELS, "lm"))
+    scenes = W.sample_scenes("lm", 60, 5)
+    docs = P.make_documents(scenes, random.Random(0), tok, tok.convert_tokens_to_ids(W.IMAGE_TOKEN), {"verify": 1.0})
+    checked = 0
+    for scene, (ids, labels, _) in zip(scenes, docs):
+        text = tok.decode(ids)
+        questions = re.findall(r"([^\n]+\?)\n((?:[ABCD]\. [^\n]+ (?:yes|no)\n){4})", text)
+        assert len(questions) >= 3, text
+        supervised = tok.decode([t for t, y in zip(ids, labels) if y != -100]).split()
+        assert supervised == [m for _, block in questions for m in re.findall(r" (yes|no)\n", block)]
+        for question, block in questions:
+            marks = dict(re.findall(r"[ABCD]\. ([^\n]+) (yes|no)\n", block))
+            assert list(marks.values()).count("yes") == 1, block
+            yes = next(o for o, m in marks.items() if m == "yes")
+            if m := re.fullmatch(r"What color is the (\w+)\?", question):
+                assert yes == next(o["color"] for o in scene["objects"] if o["shape"] == m[1])
+                checked += 1
+            elif m := re.fullmatch(r"What shape is the (\w+) object\?", question):
+                assert yes == next(o["shape"] for o in scene["objects"] if o["color"] == m[1])
+                checked += 1
+    assert checked > 40
