@@ -63,6 +63,7 @@ import answer_pairs as A
 import benchmarks as B
 import data as D
 import model as M
+import prepare_shapes as W
 
 # -----------------------------------------------------------------------------
 init_from = "out/sft"      # checkpoint dir, ours or llava-hf, or a hub id (llava-hf/llava-1.5-7b-hf)
@@ -223,6 +224,20 @@ if master:
         # LLaVA's answer format first (question_id, prompt, text), then the gold fields and the verdict
         preds[t] = [{"question_id": r["question_id"], "prompt": r["prompt"], "text": r["text"],
                      **{k: v for k, v in r.items() if k != "image_b64"}, **B.judge(t, r, synonyms)} for r in rs]
+    scenes_file = os.path.join(shapes_dir, "scenes.json")
+    if task == "shapes" and "mc" in rows and os.path.isfile(scenes_file):
+        # the world knows each image: colour and shape questions split by how many of their options are in
+        # the image, where "pick an option that is there" scores 100 % at 1 and 1 in k at k (README: MC)
+        with open(scenes_file) as f:
+            scenes = {sc["id"]: sc for sc in json.load(f)["eval"]}
+        groups = {}
+        for r in rows["mc"]:
+            scene = scenes.get(os.path.splitext(os.path.basename(r["image"] or ""))[0])
+            k = scene and W.options_in_image(scene, r.get("category"), r["options"])
+            if k:
+                groups.setdefault(f"{k} opts in image", []).append(B.judge("mc", r)["score"])
+        for split, g in sorted(groups.items()):
+            metrics["mc"][split] = dict(accuracy=sum(g) / len(g), n=len(g))
     for t, ps in preds.items():
         print(f"\n{t}\n  {'question':48s} {'answer':28s} {'read as':14s} truth")
         for p in ps[:show]:

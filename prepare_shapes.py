@@ -510,6 +510,16 @@ def mc_question(scene, rng, kind=None, hard=0.0):
     return kind, question, options, options.index(right)
 
 
+def options_in_image(scene, category, options):
+    """How many of a colour or shape question's options are a colour / shape of some object in the scene
+    (None for the other kinds). A model that only asks "is this option in the image" is right every time
+    at 1 and 1 in k at k: evaluate.py splits multiple choice by it."""
+    if category not in ('color', 'shape'):
+        return None
+    present = {o[category] for o in scene['objects']}
+    return sum(o in present for o in options)
+
+
 def qa_mc(scene, rng, style=None):
     """A multiple-choice question in LLaVA's prompt form (mc_question)."""
     _, question, options, i = mc_question(scene, rng, hard=mc_hard)

@@ -324,6 +324,20 @@ def test_shapes_eval_sets_with_oracle_answers_score_perfectly(tmp_path):
         assert all(s["accuracy"] == 1.0 for s in m[task].values()), (task, m[task])
     assert m["pope"]["average"]["f1"] == 1.0 and m["cot"]["overall"]["missing_marker"] == 0.0
     assert m["chair"]["all"]["chair_s"] == 0.0 and m["chair"]["all"]["chair_i"] == 0.0 and m["chair"]["all"]["recall"] == 1.0
+    # multiple choice split by how many options are in the image: an answerer that takes another option that is
+    # in the image whenever there is one is right exactly on the questions with one option there
+    scenes = {sc["id"]: sc for sc in read(world / "eval" / "scenes.json")["eval"]}
+    picks = []
+    for r in read(world / "eval" / "mc.jsonl"):
+        scene = scenes[os.path.basename(r["image"])[:-4]]
+        present = {o[r["category"]] for o in scene["objects"]} if r["category"] in ("color", "shape") else set()
+        other = [i for i, o in enumerate(r["options"]) if o in present and "ABCD"[i] != r["answer"]]
+        picks.append(dict(question_id=r["question_id"], text="ABCD"[other[0]] if other else r["answer"]))
+    write_jsonl(tmp_path / "oracle" / "mc_predictions.jsonl", picks)
+    run([f"--shapes_dir={world}/eval", f"--predictions={tmp_path}/oracle", f"--out_dir={tmp_path}/out2"])
+    mc = read(tmp_path / "out2" / "metrics.json")["mc"]
+    assert mc["1 opts in image"]["accuracy"] == 1.0 and mc["2 opts in image"]["accuracy"] == 0.0, mc
+    assert sum(v["n"] for k, v in mc.items() if "in image" in k) == mc["color"]["n"] + mc["shape"]["n"]
 
 
 def test_mme_and_mmbench_score_only_from_the_real_formats(tmp_path):
