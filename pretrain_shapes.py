@@ -8,10 +8,11 @@ The shapes world's foundation models, the stand-ins for the two models LLaVA sta
 Both are saved as ordinary transformers checkpoint directories (config.json, model.safetensors,
 tokenizer / image processor files), so `sft.py --init_from=parts --lm_path=... --vision_path=...`
 takes them exactly as it takes lmsys/vicuna-7b-v1.5 and openai/clip-vit-large-patch14-336. The
-repository ships the result in models/shapes/ (as a LLaVA user downloads Vicuna and CLIP); this
-script is the one command that regenerates it, deterministically from the seed:
+repository ships models/shapes/ (as a LLaVA user downloads Vicuna and CLIP), made by this script at
+commit 15459f1; today it makes, deterministically from the seed, the corrected recipe (see below and
+the README, which measures both):
 
-    python pretrain_shapes.py                       # models/shapes (30 min on 2 CPU cores: CLIP 4, LM 26)
+    python pretrain_shapes.py                       # models/shapes (43 min on 2 CPU cores: CLIP 4-9, LM 34)
     python pretrain_shapes.py --lm_steps=200 --clip_steps=100 --out_dir=/tmp/m   # a quick small version
 
 Why the LM reads images it has never seen. A language model learns nothing about pixels; what it
@@ -23,9 +24,9 @@ and the rest of the sequence is the world's text about that scene: LLaVA-format 
 the chat template, captions in LLaVA's stage-1 `plain` format, dense "direct recall" documents
 ("is red circle yes. color square blue. at top left nothing. ...") whose answers come right after
 the word they look up, and conversations of multiple-choice questions only (in the chat template: the
-first version built them in the `plain` one, which keeps only the answers, so the LM shipped until
-2026-12-06 read a fifth of its documents as bare letters, "B\nD\nC"; a test now checks the questions
-are there). Picking an option's letter is a second lookup on top of the first (the answer word, then
+first version built them in the `plain` one, which keeps only the answers, so the shipped LM (made at
+commit 15459f1) read a fifth of its documents as bare letters, "B\nD\nC"; a test now checks the
+questions are there; the README compares the shipped models with this script's today). Picking an option's letter is a second lookup on top of the first (the answer word, then
 the letter in front of it in the list); an LM trained on random wrong options learns a shortcut
 instead, "the option that is in the scene", right whenever only one option is (the README measures
 it; the mc_hard probe asks with the scene's own values as the wrong options, where the shortcut

@@ -1,11 +1,18 @@
-# The LM corpus' multiple-choice documents (issue 9): until this fix they were built in the `plain`
-# template, which keeps only the answers, so the LM read 20 % of its documents as bare letter sequences
-# ("B\nD\nC") and never a multiple-choice question. The base (stage 1 + stage 2, default world, shipped CLIP)
-# on the LM shipped then against the same LM after 1,500 more steps on the corrected corpus (same mix, lr 1e-3):
-#   python pretrain_shapes.py --which=lm --lm_init=<the LM shipped before> --lm_steps=1500 --lm_lr=1e-3 --out_dir=out/models/lm_mcfix
-#   python pretrain_shapes.py --which=lm --lm_init=<the LM shipped before> --lm_steps=1500 --lm_lr=1e-3 \
+# The LM corpus' multiple-choice documents (issue 9; README "Multiple choice is answered by a shortcut"):
+# until 2026-12-06 they were built in the `plain` template, which keeps only the answers, so the shipped LM
+# read a fifth of its documents as bare letters ("B\nD\nC") and never one of those questions. The base
+# (stage 1 + stage 2, default world) on the shipped LM and CLIP ("before": the same commands as
+# config/exp_base.py, whose run directories can be copied in) against: the shipped LM after 1,500 more steps
+# on the corrected corpus (mcfix), the same with 15 % 'verify' documents (verify), that LM with stage 2 on
+# hard multiple-choice options (verify_mch), and both models regenerated from scratch by today's command
+# (regen). Make the models and the data first (550-640 s per continued LM, 2,552 s for the regeneration):
+#   python pretrain_shapes.py --which=lm --lm_init=models/shapes/lm --lm_steps=1500 --lm_lr=1e-3 --out_dir=out/models/lm_mcfix
+#   python pretrain_shapes.py --which=lm --lm_init=models/shapes/lm --lm_steps=1500 --lm_lr=1e-3 \
 #       --lm_mix=recall:0.35,chat:0.2,mc:0.2,verify:0.15,caption:0.1 --out_dir=out/models/lm_verify
-#   python experiment.py config/exp_lm_mcdocs.py
+#   python pretrain_shapes.py --out_dir=out/models/regen
+#   python prepare_shapes.py --mc_hard=0.7 --out_dir=data/shapes_pc_mch
+#   python experiment.py config/exp_lm_mcdocs.py --seeds=[1]                      # every run, seed 1
+#   python experiment.py config/exp_lm_mcdocs.py --only="['before','regen']"     # the 3-seed comparison
 out_dir = "out/exp_lm_mcdocs"
 seeds = [1, 2, 3]
 
