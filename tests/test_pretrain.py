@@ -179,7 +179,7 @@ def test_recall_mc_facts_answer_with_the_true_option_letter(monkeypatch):
 
 def test_lm_mc_hard_takes_the_corpus_wrong_options_from_the_scene(monkeypatch):
     """lm_mc_hard=1: in the multiple-choice documents a colour question's wrong options are the scene's other
-    colours first (so "the option that is in the scene" is no longer enough); at 0 (the shipped LM's corpus)
+    colours first (so "the option that is in the scene" is no longer enough); at 0 (the default)
     the documents hold exactly the questions qa_mc has always drawn, where the other colours are often missing."""
     import re
     from transformers import AutoTokenizer
