@@ -520,9 +520,10 @@ def options_in_image(scene, category, options):
     return sum(o in present for o in options)
 
 
-def qa_mc(scene, rng, style=None):
-    """A multiple-choice question in LLaVA's prompt form (mc_question)."""
-    _, question, options, i = mc_question(scene, rng, hard=mc_hard)
+def qa_mc(scene, rng, style=None, hard=None):
+    """A multiple-choice question in LLaVA's prompt form (mc_question; hard: its share of wrong options from
+    the scene, the mc_hard knob when None)."""
+    _, question, options, i = mc_question(scene, rng, hard=mc_hard if hard is None else hard)
     return mc_format(question, options, i)
 
 

@@ -230,7 +230,7 @@ def make_documents(scenes, rng, tok, image_token_id, mix):
             if kind == 'chat':
                 qas = W.sample_qas(told, rng, rng.randint(4, 8))
             elif kind == 'mc':  # a conversation of multiple-choice questions only (see the docstring)
-                mcs = (W.mc_format(*W.mc_question(scene, rng, hard=lm_mc_hard)[1:]) for _ in range(rng.randint(4, 6)))
+                mcs = (W.qa_mc(scene, rng, hard=lm_mc_hard) for _ in range(rng.randint(4, 6)))
                 qas = list({q: ('mc', q, a) for q, a in mcs}.values())
             else:
                 qas = [('describe', *W.qa_describe(told, rng))]
@@ -340,7 +340,7 @@ def lookup_accuracy(lm, tok, image_token_id, scenes, per_kind=100, seed=0):
     # scene" falls far below its 'mc' here (own stream, so the probes above stay the ones reported before)
     rng = random.Random(f"{seed}:probes:mc_hard")
     for scene in scenes[:per_kind]:
-        conv = W.conversation_record(scene['id'], None, [('mc', *W.mc_format(*W.mc_question(scene, rng, hard=1.0)[1:]))])
+        conv = W.conversation_record(scene['id'], None, [('mc', *W.qa_mc(scene, rng, hard=1.0))])
         s = D.build_sample(conv['conversations'], tok, 'chat', image_token_id, 9)
         groups.setdefault('mc_hard', []).append((s['input_ids'], s['labels'], slot_ids(scene, word_id)))
     lm.eval()
@@ -597,7 +597,7 @@ def main():
     W.small_size = small_size  # render_scene reads it
     # The foundation models read the world's plain language: partner_clause is the instruction data's
     # annotator habit (stage 2), which neither Vicuna's corpus nor CLIP's captions have (and without it
-    # this corpus is the one the shipped models were made from)
+    # the corpus and tokenizer are the plain world's, as the shipped models' were)
     W.partner_clause = False
     torch.set_num_threads(threads)
     t0 = time.time()
