@@ -520,7 +520,7 @@ class VLM(nn.Module):
         cache = DynamicCache(config=self.lm.config)
         base, w = self.lm.base_model, self.lm.get_output_embeddings().weight
         h = base(inputs_embeds=self.embed(input_ids, pixel_values, image_features=image_features), attention_mask=mask,
-                 position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state[:, -1:]
+                 position_ids=pos, cache=cache, use_cache=True).last_hidden_state[:, -1:]
         pos = pos[:, -1:]
         if K > 1:  # one prefill per prompt, then K copies of its cache
             cache.batch_repeat_interleave(K)
@@ -569,7 +569,7 @@ class VLM(nn.Module):
                 break
             pos = pos + 1
             h = base(inputs_embeds=self.lm.get_input_embeddings()(nxt[:, None]), attention_mask=mask[:, :T + step + 1],
-                     position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
+                     position_ids=pos, cache=cache, use_cache=True).last_hidden_state
         n = int(lengths.max()) if B else 0  # under FSDP2 a finished rank steps on with the others: drop those columns
         tokens = torch.stack(toks, 1)[:, :n] if toks else input_ids.new_zeros(B, 0)
         logprobs = torch.stack(lps, 1)[:, :n] if lps else torch.zeros(B, 0, device=dev)
