@@ -8,11 +8,11 @@ The shapes world's foundation models, the stand-ins for the two models LLaVA sta
 Both are saved as ordinary transformers checkpoint directories (config.json, model.safetensors,
 tokenizer / image processor files), so `sft.py --init_from=parts --lm_path=... --vision_path=...`
 takes them exactly as it takes lmsys/vicuna-7b-v1.5 and openai/clip-vit-large-patch14-336. The
-repository ships models/shapes/ (as a LLaVA user downloads Vicuna and CLIP), made by this script at
-commit 15459f1; today it makes, deterministically from the seed, the corrected recipe (see below and
-the README, which measures both):
+repository ships models/shapes/ (as a LLaVA user downloads Vicuna and CLIP), made by this script,
+deterministically from the seed (the first shipped pair, made at commit 15459f1 with the corpus bug
+below and a CLIP that did not know where a patch is, is in the history at dd1b8d3; the README measures both):
 
-    python pretrain_shapes.py                       # models/shapes (43 min on 2 CPU cores: CLIP 4-9, LM 34)
+    python pretrain_shapes.py                       # models/shapes (about 37 min on 2 CPU cores: CLIP 3, LM 34)
     python pretrain_shapes.py --lm_steps=200 --clip_steps=100 --out_dir=/tmp/m   # a quick small version
 
 Why the LM reads images it has never seen. A language model learns nothing about pixels; what it
@@ -24,9 +24,10 @@ and the rest of the sequence is the world's text about that scene: LLaVA-format 
 the chat template, captions in LLaVA's stage-1 `plain` format, dense "direct recall" documents
 ("is red circle yes. color square blue. at top left nothing. ...") whose answers come right after
 the word they look up, and conversations of multiple-choice questions only (in the chat template: the
-first version built them in the `plain` one, which keeps only the answers, so the shipped LM (made at
+first version built them in the `plain` one, which keeps only the answers, so the first shipped LM (made at
 commit 15459f1) read a fifth of its documents as bare letters, "B\nD\nC"; a test now checks the
-questions are there; the README compares the shipped models with this script's today). Picking an option's letter is a second lookup on top of the first (the answer word, then
+questions are there; the README compares the two). Picking an option's letter is a second lookup on
+top of the first (the answer word, then
 the letter in front of it in the list); an LM trained on random wrong options learns a shortcut
 instead, "the option that is in the scene", right whenever only one option is (the README measures
 it; the mc_hard probe asks with the scene's own values as the wrong options, where the shortcut
@@ -45,9 +46,10 @@ what calibrated self-rewarding needs of it. Its vision tower is also what the VL
 its penultimate-layer patch features are additionally trained to name each cell's shape and colour
 (a linear probe trained with it, dropped afterwards): real CLIP features separate objects in patches;
 a 0.4M-parameter one learns that in seconds only with the help. A second probe reads each patch's
-row and column; clip_position sets how much of its gradient reaches the features (0, the default
-and the shipped CLIP: none, the probe only measures; the features then barely know where a patch is,
-and the VLM's position answers are near chance: see the README).
+row and column; clip_position sets how much of its gradient reaches the features (1, the default
+since 2026-12-06: all of it, so the features say where a patch is, as the LM's slots do; at 0 the probe
+only measures, the features barely know where a patch is, the VLM's position answers are near chance
+and its stage 1 aligns less well: see the README).
 """
 
 import copy
@@ -105,7 +107,7 @@ clip_batch = 128
 clip_lr = 2e-3
 clip_scenes = 20000
 clip_embd = 64          # projection (joint embedding) size
-clip_position = 0.0     # how much a per-patch row / column probe trains the patch features (0 = it only reads them)
+clip_position = 1.0     # how much a per-patch row / column probe trains the patch features (0 = it only reads them)
 # -----------------------------------------------------------------------------
 _config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 

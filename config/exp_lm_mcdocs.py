@@ -17,9 +17,9 @@ out_dir = "out/exp_lm_mcdocs"
 seeds = [1, 2, 3]
 
 
-def _base(lm, clip="models/shapes/clip"):
+def _base(lm, clip="models/shapes/clip", stage2_args=""):
     return [f"sft.py config/shapes_stage1.py --seed={{seed}} --lm_path={lm} --vision_path={clip} --out_dir={{dir}}/stage1",
-            f"sft.py config/shapes_stage2.py --seed={{seed}} --init_from={{dir}}/stage1 --out_dir={{dir}}/stage2"]
+            f"sft.py config/shapes_stage2.py --seed={{seed}} --init_from={{dir}}/stage1 {stage2_args}--out_dir={{dir}}/stage2"]
 
 
 runs = {
@@ -37,4 +37,12 @@ runs = {
     "verify_mch": {"steps": ["sft.py config/shapes_stage2.py --seed={seed} --init_from={out}/verify/seed{seed}/stage1 "
                              "--data_path=data/shapes_pc_mch/train.json --val_data_path=data/shapes_pc_mch/val.json "
                              "--out_dir={dir}/stage2"], "model": "{dir}/stage2"},
+    # MC's last points (2026-12-06, second session), each with a 2-epoch stage 2 like regen_e2: the verify documents in a
+    # from-scratch corpus (python pretrain_shapes.py --which=lm --lm_mix=recall:0.35,chat:0.2,mc:0.2,verify:0.15,caption:0.1
+    # --out_dir=out/models/regen_verify; same tokenizer as regen's, which depends on the seed only), and a position-aware
+    # CLIP (python pretrain_shapes.py --which=clip --clip_position=1 --out_dir=out/models/regen_pos): MC's position
+    # questions are a fifth of it and sit at 15 % on regen_e2
+    "verify_e2": {"steps": _base("out/models/regen_verify/lm", "out/models/regen/clip", "--epochs=2.0 "), "model": "{dir}/stage2"},
+    "pos_e2": {"steps": _base("out/models/regen/lm", "out/models/regen_pos/clip", "--epochs=2.0 "), "model": "{dir}/stage2"},
+    "verify_pos_e2": {"steps": _base("out/models/regen_verify/lm", "out/models/regen_pos/clip", "--epochs=2.0 "), "model": "{dir}/stage2"},
 }

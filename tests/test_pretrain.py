@@ -80,8 +80,8 @@ edge: colour 34% in one draw; at 2,500 steps colour 52-90%, yes/no 74-97%, see b
 
 def test_clip_position_trains_where_into_the_patch_features(tmp_path):
     """clip_position=1: the row-and-column probe's gradient reaches the patch features, and after 150
-    steps a linear probe reads each patch's cell (94 % measured); at 0, the default, it only reads
-    them, near chance (1 in 9: 12 % measured), as in the shipped CLIP."""
+    steps a linear probe reads each patch's cell (94 % measured; the default, as in the shipped CLIP); at 0
+    it only reads them, near chance (1 in 9: 12 % measured), as in the first shipped CLIP."""
     import re
 
     def where(position):
