@@ -1,3 +1,5 @@
+# Measured on the first shipped LM and CLIP with a 1-epoch stage 2 ("shipped" below means those): re-run it at
+# `git checkout dd1b8d3`; since 2026-12-06 models/shapes and config/shapes_stage2.py are the new base's.
 # Captions that follow the co-occurrence prior (issue 9): the base (stage 1 + stage 2, shipped LM and CLIP)
 # on the default world, whose stage-2 descriptions name an object with its partner ("A red circle is at
 # the top, with a square nearby."; prepare_shapes.py's partner_clause, the default since 2026-12-06),

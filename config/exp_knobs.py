@@ -1,3 +1,5 @@
+# Measured on the first shipped LM and CLIP with a 1-epoch stage 2 ("shipped" below means those): re-run it at
+# `git checkout dd1b8d3`; since 2026-12-06 models/shapes and config/shapes_stage2.py are the new base's.
 # Issue 9's knob tries, one seed (README: "Small objects, a deeper LM, multiple-choice recall"): the base
 # (stage 1 + stage 2) on the shipped LM and CLIP, on a 6-layer LM, and on the small-object world (30 % of
 # the objects drawn small, the annotator naming them as partners; its own CLIP, position-aware) with the

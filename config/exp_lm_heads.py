@@ -1,3 +1,5 @@
+# Measured on the first shipped LM and CLIP with a 1-epoch stage 2 ("shipped" below means those): re-run it at
+# `git checkout dd1b8d3`; since 2026-12-06 models/shapes and config/shapes_stage2.py are the new base's.
 # Multiple choice and the LM's attention heads (issue 9): the base (stage 1 + stage 2, default world,
 # shipped CLIP) on the shipped LM (4 layers x 128, 4 heads) against an LM of the same size and recipe with
 # 8 heads of 16 dimensions (the multiple-choice letter needs several lookups at once: the question's
