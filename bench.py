@@ -28,8 +28,8 @@ Sections:
   plan  a memory plan, COMPUTED from a config's settings (not measured): LLaVA-1.5-7B stage 2 per GPU
         (sharded fp32 weights, gradients and AdamW state, FSDP2's gathered bf16 blocks, activations with
         and without gradient checkpointing, the fused loss's buffers, the transient at load).
-  csr   calibrated self-rewarding's sentence-tree search (sentence_tree.grow_trees) on the shapes world
-        (prepare_shapes.py's prompts, its CLIP as the scorer, csr_model as the VLM): pairs/s and
+  csr   calibrated self-rewarding's sentence-tree search (methods.csr.grow_trees) on the shapes world
+        (shapes/prepare.py's prompts, its CLIP as the scorer, csr_model as the VLM): pairs/s and
         sentences/s batched over prompts and live nodes vs one prompt at a time, node by node (one
         generate call per node and one scorer call per level, as the released code runs it); the trees
         must come out the same.
@@ -250,6 +250,9 @@ def dpo_case(reference, lora):
     import copy
     import ctypes
     import model as M
+    from lucid.lora import add_lora, lora_disabled
+    from lucid.optim import set_trainable
+    from lucid.dpo_loss import dpo_loss
     vision, text = vlm_configs()  # (imports transformers: loading the library is not the step's memory)
     trim = ctypes.CDLL("libc.so.6").malloc_trim if not cuda else (lambda _: None)  # freed heap back to the OS: RSS = live memory
     trim(0)
@@ -260,8 +263,8 @@ def dpo_case(reference, lora):
     n_img = policy.num_image_tokens
     ref = copy.deepcopy(policy).eval().requires_grad_(False) if reference == "copy" else None
     if lora:
-        M.add_lora(policy, dpo_lora_r, 2 * dpo_lora_r)
-    M.set_trainable(policy, {"lm": 1e-6, "projector": 0.0 if lora else 1e-6})
+        add_lora(policy, dpo_lora_r, 2 * dpo_lora_r)
+    set_trainable(policy, {"lm": 1e-6, "projector": 0.0 if lora else 1e-6})
     policy.train()
     B = dpo_pairs
     ids, px, labels = llava_batch(2 * B, sft_seq, n_img, sft_answer)
@@ -274,13 +277,13 @@ def dpo_case(reference, lora):
             if reference == "copy":
                 return -ref(ids, px, None, labels, reduction="row", image_repeat=2)
             if reference == "adapters_off":
-                with M.lora_disabled(policy):
+                with lora_disabled(policy):
                     return -policy(ids, px, None, labels, reduction="row", image_repeat=2)
             return cached
 
     def step():
         lp, r = -policy(ids, px, None, labels, reduction="row", image_repeat=2), ref_logps()
-        M.dpo_loss(lp[:B], lp[B:], r[:B], r[B:])[0].mean().backward()
+        dpo_loss(lp[:B], lp[B:], r[:B], r[B:])[0].mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     trim(0)
@@ -414,7 +417,7 @@ def memory_plan(cfg, gpus):
             ("fused loss: a 1,024-row bf16 logits chunk + the fp32 dL/dW accumulator", (1024 * V * 2 + V * h * 4) / GB)]
     other = L * per_layer if ckpt else L * tokens * h * 2 + per_layer  # the other setting of gradient_checkpointing
     notes = dict(params_billion=(lm + vision + proj) / 1e9, trainable_billion=train / 1e9, tokens=tokens,
-                 # loading (training.build / shard): rank 0 alone holds the model in host memory, trained parts
+                 # loading (lucid.common.build / shard): rank 0 alone holds the model in host memory, trained parts
                  # cast to fp32; fully_shard moves it to the GPUs one group at a time (the root, or a block)
                  load_host_gb=(4 * train + 2 * frozen) / GB, load_gpu_gb=4 * max(2 * V * h + proj, block) / GB,
                  activations_other_gb=other / GB, checkpointing=ckpt)
@@ -426,14 +429,14 @@ def csr_case(batch):
     import hashlib
     import data as D
     import model as M
-    import sentence_tree as S
+    from methods import csr as S
     if csr_model:
         vlm = M.VLM.from_pretrained(csr_model)
     else:
         torch.manual_seed(0)
-        vlm = M.VLM.from_parts(lm="models/shapes/lm", vision="models/shapes/clip", template="chat")
+        vlm = M.VLM.from_parts(lm="shapes/models/lm", vision="shapes/models/clip", template="chat")
     vlm = vlm.to(dev).eval()
-    scorer = S.ClipScorer("models/shapes/clip", dev)
+    scorer = S.ClipScorer("shapes/models/clip", dev)
     prompts = D.load_prompts("data/shapes/prompts.json", "data/shapes/images", csr_prompts)
     search = dict(max_new_tokens=24, max_chars=256, max_nodes=1 if batch == 1 else 0)  # config/shapes_csr.py's caps
     stats = {}

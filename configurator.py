@@ -36,19 +36,22 @@ Fixes versus nanoGPT:
   are interchangeable. Type checks use the script's defaults, not whatever an
   earlier config file set.
 - '--key' without '=' is an error, not a crash on an assert.
+- '--help' (or '-h') prints the script's docstring and its settings as the script writes them
+  (default and comment), then exits.
 - printing happens only on rank 0 (env RANK, set by torchrun), so a DDP run
   doesn't repeat every override once per process.
 - configure() installs errors.excepthook: a ConfigError, a data.DataError or a missing file ends the
-  script with one line naming the file, record and problem, not a traceback (see errors.py).
+  script with one line naming the file, record and problem, not a traceback (see lucid/errors.py).
 """
 
 import ast
 import difflib
 import os
+import re
 import sys
 import types
 
-import errors
+from lucid import errors
 
 _CONFIG_TYPES = (int, float, bool, str, type(None), list, tuple, dict)
 
@@ -95,6 +98,32 @@ def _check_type(key, value, default, raw=None):
                       f"got {value!r} ({type(value).__name__})")
 
 
+def _help(g, keys):
+    """--help: the script's docstring, then each setting as its source writes it (the default and the
+    comments after it), so a newcomer's first try shows every knob."""
+    print((g.get('__doc__') or '').strip() + '\n')
+    path = g.get('__file__') or ''
+    src = open(path).read().split('\n') if os.path.isfile(path) else []
+    spec = g.get('__spec__')  # run as `python -m shapes.prepare`: say so
+    cmd = f"python -m {spec.name}" if spec is not None else f"python {os.path.relpath(path) if path else 'script.py'}"
+    print(f"settings (override with --key=value, or a config file of such lines: {cmd} config/x.py --key=value):")
+    for key in keys:
+        i = next((i for i, line in enumerate(src) if re.match(rf'{key}\s*=', line)), None)
+        first = src[i] if i is not None else ''
+        try:  # the line as written when it holds the whole assignment; else the value as it is
+            ast.parse(first)
+        except SyntaxError:
+            first = ''
+        if not first:
+            print(f"{key} = {g[key]!r}")
+            continue
+        print(first)
+        for line in src[i + 1:]:  # a comment continued on the next lines
+            if not re.match(r'\s+#', line):
+                break
+            print(line)
+
+
 def configure(g, argv=None):
     """Apply config files and --key=value overrides from argv (default sys.argv[1:]) to the
     dict g (a script's globals()). Returns {key: value} of the final config."""
@@ -103,6 +132,10 @@ def configure(g, argv=None):
     verbose = int(os.environ.get('RANK', 0)) == 0
     # snapshot the defaults: keys and types come from the script, not from earlier overrides
     defaults = {k: v for k, v in g.items() if _is_config_key(k, v)}
+    if '--help' in argv or '-h' in argv:
+        if verbose:
+            _help(g, list(defaults))
+        sys.exit(0)
 
     for arg in argv:
         if not arg.startswith('--'):

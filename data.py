@@ -12,7 +12,7 @@ Data for LLaVA-style training, top to bottom:
 6. preference pairs for dpo.py: the CSR, LLaVA-Reasoner and TRL formats -> chosen and rejected
    samples sharing one prompt and one image.
 7. prompt files for selfreward.py: CSR's {id, image, input} or LLaVA conversations (first human turn).
-(Benchmark question files and their scoring rules are benchmarks.py's.)
+(Benchmark question files and their scoring rules are tasks/'s.)
 
 A record looks like
     {"id": "0001", "image": "coco/0001.jpg",
@@ -35,7 +35,7 @@ from functools import lru_cache
 import torch
 from PIL import Image
 
-import errors
+from lucid import errors
 
 IGNORE_INDEX = -100  # label value the loss skips (same as F.cross_entropy's default ignore_index)
 IMAGE_PLACEHOLDER = "<image>"
@@ -49,7 +49,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 class DataError(errors.UserError):
     """A problem with a data file, one record or one sample; the message names the file, the record and
     the problem. `kind` is a short label used to count skips. A script stops on it with that one line
-    (errors.py), or, where the user asked to skip (skip_bad), counts it and reports the counts."""
+    (lucid/errors.py), or, where the user asked to skip (skip_bad), counts it and reports the counts."""
 
     def __init__(self, message, kind="bad record"):
         super().__init__(message)
@@ -961,7 +961,7 @@ def load_prompts(path, image_root=None, limit=0, image_prefix="", parse=None):
     image's full path under 'path' (image_root / image_prefix + image: CSR's file names images
     000000442786.jpg, COCO's train2014 folder holds COCO_train2014_000000442786.jpg) and a unique id;
     every image is checked to exist. parse reads one record: prompt_from_record (None, the default: CSR's
-    describe prompts) or benchmarks.question_from_record (questions with a gold answer). The first bad record raises
+    describe prompts) or tasks.benchmark.question_from_record (questions with a gold answer). The first bad record raises
     DataError naming the file, record and problem."""
     root = image_root if image_root is not None else os.path.dirname(path)
     raw = read_json_file(path)

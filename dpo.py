@@ -3,7 +3,7 @@ Direct preference optimisation (DPO) of a LLaVA-style model on (image, prompt, c
 the last stage of LLaVA-Reasoner (its own correct vs incorrect reasoning chains) and of calibrated
 self-rewarding (its best vs worst descriptions). One file, top to bottom, like sft.py.
 
-The shapes world on a laptop CPU (after `python prepare_shapes.py` and the two SFT stages), on the
+The shapes world on a laptop CPU (after `python -m shapes.prepare` and the two SFT stages), on the
 world's correct vs hallucinated answers:
     python dpo.py config/shapes_dpo.py
 One GPU, LLaVA-Reasoner's recipe (full fine-tuning of the LM, vision and projector frozen):
@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 import data as D
 import model as M
-import training as T
+from lucid import checkpoint, common, lora, optim
+from lucid.dpo_loss import DPO_LOSSES, dpo_loss
 
 # -----------------------------------------------------------------------------
 # defaults: the shapes world's DPO on CPU, from the two-stage base (config/shapes_stage2.py)
@@ -46,7 +47,7 @@ save_checkpoint = True
 wandb_log = False          # off by default; needs `pip install wandb`
 wandb_project = "lucid"
 wandb_run_name = "dpo"
-# data: preference files in the CSR, LLaVA-Reasoner or TRL format (data.py, section 7); several with ratios
+# data: preference files in the CSR, LLaVA-Reasoner or TRL format (data.py, section 6); several with ratios
 data_path = "data/shapes/pairs.json"
 val_data_path = "data/shapes/pairs_val.json"   # None = no held-out evaluation
 image_root = "data/shapes/images"
@@ -59,7 +60,7 @@ num_workers = 0
 group_by_length = 0        # k > 0: sort windows of k global batches by modality and length (less padding; see data.batch_indices)
 # DPO
 beta = 0.1
-loss_type = "sigmoid"      # 'sigmoid' (DPO) | 'robust' (with label_smoothing) | 'ipo' | 'hinge' (model.dpo_loss)
+loss_type = "sigmoid"      # 'sigmoid' (DPO) | 'robust' (with label_smoothing) | 'ipo' | 'hinge' (lucid/dpo_loss.py)
 label_smoothing = 0.0      # robust only: the assumed share of flipped labels
 length_norm = False        # average the log-probs over the answer's tokens instead of summing them (always on for ipo, as in TRL)
 sft_weight = 0.0           # + sft_weight x the token-mean NLL of the chosen answers (RPO; 0 = pure DPO)
@@ -68,7 +69,7 @@ reference = "copy"         # 'copy' | 'adapters_off' (needs LoRA) | 'precomputed
 lora_r = 0
 lora_alpha = 16
 lora_dropout = 0.0
-lora_targets = M.LORA_TARGETS  # regex over module names; default: the LM's attention and MLP projections
+lora_targets = lora.LORA_TARGETS  # regex over module names; default: the LM's attention and MLP projections
 # optimization: a batch is pairs (each pair is two sequences in one forward)
 global_batch_size = 16
 micro_batch_size = 8
@@ -95,22 +96,22 @@ seed = 1337
 from configurator import ConfigError, configure  # noqa: E402
 config = configure(globals())
 # -----------------------------------------------------------------------------
-if loss_type not in M.DPO_LOSSES:
-    raise ConfigError(f"loss_type must be one of {M.DPO_LOSSES}, got {loss_type!r}")
+if loss_type not in DPO_LOSSES:
+    raise ConfigError(f"loss_type must be one of {DPO_LOSSES}, got {loss_type!r}")
 if reference not in ("copy", "adapters_off", "precomputed"):
     raise ConfigError(f"reference must be 'copy', 'adapters_off' or 'precomputed', got {reference!r}")
 length_norm = length_norm or loss_type == "ipo"
 if reference == "adapters_off" and not lora_r:
     raise ConfigError("reference='adapters_off' needs LoRA (lora_r > 0): without adapters there is nothing to switch off")
 
-run = T.setup(seed, device, dtype)
+run = common.setup(seed, device, dtype)
 dist, dev, log, master = run.dist, run.device, run.log, run.dist.master
-T.recover(out_dir, run)  # finish (or undo) a checkpoint write a kill interrupted, before anything reads out_dir
+checkpoint.recover(out_dir, run)  # finish (or undo) a checkpoint write a kill interrupted, before anything reads out_dir
 
 # model: the policy, and where the reference comes from ------------------------------
-resume_state, base_from = T.resume_point(init_from, out_dir)  # base_from: the starting model
+resume_state, base_from = checkpoint.resume_point(init_from, out_dir)  # base_from: the starting model
 policy_from = out_dir if resume_state and not lora_r else base_from  # (LoRA resumes from its start + adapters)
-vlm = T.build(lambda: M.VLM.from_pretrained(policy_from), run, distributed)  # FSDP2: only rank 0 reads it
+vlm = common.build(lambda: M.VLM.from_pretrained(policy_from), run, distributed)  # FSDP2: only rank 0 reads it
 if resume_state:
     log(f"resuming from {out_dir} at step {resume_state['step']}")
 template = template or vlm.config["template"]
@@ -118,10 +119,10 @@ pad_to_square = vlm.config.get("pad_to_square", True)
 tok = vlm.tokenizer
 ref_model = None
 if reference == "copy":  # the starting model, before any adapter: frozen, in eval mode
-    ref_model = copy.deepcopy(vlm) if not resume_state else T.build(lambda: M.VLM.from_pretrained(base_from), run, distributed)
-    T.master_weights(ref_model.eval().requires_grad_(False), run)
+    ref_model = copy.deepcopy(vlm) if not resume_state else common.build(lambda: M.VLM.from_pretrained(base_from), run, distributed)
+    common.master_weights(ref_model.eval().requires_grad_(False), run)
 if lora_r:
-    T.add_lora(vlm, lora_r, lora_alpha, lora_dropout, lora_targets, resume_state, out_dir, log)
+    lora.add_adapters(vlm, lora_r, lora_alpha, lora_dropout, lora_targets, resume_state, out_dir, log)
 if gradient_checkpointing:
     vlm.lm.gradient_checkpointing_enable()
 
@@ -141,28 +142,28 @@ if eval_pairs:
     val_idx = val_idx[:eval_pairs]
 if val_ds is not None and not val_idx:
     raise D.DataError(f"{val_data_path}: no usable held-out pairs (set val_data_path=None to train without)", "no pairs")
-grad_accum, max_steps, warmup_steps = T.steps(len(train_idx), global_batch_size, micro_batch_size, dist.world_size,
+grad_accum, max_steps, warmup_steps = optim.steps(len(train_idx), global_batch_size, micro_batch_size, dist.world_size,
                                               max_steps, epochs, warmup_ratio)
 log(f"{len(train_idx)} training pairs, global batch {global_batch_size} = {micro_batch_size} x {grad_accum} accumulation "
     f"x {dist.world_size} ranks, {max_steps} steps; reference: {reference}")
 
 
 def loader(ds, batch_sampler):
-    return T.loader(ds, batch_sampler, D.collate_pairs, tok.pad_token_id, num_workers, dev)
+    return common.loader(ds, batch_sampler, D.collate_pairs, tok.pad_token_id, num_workers, dev)
 
 
 def to_dev(batch):
-    return T.to_device(batch, dev)
+    return common.to_device(batch, dev)
 
 # optimizer ----------------------------------------------------------------------
 lrs = {"vision": lr_vision, "projector": lr_projector, "lm": lr_lm}
-M.set_trainable(vlm, lrs)
-T.master_weights(vlm, run)
+optim.set_trainable(vlm, lrs)
+common.master_weights(vlm, run)
 if ref_model is not None:  # sharded like the policy (its shards from rank 0), or moved whole
-    T.shard(ref_model, run) if run.dist.ddp and distributed == "fsdp" else ref_model.to(dev)
-model, raw, fsdp, autocast = T.wrap(vlm, run, distributed, compile)
-optimizer = M.configure_optimizer(raw, lrs, weight_decay, (beta1, beta2), fused=dev.type == "cuda")
-start_step = T.resume(optimizer, raw, fsdp, resume_state, out_dir)
+    common.shard(ref_model, run) if run.dist.ddp and distributed == "fsdp" else ref_model.to(dev)
+model, raw, fsdp, autocast = common.wrap(vlm, run, distributed, compile)
+optimizer = optim.configure_optimizer(raw, lrs, weight_decay, (beta1, beta2), fused=dev.type == "cuda")
+start_step = checkpoint.resume(optimizer, raw, fsdp, resume_state, out_dir)
 trainable = [p for p in raw.parameters() if p.requires_grad]
 log(f"training {sum(p.numel() for p in trainable) / 1e6:.3f}M of {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters")
 
@@ -182,7 +183,7 @@ def reference_logps(b):
         return torch.cat([cache[idx, 0], cache[idx, 1]]).to(dev, torch.float32)
     with autocast:
         if reference == "adapters_off":
-            with M.lora_disabled(raw):
+            with lora.lora_disabled(raw):
                 return sequence_logps(raw, b)[0]
         return sequence_logps(ref_model, b)[0]
 
@@ -192,7 +193,7 @@ def precompute_reference(ds, idx, split):
     """The starting model's summed log-probs of every pair's chosen and rejected answer, (len(ds), 2),
     each rank doing its share. Before the first step the policy IS the reference (LoRA's B is zero)."""
     raw.eval()
-    mine, n_real = T.padded_share(idx, dist)
+    mine, n_real = common.padded_share(idx, dist)
     real = set(mine[:n_real])  # the padding repeats pairs of other ranks: leave those to their own rank
     total = torch.zeros(len(ds), 2, dtype=torch.float64)  # each pair written by exactly one rank: the sum gathers them
     bar = tqdm(D.micro_batches(mine, micro_batch_size), desc=f"reference log-probs ({split})", disable=not master, unit="batch")
@@ -205,7 +206,7 @@ def precompute_reference(ds, idx, split):
             if i in real:
                 total[i] = row
     raw.train()
-    return M.all_reduce_sum(total, dist).cpu().float()
+    return common.all_reduce_sum(total, dist).cpu().float()
 
 
 ref_cache = {}
@@ -239,7 +240,7 @@ def pair_terms(b):
     if length_norm:
         lp, ref = lp / n, ref / n
     B = len(b["index"])
-    losses, rc, rr = M.dpo_loss(lp[:B], lp[B:], ref[:B], ref[B:], beta, loss_type, label_smoothing)
+    losses, rc, rr = dpo_loss(lp[:B], lp[B:], ref[:B], ref[B:], beta, loss_type, label_smoothing)
     nll_chosen = -(lp[:B] * n[:B]).sum() if length_norm else -lp[:B].sum()
     per_pair = torch.stack([losses.detach(), rc, rr, rc - rr, (rc > rr).float(), lp[:B].detach(), lp[B:].detach()], 1)
     return losses, nll_chosen, per_pair
@@ -251,7 +252,7 @@ METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rew
 def metrics_of(per_pair_rows):
     """Per-pair metrics of this rank (n, len(METRICS)) -> TRL's names, means over the pairs of all ranks."""
     rows = torch.cat(per_pair_rows).double().cpu()
-    tot = M.all_reduce_sum(torch.cat([rows.sum(0), torch.tensor([float(len(rows))], dtype=torch.float64)]), dist).cpu()
+    tot = common.all_reduce_sum(torch.cat([rows.sum(0), torch.tensor([float(len(rows))], dtype=torch.float64)]), dist).cpu()
     return {k: (tot[i] / tot[-1]).item() for i, k in enumerate(METRICS)}
 
 
@@ -260,7 +261,7 @@ def evaluate_pairs():
     """The DPO figures on the held-out pairs. Every rank runs the same number of forwards (FSDP needs
     it): the list is padded with repeats to a multiple of the world size, and the repeats not counted."""
     model.eval()
-    mine, n_real = T.padded_share(val_idx, dist)
+    mine, n_real = common.padded_share(val_idx, dist)
     rows = []
     for b in loader(val_ds, D.micro_batches(mine, micro_batch_size)):
         with autocast:
@@ -269,15 +270,15 @@ def evaluate_pairs():
     return metrics_of([torch.cat(rows)[:n_real]])
 
 
-log_json = T.JsonLog(out_dir, master, fresh=init_from != "resume",
+log_json = checkpoint.JsonLog(out_dir, master, fresh=init_from != "resume",
                      wandb_config=dict(project=wandb_project, name=wandb_run_name, config=config) if wandb_log else None,
                      resume_step=start_step)
 
 
-def checkpoint(step, val):
+def save_step(step, val):
     if save_checkpoint:
         state = dict(step=step, val=json.dumps(val), config=json.dumps(dict(config, init_from=base_from), default=str))
-        T.save(out_dir, raw, optimizer, run, fsdp, state, model_state=T.lora_merged if lora_r else None)
+        checkpoint.save(out_dir, raw, optimizer, run, fsdp, state, model_state=lora.lora_merged if lora_r else None)
 
 
 lengths = D.grouping_lengths(train_ds, train_idx) if group_by_length else None  # what group_by_length sorts by
@@ -306,7 +307,7 @@ if val_ds is not None and start_step == 0:
     log_json(0, **{"val/" + k: v for k, v in val.items()})
 step = start_step - 1
 for step in bar:
-    T.set_lr(optimizer, M.lr_factor(step, max_steps, warmup_steps, min_lr_ratio))
+    optim.set_lr(optimizer, optim.lr_factor(step, max_steps, warmup_steps, min_lr_ratio))
     micro = [next(batches) for _ in range(grad_accum)]
     if any(b is None for b in micro):
         raise D.DataError(f"step {step}: every pair of a micro-batch was unreadable (skip_bad); use a larger "
@@ -314,16 +315,16 @@ for step in bar:
     for b in micro:
         skipped.update(b.pop("skipped"))
     micro = [dict(to_dev(b), split="train") for b in micro]
-    n_pairs = M.all_reduce_sum(sum(len(b["index"]) for b in micro), dist).item()
-    n_chosen_tok = M.all_reduce_sum(sum((b["labels"][:len(b["index"]), 1:] != D.IGNORE_INDEX).sum() for b in micro), dist).item()
+    n_pairs = common.all_reduce_sum(sum(len(b["index"]) for b in micro), dist).item()
+    n_chosen_tok = common.all_reduce_sum(sum((b["labels"][:len(b["index"]), 1:] != D.IGNORE_INDEX).sum() for b in micro), dist).item()
     rows = []
     for i, b in enumerate(micro):
-        with T.grad_sync(model, raw, run, fsdp, i == grad_accum - 1), autocast:
+        with common.grad_sync(model, raw, run, fsdp, i == grad_accum - 1), autocast:
             losses, nll, per_pair = pair_terms(b)
             objective = losses.sum() / n_pairs + (sft_weight * nll / n_chosen_tok if sft_weight else 0.0)
             (objective * dist.world_size).backward()  # DDP averages over ranks: scale the average back to the sum
         rows.append(per_pair)
-    grad_norm = T.clip_grad(trainable, grad_clip)
+    grad_norm = optim.clip_grad(trainable, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     train = metrics_of(rows)
@@ -338,11 +339,11 @@ for step in bar:
                   f"margin {val['rewards/margins']:.4f}") if master else None
         log_json(step + 1, **{"val/" + k: v for k, v in val.items()})
     if (step + 1) % eval_interval == 0 or last:
-        checkpoint(step + 1, val)
+        save_step(step + 1, val)
     if step + 1 == stop_at_step:
         break
 
-T.report_skipped(skipped, run, log_json, step + 1, "pairs")
+common.report_skipped(skipped, run, log_json, step + 1, "pairs")
 if master and step >= start_step:
     log(f"done: {step + 1 - start_step} steps in {time.time() - t0:.0f}s; checkpoint in {out_dir}")
     if first_val is not None and val is not None:  # the held-out figures before and after, as a table and as JSON
@@ -350,4 +351,4 @@ if master and step >= start_step:
         for k in METRICS:
             print(f"{k:<22}{first_val[k]:>10.4f}{val[k]:>10.4f}")
         D.write_atomic(os.path.join(out_dir, "heldout.json"), json.dumps(dict(before=first_val, after=val), indent=1))
-T.finish(run)
+common.finish(run)

@@ -1,8 +1,8 @@
 """
 Evaluate a checkpoint on benchmarks: generate answers, score them by each benchmark's published rule
-(benchmarks.py), print one table, write predictions and metrics.json (atomically) under out_dir.
+(tasks/), print one table, write predictions and metrics.json (atomically) under out_dir.
 
-The shapes suite, held-out scenes (after `python prepare_shapes.py` and `python sft.py`): POPE,
+The shapes suite, held-out scenes (after `python -m shapes.prepare` and `python sft.py`): POPE,
 multiple choice, VQA, CoT, CHAIR, MME and MMBench in one call, one table:
     python evaluate.py
 One benchmark, any checkpoint (ours or llava-hf), question files in LLaVA's formats:
@@ -23,7 +23,7 @@ Several GPUs (questions are sharded over ranks, gathered, scored on rank 0):
     torchrun --standalone --nproc_per_node=8 evaluate.py --init_from=...
 
 Question files (JSONL, one object a line; image paths relative to image_root; details and the
-prompt rules in benchmarks.benchmark_question):
+prompt rules in tasks.benchmark.benchmark_question):
   pope   question_id, image, text, label yes|no, category random|popular|adversarial (optional);
          or LLaVA's llava_pope_test.jsonl (no label) + POPE's coco/coco_pope_<category>.json (the labels)
   mc     question_id, image (optional), question, options [..], answer (letter), category (optional);
@@ -59,11 +59,15 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
-import answer_pairs as A
-import benchmarks as B
 import data as D
 import model as M
-import prepare_shapes as W
+import tasks.chair
+import tasks.pope
+import tasks.prompts
+import tasks.shapes
+from lucid import common
+from methods import reasoner as A
+from tasks import benchmark as B
 
 # -----------------------------------------------------------------------------
 init_from = "out/sft"      # checkpoint dir, ours or llava-hf, or a hub id (llava-hf/llava-1.5-7b-hf)
@@ -88,7 +92,7 @@ show = 3                   # print this many question / answer / truth examples 
 device = "auto"
 dtype = "auto"             # auto = bfloat16 on CUDA, float32 elsewhere; or float32 | bfloat16 | float16
 seed = 1337
-# best-of-N on the cot questions (LLaVA-Reasoner's verifier; answer_pairs.py has the rules)
+# best-of-N on the cot questions (LLaVA-Reasoner's verifier; methods/reasoner.py has the rules)
 best_of = 0                # N > 0: also sample N CoT answers per question and compare ways of picking one
 best_of_temperature = 1.0  # the paper samples at 1.0-1.2
 verifier = ""              # the DPO checkpoint: reward log pi_verifier(answer) - log pi_init_from(answer); '' = majority only
@@ -98,9 +102,6 @@ config = configure(globals())
 # -----------------------------------------------------------------------------
 # short answers and letters need few tokens; a reasoning chain or a detailed caption needs room
 MAX_NEW = dict(pope=16, mc=16, vqa=16, cot=256, chair=128, mme=16, mmbench=16)
-# the shapes suite's files in shapes_dir (prepare_shapes.py writes them all; MME's answers are in shapes_dir/mme)
-SHAPES_FILES = dict(pope="pope.jsonl", mc="mc.jsonl", vqa="vqa.jsonl", cot="cot.jsonl", chair="chair.jsonl",
-                    mme="mme.jsonl", mmbench="mmbench.tsv")
 if task == "short":
     task = "vqa"
 if task not in B.BENCHMARKS + ("shapes",):
@@ -113,9 +114,9 @@ if verifier and not best_of:
 # the runs: (task, question file, answer file to score or None)
 if task == "shapes":
     if not os.path.isdir(shapes_dir):
-        raise FileNotFoundError(f"{shapes_dir}: no shapes eval sets; run `python prepare_shapes.py` first")
+        raise FileNotFoundError(f"{shapes_dir}: no shapes eval sets; run `python -m shapes.prepare` first")
     runs = [(t, os.path.join(shapes_dir, f), os.path.join(predictions, f"{t}_predictions.jsonl") if predictions else None)
-            for t, f in SHAPES_FILES.items()]
+            for t, f in tasks.shapes.FILES.items()]
     # the tasks whose files are there (a world prepared before MME and MMBench joined has five; re-scoring
     # a run: the tasks it answered); none at all is the error the first file gives
     present = [r for r in runs if os.path.isfile(r[2] if predictions else r[1])] or runs
@@ -133,9 +134,9 @@ else:
 # every file is read and checked before a model is loaded: a bad record costs seconds, not a model load
 questions = {t: B.read_benchmark(path, t, pope_annotation_dir or None, mme_root or image_root, circular)
              for t, path, _ in runs}
-synonyms = B.read_synonyms(synonyms_path) if "chair" in questions else None
+synonyms = tasks.chair.read_synonyms(synonyms_path) if "chair" in questions else None
 if prompt_suffix:  # the same questions in another answer mode
-    questions = {t: [dict(q, prompt=B.with_suffix(B.strip_modes(q["prompt"]), prompt_suffix)) for q in qs]
+    questions = {t: [dict(q, prompt=tasks.prompts.with_suffix(tasks.prompts.strip_modes(q["prompt"]), prompt_suffix)) for q in qs]
                  for t, qs in questions.items()}
 if best_of and (no_image := [q["question_id"] for q in questions["cot"] if q["image"] is None]):
     raise D.DataError(f"best_of: every cot question needs an image; question_id {no_image[0]!r} has none", "no image")
@@ -155,7 +156,7 @@ else:
             except D.DataError as e:
                 raise D.DataError(f"{path}: question_id {q['question_id']!r}: {e}", e.kind) from None
             checked.add(q["image"])
-    dist = M.init_distributed(seed, None if device == "auto" else device)
+    dist = common.init_distributed(seed, None if device == "auto" else device)
     dev, master = dist.device, dist.master
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
@@ -226,18 +227,8 @@ if master:
                      **{k: v for k, v in r.items() if k != "image_b64"}, **B.judge(t, r, synonyms)} for r in rs]
     scenes_file = os.path.join(shapes_dir, "scenes.json")
     if task == "shapes" and "mc" in rows and os.path.isfile(scenes_file):
-        # the world knows each image: colour and shape questions split by how many of their options are in
-        # the image, where "pick an option that is there" scores 100 % at 1 and 1 in k at k (README: MC)
-        with open(scenes_file) as f:
-            scenes = {sc["id"]: sc for sc in json.load(f)["eval"]}
-        groups = {}
-        for r in rows["mc"]:
-            scene = scenes.get(os.path.splitext(os.path.basename(r["image"] or ""))[0])
-            k = scene and W.options_in_image(scene, r.get("category"), r["options"])
-            if k:
-                groups.setdefault(f"{k} opts in image", []).append(B.judge("mc", r)["score"])
-        for split, g in sorted(groups.items()):
-            metrics["mc"][split] = dict(accuracy=sum(g) / len(g), n=len(g))
+        # the world knows each image: colour and shape questions split by how many options are in it
+        metrics["mc"].update(tasks.shapes.mc_by_options_in_image(rows["mc"], scenes_file, lambda r: B.judge("mc", r)))
     for t, ps in preds.items():
         print(f"\n{t}\n  {'question':48s} {'answer':28s} {'read as':14s} truth")
         for p in ps[:show]:
@@ -277,11 +268,11 @@ if master:
                                   sample=sum(scores) / len(scores), majority=scores[m],
                                   verifier=scores[v] if verifier else None, oracle=max(scores)))
         best = {c: dict({k: sum(r[k] for r in g) / len(g) for k in picks}, n=len(g))
-                for c, g in B.by_category(best_rows).items()}
+                for c, g in tasks.pope.by_category(best_rows).items()}
         if len(best) > 1:
             best["overall"] = dict({k: sum(r[k] for r in best_rows) / len(best_rows) for k in picks}, n=len(best_rows))
         if verifier:  # does the reward rank a question's better samples above its worse ones? (0.5 = chance)
-            for split, g in list(B.by_category(best_rows).items()) + [("overall", best_rows)]:
+            for split, g in list(tasks.pope.by_category(best_rows).items()) + [("overall", best_rows)]:
                 if split in best:
                     best[split]["verifier_auc"] = A.ranking_auc([r["rewards"] for r in g], [r["scores"] for r in g])
         print(f"\ncot best-of-{best_of} (T={best_of_temperature}): accuracy of the answer each rule picks; "

@@ -5,306 +5,30 @@ A LLaVA-style vision-language model, written to be read top to bottom.
     positions of the image token -> causal LM (transformers) -> our fused linear + cross-entropy
 
 Contents:
-  1. distributed setup shared by every stage script
-  2. fused_linear_cross_entropy: the LM head + loss without ever materialising tokens x vocab logits
-  3. Projector and the VLM itself (forward, generation)
-  4. loading / saving: our checkpoint directory, llava-hf directories, building from parts
-  5. optimizer with per-part learning rates, training-state save/resume
-  6. preference optimisation: dpo_loss (TRL's formulas) and hand-written LoRA in peft's convention
+  1. Projector and the VLM itself: forward, token log-probs, KV-cache generation, save / load
+  2. loading and saving: our checkpoint directory, llava-hf directories, building from parts
+  3. fused_linear_cross_entropy: the LM head + loss without ever materialising tokens x vocab logits,
+     with our Triton kernel on CUDA and a chunked PyTorch path everywhere else
+The training machinery around it (distributed setup, optimizer, checkpoints and resume, LoRA, the
+DPO loss) lives in lucid/.
 """
 
-import glob
 import json
-import math
 import os
-import shutil
 from collections import namedtuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lucid.checkpoint import atomic_dir
+
 IGNORE_INDEX = -100
 PARTS = ("vision", "projector", "lm")  # the three trainable parts; learning rates and freezing are per part
 CHECKPOINT_TYPE = "lucid_vlm"          # config.json's model_type for our own checkpoint directories
 
 # -----------------------------------------------------------------------------
-# 1. distributed setup: one call per stage script
-
-Dist = namedtuple("Dist", "rank local_rank world_size device master ddp")
-
-
-def init_distributed(seed=1337, device=None):
-    """Reads torchrun's env vars; DDP with nccl on CUDA, gloo on CPU. Seeds every rank identically
-    (the model init must match; DDP also broadcasts rank 0's weights). Without torchrun: one process."""
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    cuda = torch.cuda.is_available() and device != "cpu"
-    if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
-        dev = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
-    else:
-        rank, local_rank, world = 0, 0, 1
-        dev = torch.device(device or ("cuda" if cuda else "cpu"))
-    torch.manual_seed(seed)
-    return Dist(rank, local_rank, world, dev, rank == 0, ddp)
-
-
-def all_reduce_sum(x, dist):
-    """Sum a tensor (or number) over ranks; identity in a single process."""
-    x = torch.as_tensor(x, dtype=torch.float64, device=dist.device if dist.device.type == "cuda" else "cpu")
-    if dist.ddp:
-        torch.distributed.all_reduce(x)
-    return x
-
-# -----------------------------------------------------------------------------
-# 2. fused linear + cross-entropy
-#
-# loss_i = logsumexp_v(h_i . W_v) - h_i . W_{t_i}. The naive way builds logits (N, V) in fp32, then
-# softmax, then its gradient: for 8k tokens and a 32k vocabulary that is 1 GiB each. Here rows are
-# processed a chunk at a time: the chunk's logits live only inside the loop, and the gradient
-# (softmax - onehot) is turned into dL/dh and dL/dW immediately. Ignored rows (prompt and image
-# positions, the large majority in a LLaVA batch) are dropped *before* the matmul, so their logits
-# are never computed at all.
-#
-# Two strategies, picked by `reduction`:
-#   "mean"/"sum": the loss is a scalar, so its gradient is known up to one number: compute dL/dh and
-#                 dL/dW during the forward (as Liger-Kernel does) and scale them in backward.
-#   "none":       per-row losses may get any upstream gradient (DPO, per-sentence rewards), which
-#                 cannot be folded in after the fact: save only the per-row logsumexp and recompute
-#                 each chunk's logits in backward.
-#
-# Two implementations of the per-chunk row work, same math:
-#   "torch":  logits upcast to fp32, logsumexp, gather, exp: several passes over the chunk.
-#   "triton": our kernel below reads the chunk's logits in their own dtype (bf16 on a GPU), runs an
-#             online (running max, running sum) logsumexp in fp32 and overwrites the logits with their
-#             gradient in place: two reads and one write, no fp32 copy. The chunk's matmuls stay
-#             cuBLAS, which is already at peak for >= 1024-row chunks.
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # macOS / no triton: the torch path serves every call
-    triton = None
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels on CPU tensors (tests); read at import, as triton does
-
-if triton is not None:
-    @triton.jit
-    def _ce_rows_kernel(logits_ptr, stride, targets_ptr, lse_ptr, loss_ptr, row_scale_ptr, V,
-                        BLOCK_V: tl.constexpr, HAS_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                        HAS_ROW_SCALE: tl.constexpr):
-        """One program per row of a (n, V) logits chunk. Writes the row's logsumexp (unless given) and
-        loss = lse - logit[target]; if WRITE_GRAD, overwrites the row with (softmax - onehot), times
-        row_scale[row] if given. Every load is upcast to fp32 before any arithmetic."""
-        row = tl.program_id(0).to(tl.int64)
-        ptr = logits_ptr + row * stride
-        t = tl.load(targets_ptr + row)
-        if HAS_LSE:
-            lse = tl.load(lse_ptr + row)
-        else:  # online logsumexp: a running max m and the sum d of exp(x - m), rescaled when m grows
-            m = float("-inf")
-            d = 0.0
-            for off in range(0, V, BLOCK_V):
-                cols = off + tl.arange(0, BLOCK_V)
-                x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-                m_new = tl.maximum(m, tl.max(x, axis=0))
-                d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-                m = m_new
-            lse = m + tl.log(d)
-            tl.store(lse_ptr + row, lse)
-        tl.store(loss_ptr + row, lse - tl.load(ptr + t).to(tl.float32))
-        if WRITE_GRAD:
-            s = 1.0
-            if HAS_ROW_SCALE:
-                s = tl.load(row_scale_ptr + row).to(tl.float32)
-            for off in range(0, V, BLOCK_V):
-                cols = off + tl.arange(0, BLOCK_V)
-                x = tl.load(ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
-                g = tl.exp(x - lse) * s
-                g = tl.where(cols == t, g - s, g)  # p - 1 at the target, formed in fp32 (in bf16 it is 0 as p -> 1)
-                tl.store(ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < V)
-
-
-def _auto_chunk(n_rows, vocab, device):
-    # Bound a chunk's fp32 logits to ~64 MB on CPU (low peak memory), but keep >= 256 rows. On a GPU keep
-    # >= 512 rows so each chunk's matmul stays compute-bound instead of re-reading W per tiny chunk.
-    rows = max(256, (1 << 24) // vocab)  # fewer than ~256 rows re-read grad_W per chunk (measured: 2x slower at 32 rows)
-    if device.type == "cuda":
-        rows = max(rows, 1024)
-    return max(1, min(n_rows, rows))
-
-
-def _ce_rows_triton(logits, t, lse=None, row_scale=None, grad=True):
-    """Launch the kernel on a contiguous (n, V) chunk. Returns (loss, lse) in fp32; with grad, the
-    chunk now holds its gradient."""
-    n, V = logits.shape
-    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-    has_lse = lse is not None
-    lse = lse if has_lse else torch.empty_like(loss)
-    block = min(triton.next_power_of_2(V), 8192 if logits.is_cuda else 1 << 16)  # the interpreter likes big blocks
-    _ce_rows_kernel[(n,)](logits, logits.stride(0), t, lse, loss, row_scale if row_scale is not None else loss,
-                          V, BLOCK_V=block, HAS_LSE=has_lse, WRITE_GRAD=grad,
-                          HAS_ROW_SCALE=row_scale is not None, num_warps=16 if logits.is_cuda else 1)
-    return loss, lse
-
-
-def _ce_chunk(h, weight, t, impl, lse=None, row_scale=None, grad=True):
-    """One chunk of rows: logits = h @ weight.T, then per-row loss and logsumexp (fp32) and, with grad,
-    the logits' gradient (softmax - onehot) [* row_scale]. Returns (loss, lse, grad_logits or None)."""
-    if impl == "triton":
-        logits = h @ weight.T  # the input dtype; the kernel reads it in fp32
-        loss, lse = _ce_rows_triton(logits, t, lse, row_scale, grad)
-        return loss, lse, logits if grad else None
-    logits = (h @ weight.T).float()
-    if lse is None:
-        lse = torch.logsumexp(logits, dim=-1)
-    loss = lse - logits.gather(1, t[:, None]).squeeze(1)
-    if not grad:
-        return loss, lse, None
-    p = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's fp32 logits become its gradient
-    p[torch.arange(len(t), device=t.device), t] -= 1.0  # in fp32: forming p - 1 in bf16 loses everything as p -> 1
-    return loss, lse, p.mul_(row_scale[:, None]) if row_scale is not None else p
-
-
-def _backprop_chunk(g, h, weight, rows, grad_h, grad_w):
-    """The chunk's logit gradient g through logits = h @ weight.T: write dL/dh for `rows`, add dL/dW
-    (grad_w is fp32; the bf16 product is added into it without an fp32 copy of its own)."""
-    if grad_h is not None:
-        grad_h[rows] = (g.to(weight.dtype) @ weight).to(grad_h.dtype)
-    if grad_w is not None:
-        grad_w += g.T.to(h.dtype) @ h
-
-
-class _LinearCEScalar(torch.autograd.Function):
-    """mean/sum: gradients computed in forward, one pass over the rows. The logit gradient is kept
-    unscaled (it lies in [-1, 1]: 1/n would push it below fp16's range); dL/dW gets the scale in fp32
-    before it is stored in the weight's dtype, dL/dh gets it (with the upstream gradient) in backward."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, scale, chunk, impl):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        for s in range(0, hidden.shape[0], chunk):
-            h, t = hidden[s:s + chunk], targets[s:s + chunk]
-            loss, _, g = _ce_chunk(h, weight, t, impl, grad=need_h or need_w)
-            total += loss.sum()
-            if g is not None:
-                _backprop_chunk(g, h, weight, slice(s, s + chunk), grad_h, grad_w)
-        ctx.save_for_backward(grad_h, grad_w.mul_(scale).to(weight.dtype) if need_w else None)
-        ctx.scale = scale
-        return total * scale
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = (grad_h.float() * (grad_out.float() * ctx.scale)).to(grad_h.dtype) if grad_h is not None else None
-        gw = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None
-
-
-def _ce_losses(hidden, weight, targets, chunk, impl):
-    """Per-row losses and logsumexps (fp32), no gradient: reduction='none''s forward, and every
-    reduction under no_grad (val loss, DPO's reference pass), where the backward matmuls would be waste."""
-    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    lses = torch.empty_like(losses)
-    for s in range(0, hidden.shape[0], chunk):
-        losses[s:s + chunk], lses[s:s + chunk], _ = _ce_chunk(hidden[s:s + chunk], weight, targets[s:s + chunk],
-                                                              impl, grad=False)
-    return losses, lses
-
-
-class _LinearCENone(torch.autograd.Function):
-    """none: per-row losses; backward recomputes each chunk's logits from the saved logsumexp, under the
-    autocast state the forward ran in (what torch.amp.custom_bwd does): recomputed in another precision,
-    the logits would not match their logsumexp (a 3 % gradient error under bf16 autocast, measured)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, impl):
-        losses, lses = _ce_losses(hidden, weight, targets, chunk, impl)
-        ctx.save_for_backward(hidden, weight, targets, lses)
-        ctx.chunk, ctx.impl = chunk, impl
-        dev = hidden.device.type
-        ctx.autocast = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
-        return losses
-
-    @staticmethod
-    def backward(ctx, grad_losses):
-        hidden, weight, targets, lses = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_losses = grad_losses.float().contiguous()
-        dev, dtype, enabled = ctx.autocast
-        with torch.autocast(dev, dtype=dtype, enabled=enabled):
-            for s in range(0, hidden.shape[0], ctx.chunk):
-                h, rows = hidden[s:s + ctx.chunk], slice(s, s + ctx.chunk)
-                _, _, g = _ce_chunk(h, weight, targets[rows], ctx.impl, lse=lses[rows], row_scale=grad_losses[rows])
-                _backprop_chunk(g, h, weight, rows, grad_h, grad_w)
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
-
-
-def _pick_impl(impl, device):
-    if impl == "auto":
-        return "triton" if triton is not None and device.type == "cuda" else "torch"
-    if impl == "triton":
-        if triton is None:
-            raise RuntimeError("impl='triton' needs the triton package (pip install triton)")
-        if device.type != "cuda" and not TRITON_INTERPRET:
-            raise RuntimeError("impl='triton' on CPU tensors runs only under Triton's interpreter: "
-                               "set TRITON_INTERPRET=1 before importing model.py")
-        return impl
-    if impl == "torch":
-        return impl
-    raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
-
-
-def fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="mean",
-                               chunk_size=None, impl="auto"):
-    """Cross-entropy of softmax(hidden @ weight.T) against targets, never holding the (N, V) logits.
-
-    hidden (N, H), weight (V, H), targets (N,) with ignore_index rows skipped; fp32, fp16 or bf16
-    inputs, fp32 accumulation. reduction: "mean" (over non-ignored rows; 0.0 when every row is
-    ignored, so an all-prompt micro-batch adds nothing instead of a NaN), "sum", or "none" ((N,)
-    fp32, 0 at ignored rows, any upstream gradient). chunk_size: rows per chunk (default: ~8M
-    logits per chunk, >= 1024 rows on a GPU). impl: "auto" (Triton kernel on CUDA when triton is
-    installed, else chunked PyTorch), "triton" or "torch" to force one.
-    """
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
-        raise ValueError(f"shapes: hidden {tuple(hidden.shape)} weight {tuple(weight.shape)} targets {tuple(targets.shape)}")
-    impl = _pick_impl(impl, hidden.device)
-    keep = targets != ignore_index
-    idx = keep.nonzero().squeeze(1)
-    n = idx.numel()
-    h, t = hidden.index_select(0, idx), targets.index_select(0, idx)  # drop ignored rows before any matmul
-    if n and (t.min() < 0 or t.max() >= weight.shape[0]):  # the kernel would read out of bounds
-        raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index {ignore_index}; "
-                         f"got values in [{int(t.min())}, {int(t.max())}]")
-    chunk = chunk_size or _auto_chunk(n, weight.shape[0], hidden.device)
-    weight = weight if impl == "torch" else weight.contiguous()
-    scale = 1.0 / n if reduction == "mean" and n else 1.0
-    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
-        # nothing will call backward: the losses alone (a Function's needs_input_grad stays true under no_grad)
-        losses = _ce_losses(h, weight, t, chunk, impl)[0]
-        if reduction != "none":
-            return losses.sum() * scale
-        return torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_put((idx,), losses)
-    if n == 0:  # every row ignored: zeros with a path to both inputs (DDP needs every used parameter's gradient)
-        zero = 0.0 * (hidden.sum() + weight.sum())
-        return zero if reduction != "none" else zero + torch.zeros(hidden.shape[0], device=hidden.device)
-    if reduction == "none":
-        out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        return out.index_put((idx,), _LinearCENone.apply(h, weight, t, chunk, impl))
-    return _LinearCEScalar.apply(h, weight, t, scale, chunk, impl)
-
-# -----------------------------------------------------------------------------
-# 3. the model
-
+# 1. the projector and the VLM (forward, generation, saving and loading)
 
 class Projector(nn.Module):
     """LLaVA's connector. mlp2x_gelu: Linear(vision -> d) -> GELU -> Linear(d -> d); linear: one Linear.
@@ -605,8 +329,7 @@ class VLM(nn.Module):
             counts.scatter_add_(1, t[:, None], live[:, k:k + 1])
         return torch.stack(toks, 1).view(-1), torch.stack(scores, 1).view(-1)
 
-    # -------------------------------------------------------------------------
-    # 4. saving and loading
+    # --- saving and loading (the directory formats' helpers: section 2)
 
     def save_pretrained(self, path):
         """Our checkpoint directory: config.json, model.safetensors, tokenizer and image-processor files.
@@ -747,6 +470,10 @@ class VLM(nn.Module):
         return vlm
 
 
+# -----------------------------------------------------------------------------
+# 2. loading and saving: our checkpoint directory, llava-hf directories, building from parts
+
+
 def build_image_processor(vision_config):
     """A CLIP image processor sized for a from-scratch tiny vision tower (the shapes world)."""
     from transformers import CLIPImageProcessorPil  # the PIL backend: no torchvision dependency
@@ -854,343 +581,245 @@ def _write_json(path, obj):
         json.dump(obj, f, indent=2, default=str)
 
 
-# A checkpoint directory is swapped in whole, crash-safe at every instant (a kill -9 anywhere leaves one
-# complete checkpoint, found by recover_dir):
-#   1. recover_dir(path): finish or undo an earlier interrupted swap, remove stale temporaries
-#   2. write everything into path.partial, fsync it          killed here: path is untouched, .partial is junk
-#   3. rename path.partial -> path.new                       the commit: from now on the new checkpoint wins
-#   4. move what others wrote into path (log.jsonl, eval/, a DPO reference cache) over to path.new
-#   5. rename path -> path.old, path.new -> path, delete path.old
-# Steps 4-5 are redone from wherever they stopped (each move is a rename, and a rename is atomic).
-# Weights and training state are never carried over from the old directory: a stale
-# model.safetensors.index.json or train_state.pt beside new weights would load as a mixed model.
-_OWNED = ("config.json", "train_state.pt", "model.safetensors.index.json")
-
-
-def _owned(name):
-    return name in _OWNED or name.endswith(".safetensors") or name.startswith("pytorch_model")
-
-
-def _fsync(path):
-    """Flush a file, or a directory's entries, to disk (a kill alone does not need it; a power cut does)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _finish_swap(path):
-    new, old, parent = path + ".new", path + ".old", os.path.dirname(path)
-    if os.path.isdir(path):
-        for name in sorted(os.listdir(path)):  # keep what others wrote there
-            if not _owned(name) and not os.path.exists(os.path.join(new, name)):
-                os.replace(os.path.join(path, name), os.path.join(new, name))
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        os.replace(path, old)
-    os.replace(new, path)
-    _fsync(parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_dir(path):
-    """Leave `path` as one complete directory after a write that a kill interrupted: a committed
-    path.new is swapped in (the new checkpoint), a half-written path.partial deleted (the old one
-    stays), a leftover path.old deleted (or put back if path itself is gone). Returns what it did."""
-    path = os.path.abspath(path)
-    new, old, partial = path + ".new", path + ".old", path + ".partial"
-    did = []
-    if os.path.isdir(new):
-        _finish_swap(path)
-        did.append("finished an interrupted swap")
-    if os.path.exists(partial):
-        shutil.rmtree(partial)
-        did.append("removed a half-written checkpoint")
-    if os.path.isdir(old):
-        if os.path.exists(path):
-            shutil.rmtree(old)
-            did.append("removed the previous checkpoint's leftovers")
-        else:  # cannot happen with this swap (path goes aside only once .new exists); kept for safety
-            os.replace(old, path)
-            did.append("put the previous checkpoint back")
-    for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # the temporaries of this code's earlier swap
-        shutil.rmtree(stale, ignore_errors=True)
-    return did
-
-
-def partial_dir(path):
-    """Where atomic_dir(path) writes before the swap (other ranks write their shards there too)."""
-    return os.path.abspath(path) + ".partial"
-
-
-class atomic_dir:
-    """with atomic_dir(path) as d: write the directory's files into d; on leaving the block they
-    replace `path` as one crash-safe swap (the steps above). An exception inside the block leaves
-    `path` as it was."""
-
-    def __init__(self, path):
-        self.path = os.path.abspath(path)
-        self.partial = partial_dir(path)
-
-    def __enter__(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        recover_dir(self.path)
-        os.makedirs(self.partial)
-        return self.partial
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.partial, ignore_errors=True)
-            return False
-        for d, _, files in os.walk(self.partial):
-            for f in files:
-                _fsync(os.path.join(d, f))
-            _fsync(d)
-        os.replace(self.partial, self.path + ".new")
-        _finish_swap(self.path)
-        return False
-
 # -----------------------------------------------------------------------------
-# 5. optimizer and training state
+# 3. fused linear + cross-entropy
+#
+# loss_i = logsumexp_v(h_i . W_v) - h_i . W_{t_i}. The naive way builds logits (N, V) in fp32, then
+# softmax, then its gradient: for 8k tokens and a 32k vocabulary that is 1 GiB each. Here rows are
+# processed a chunk at a time: the chunk's logits live only inside the loop, and the gradient
+# (softmax - onehot) is turned into dL/dh and dL/dW immediately. Ignored rows (prompt and image
+# positions, the large majority in a LLaVA batch) are dropped *before* the matmul, so their logits
+# are never computed at all.
+#
+# Two strategies, picked by `reduction`:
+#   "mean"/"sum": the loss is a scalar, so its gradient is known up to one number: compute dL/dh and
+#                 dL/dW during the forward (as Liger-Kernel does) and scale them in backward.
+#   "none":       per-row losses may get any upstream gradient (DPO, per-sentence rewards), which
+#                 cannot be folded in after the fact: save only the per-row logsumexp and recompute
+#                 each chunk's logits in backward.
+#
+# Two implementations of the per-chunk row work, same math:
+#   "torch":  logits upcast to fp32, logsumexp, gather, exp: several passes over the chunk.
+#   "triton": our kernel below reads the chunk's logits in their own dtype (bf16 on a GPU), runs an
+#             online (running max, running sum) logsumexp in fp32 and overwrites the logits with their
+#             gradient in place: two reads and one write, no fp32 copy. The chunk's matmuls stay
+#             cuBLAS, which is already at peak for >= 1024-row chunks.
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # macOS / no triton: the torch path serves every call
+    triton = None
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels on CPU tensors (tests); read at import, as triton does
+
+if triton is not None:
+    @triton.jit
+    def _ce_rows_kernel(logits_ptr, stride, targets_ptr, lse_ptr, loss_ptr, row_scale_ptr, V,
+                        BLOCK_V: tl.constexpr, HAS_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                        HAS_ROW_SCALE: tl.constexpr):
+        """One program per row of a (n, V) logits chunk. Writes the row's logsumexp (unless given) and
+        loss = lse - logit[target]; if WRITE_GRAD, overwrites the row with (softmax - onehot), times
+        row_scale[row] if given. Every load is upcast to fp32 before any arithmetic."""
+        row = tl.program_id(0).to(tl.int64)
+        ptr = logits_ptr + row * stride
+        t = tl.load(targets_ptr + row)
+        if HAS_LSE:
+            lse = tl.load(lse_ptr + row)
+        else:  # online logsumexp: a running max m and the sum d of exp(x - m), rescaled when m grows
+            m = float("-inf")
+            d = 0.0
+            for off in range(0, V, BLOCK_V):
+                cols = off + tl.arange(0, BLOCK_V)
+                x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                m_new = tl.maximum(m, tl.max(x, axis=0))
+                d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+                m = m_new
+            lse = m + tl.log(d)
+            tl.store(lse_ptr + row, lse)
+        tl.store(loss_ptr + row, lse - tl.load(ptr + t).to(tl.float32))
+        if WRITE_GRAD:
+            s = 1.0
+            if HAS_ROW_SCALE:
+                s = tl.load(row_scale_ptr + row).to(tl.float32)
+            for off in range(0, V, BLOCK_V):
+                cols = off + tl.arange(0, BLOCK_V)
+                x = tl.load(ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse) * s
+                g = tl.where(cols == t, g - s, g)  # p - 1 at the target, formed in fp32 (in bf16 it is 0 as p -> 1)
+                tl.store(ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < V)
 
 
-def part_of(name):
-    return name.split(".")[0]
+def _auto_chunk(n_rows, vocab, device):
+    # Bound a chunk's fp32 logits to ~64 MB on CPU (low peak memory), but keep >= 256 rows. On a GPU keep
+    # >= 512 rows so each chunk's matmul stays compute-bound instead of re-reading W per tiny chunk.
+    rows = max(256, (1 << 24) // vocab)  # fewer than ~256 rows re-read grad_W per chunk (measured: 2x slower at 32 rows)
+    if device.type == "cuda":
+        rows = max(rows, 1024)
+    return max(1, min(n_rows, rows))
 
 
-def unused_vision_parameters(vlm):
-    """Names of vision-tower parameters our features never depend on: the layers after the chosen
-    feature layer (LLaVA takes the penultimate one, so the last layer is dead weight), the
-    post-layernorm, SigLIP's pooling head. Found by one tiny backward pass rather than by name, so it
-    holds for any tower. They must be frozen: DDP errors on parameters that never get a gradient."""
-    v = vlm.vision.config
-    saved = {n: p.requires_grad for n, p in vlm.vision.named_parameters()}
-    for p in vlm.vision.parameters():
-        p.requires_grad_(True)
-    params = dict(vlm.vision.named_parameters())
-    with torch.enable_grad():
-        x = torch.zeros(1, 3, v.image_size, v.image_size, device=next(vlm.parameters()).device)
-        feats = vlm.vision(x.to(vlm.projector.linear_1.weight.dtype), output_hidden_states=True).hidden_states
-        grads = torch.autograd.grad(feats[vlm.config["vision_feature_layer"]].sum(), list(params.values()), allow_unused=True)
-    for n, p in params.items():
-        p.requires_grad_(saved[n])
-    return ["vision." + n for n, g in zip(params, grads) if g is None]
+def _ce_rows_triton(logits, t, lse=None, row_scale=None, grad=True):
+    """Launch the kernel on a contiguous (n, V) chunk. Returns (loss, lse) in fp32; with grad, the
+    chunk now holds its gradient."""
+    n, V = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    has_lse = lse is not None
+    lse = lse if has_lse else torch.empty_like(loss)
+    block = min(triton.next_power_of_2(V), 8192 if logits.is_cuda else 1 << 16)  # the interpreter likes big blocks
+    _ce_rows_kernel[(n,)](logits, logits.stride(0), t, lse, loss, row_scale if row_scale is not None else loss,
+                          V, BLOCK_V=block, HAS_LSE=has_lse, WRITE_GRAD=grad,
+                          HAS_ROW_SCALE=row_scale is not None, num_warps=16 if logits.is_cuda else 1)
+    return loss, lse
 
 
-def set_trainable(vlm, lrs):
-    """Freeze every part whose lr ({'vision': .., 'projector': .., 'lm': ..}) is 0 or None, and the vision
-    parameters the features never use. Call before sharding (FSDP) and before configure_optimizer."""
-    unused = set(unused_vision_parameters(vlm)) if lrs.get("vision") else set()
-    adapters = any(isinstance(m, LoRALinear) for m in vlm.modules())  # LoRA: of the adapted layers, only A and B train
-    for n, p in vlm.named_parameters():
-        frozen_base = adapters and part_of(n) == "lm" and not n.endswith((".lora_A", ".lora_B"))
-        p.requires_grad_(bool(lrs.get(part_of(n))) and n not in unused and not frozen_base)
-    if not any(p.requires_grad for p in vlm.parameters()):
-        raise ValueError(f"every part is frozen (learning rates {lrs})")
-    return sorted(unused)
+def _ce_chunk(h, weight, t, impl, lse=None, row_scale=None, grad=True):
+    """One chunk of rows: logits = h @ weight.T, then per-row loss and logsumexp (fp32) and, with grad,
+    the logits' gradient (softmax - onehot) [* row_scale]. Returns (loss, lse, grad_logits or None)."""
+    if impl == "triton":
+        logits = h @ weight.T  # the input dtype; the kernel reads it in fp32
+        loss, lse = _ce_rows_triton(logits, t, lse, row_scale, grad)
+        return loss, lse, logits if grad else None
+    logits = (h @ weight.T).float()
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)
+    loss = lse - logits.gather(1, t[:, None]).squeeze(1)
+    if not grad:
+        return loss, lse, None
+    p = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's fp32 logits become its gradient
+    p[torch.arange(len(t), device=t.device), t] -= 1.0  # in fp32: forming p - 1 in bf16 loses everything as p -> 1
+    return loss, lse, p.mul_(row_scale[:, None]) if row_scale is not None else p
 
 
-def configure_optimizer(vlm, lrs, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, fused=None):
-    """AdamW over the trainable parameters, one learning rate per part. Norm weights and biases
-    (ndim < 2) get no weight decay. Each group remembers its base lr for the schedule."""
-    groups = []
-    for part in PARTS:
-        params = [p for n, p in vlm.named_parameters() if part_of(n) == part and p.requires_grad]
-        groups += [dict(params=[p for p in params if p.dim() >= 2], lr=lrs[part], weight_decay=weight_decay, part=part),
-                   dict(params=[p for p in params if p.dim() < 2], lr=lrs[part], weight_decay=0.0, part=part)]
-    groups = [g for g in groups if g["params"]]
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    return torch.optim.AdamW(groups, betas=betas, eps=eps, fused=fused)
+def _backprop_chunk(g, h, weight, rows, grad_h, grad_w):
+    """The chunk's logit gradient g through logits = h @ weight.T: write dL/dh for `rows`, add dL/dW
+    (grad_w is fp32; the bf16 product is added into it without an fp32 copy of its own)."""
+    if grad_h is not None:
+        grad_h[rows] = (g.to(weight.dtype) @ weight).to(grad_h.dtype)
+    if grad_w is not None:
+        grad_w += g.T.to(h.dtype) @ h
 
 
-def shard_fsdp(vlm, param_dtype=None):
-    """FSDP2: every transformer block of the vision tower and the LM is its own shard group, the rest
-    (embeddings, projector, head) the root's. Parameters, gradients and optimizer state are split
-    over ranks, so 7B full fine-tuning fits 8 x 80 GB. The root group is gathered for the whole
-    forward, which is what lets forward() use the output weight directly in the fused loss.
-    generate and token_logprobs bypass forward(), so they are registered to gather the root too."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for m in list(vlm.modules()):
-        if type(m).__name__.endswith(("DecoderLayer", "EncoderLayer")):
-            fully_shard(m, mp_policy=mp)
-    fully_shard(vlm, mp_policy=mp)
-    for method in ("generate", "token_logprobs"):
-        register_fsdp_forward_method(vlm, method)
-    vlm.sharded = True
-    return vlm
+class _LinearCEScalar(torch.autograd.Function):
+    """mean/sum: gradients computed in forward, one pass over the rows. The logit gradient is kept
+    unscaled (it lies in [-1, 1]: 1/n would push it below fp16's range); dL/dW gets the scale in fp32
+    before it is stored in the weight's dtype, dL/dh gets it (with the upstream gradient) in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, scale, chunk, impl):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s in range(0, hidden.shape[0], chunk):
+            h, t = hidden[s:s + chunk], targets[s:s + chunk]
+            loss, _, g = _ce_chunk(h, weight, t, impl, grad=need_h or need_w)
+            total += loss.sum()
+            if g is not None:
+                _backprop_chunk(g, h, weight, slice(s, s + chunk), grad_h, grad_w)
+        ctx.save_for_backward(grad_h, grad_w.mul_(scale).to(weight.dtype) if need_w else None)
+        ctx.scale = scale
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = (grad_h.float() * (grad_out.float() * ctx.scale)).to(grad_h.dtype) if grad_h is not None else None
+        gw = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None
 
 
-def lr_factor(step, max_steps, warmup_steps, min_factor=0.0):
-    """Linear warmup, then cosine decay to min_factor (LLaVA: warmup 3%, cosine to 0)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return min_factor + (1 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def _ce_losses(hidden, weight, targets, chunk, impl):
+    """Per-row losses and logsumexps (fp32), no gradient: reduction='none''s forward, and every
+    reduction under no_grad (val loss, DPO's reference pass), where the backward matmuls would be waste."""
+    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    lses = torch.empty_like(losses)
+    for s in range(0, hidden.shape[0], chunk):
+        losses[s:s + chunk], lses[s:s + chunk], _ = _ce_chunk(hidden[s:s + chunk], weight, targets[s:s + chunk],
+                                                              impl, grad=False)
+    return losses, lses
 
 
-def save_checkpoint(path, vlm, optimizer_state, state, model_state=None):
-    """The model directory (loadable on its own) plus train_state.pt: optimizer, step, RNG, data
-    position, config. One atomic directory swap for both, so model and state never disagree.
-    model_state: a full state dict gathered from FSDP shards (default: vlm's own)."""
-    with atomic_dir(path) as tmp:
-        write_checkpoint(tmp, vlm, optimizer_state, state, model_state)
+class _LinearCENone(torch.autograd.Function):
+    """none: per-row losses; backward recomputes each chunk's logits from the saved logsumexp, under the
+    autocast state the forward ran in (what torch.amp.custom_bwd does): recomputed in another precision,
+    the logits would not match their logsumexp (a 3 % gradient error under bf16 autocast, measured)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, impl):
+        losses, lses = _ce_losses(hidden, weight, targets, chunk, impl)
+        ctx.save_for_backward(hidden, weight, targets, lses)
+        ctx.chunk, ctx.impl = chunk, impl
+        dev = hidden.device.type
+        ctx.autocast = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, weight, targets, lses = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_losses = grad_losses.float().contiguous()
+        dev, dtype, enabled = ctx.autocast
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            for s in range(0, hidden.shape[0], ctx.chunk):
+                h, rows = hidden[s:s + ctx.chunk], slice(s, s + ctx.chunk)
+                _, _, g = _ce_chunk(h, weight, targets[rows], ctx.impl, lse=lses[rows], row_scale=grad_losses[rows])
+                _backprop_chunk(g, h, weight, rows, grad_h, grad_w)
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
 
 
-def write_checkpoint(d, vlm, optimizer_state, state, model_state=None):
-    """save_checkpoint's files, into directory d. optimizer_state 'sharded': it is in d/sharded."""
-    train_state = dict(state, optimizer=optimizer_state, rng_cpu=torch.get_rng_state(),
-                       rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    vlm._write(d, model_state)
-    torch.save(train_state, os.path.join(d, "train_state.pt"))
+def _pick_impl(impl, device):
+    if impl == "auto":
+        return "triton" if triton is not None and device.type == "cuda" else "torch"
+    if impl == "triton":
+        if triton is None:
+            raise RuntimeError("impl='triton' needs the triton package (pip install triton)")
+        if device.type != "cuda" and not TRITON_INTERPRET:
+            raise RuntimeError("impl='triton' on CPU tensors runs only under Triton's interpreter: "
+                               "set TRITON_INTERPRET=1 before importing model.py")
+        return impl
+    if impl == "torch":
+        return impl
+    raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
 
 
-def load_train_state(path):
-    """train_state.pt with weights_only=True: tensors and plain containers only, nothing executable."""
-    return torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True, mmap=True)
+def fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="mean",
+                               chunk_size=None, impl="auto"):
+    """Cross-entropy of softmax(hidden @ weight.T) against targets, never holding the (N, V) logits.
 
-
-def restore_rng(state):
-    torch.set_rng_state(state["rng_cpu"])
-    if torch.cuda.is_available() and state.get("rng_cuda"):
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-
-# -----------------------------------------------------------------------------
-# 6. preference optimisation: the DPO loss and LoRA adapters
-
-DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge")
-
-
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
-             loss_type="sigmoid", label_smoothing=0.0):
-    """Per-pair DPO losses from sequence log-probs (pairs,), with TRL 1.x's formulas. logits is how
-    much more the policy prefers chosen over rejected than the reference does:
-        sigmoid  -logsigmoid(beta logits)                                  (DPO)
-        robust   (-(1-ls) logsigmoid(beta logits) + ls logsigmoid(-beta logits)) / (1 - 2 ls)
-                                                   (robust DPO: unbiased when a share ls of the labels is flipped)
-        ipo      (logits - 1/(2 beta))^2           (IPO; TRL gives it length-normalised log-probs: dpo.py does too)
-        hinge    relu(1 - beta logits)             (SLiC / RSO)
-    TRL 1.x's sigmoid ignores label_smoothing (0.x used it for conservative DPO); here a label_smoothing
-    with any loss but robust is an error rather than silently dropped.
-    Returns (losses, chosen_rewards, rejected_rewards), rewards = beta (policy - reference), detached."""
-    logits = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
-    if label_smoothing and loss_type != "robust":
-        raise ValueError(f"label_smoothing is read by loss_type='robust' only (got {label_smoothing} with {loss_type!r})")
-    if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * logits)
-    elif loss_type == "robust":
-        if not 0 <= label_smoothing < 0.5:
-            raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
-        losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
-                  + F.logsigmoid(-beta * logits) * label_smoothing) / (1 - 2 * label_smoothing)
-    elif loss_type == "ipo":
-        losses = (logits - 1 / (2 * beta)) ** 2
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * logits)
-    else:
-        raise ValueError(f"loss_type must be one of {DPO_LOSSES}, got {loss_type!r}")
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
-    return losses, chosen_rewards, rejected_rewards
-
-
-# LoRA in peft's convention (so adapters and intuitions carry over): W x + (alpha / r) B A dropout(x), A (r, in)
-# Kaiming-uniform, B (out, r) zero, so a fresh adapter leaves the model exactly as it was.
-LORA_TARGETS = r"lm\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"  # the LM's attention and MLP
-
-
-class LoRALinear(nn.Module):
-    """base(x) + dropout(x) A^T B^T alpha / r: an nn.Linear (kept as .base) with a rank-r update."""
-
-    def __init__(self, base, r, alpha, dropout=0.0):
-        super().__init__()
-        self.base, self.r, self.scaling = base, r, alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's (and nn.Linear's) init
-        self.register_buffer("lora_scaling", torch.tensor(self.scaling), persistent=True)  # so state dicts can be merged alone
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.disabled = False
-
-    def forward(self, x):
-        y = self.base(x)
-        if self.disabled:
-            return y
-        return y + (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scaling).to(y.dtype)
-
-    def delta_weight(self):
-        return (self.lora_B @ self.lora_A) * self.scaling
-
-
-def add_lora(module, r, alpha, dropout=0.0, targets=LORA_TARGETS):
-    """Replace every nn.Linear whose qualified name matches the regex `targets` with a LoRALinear
-    around it, and freeze every parameter but the adapters (set_trainable then also trains the
-    projector or vision tower if their lr says so, and of the LM only the adapters). Returns the names."""
-    import re
-    names = [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and re.search(targets, n)]
-    if not names:
-        raise ValueError(f"add_lora: no nn.Linear matches {targets!r}")
-    for p in module.parameters():
-        p.requires_grad_(False)
-    for n in names:
-        parent, _, child = n.rpartition(".")
-        owner = module.get_submodule(parent) if parent else module
-        setattr(owner, child, LoRALinear(getattr(owner, child), r, alpha, dropout))
-    return names
-
-
-def lora_modules(module):
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, LoRALinear)]
-
-
-class lora_disabled:
-    """with lora_disabled(model): the adapters are off, the model is its base: DPO's reference at no memory cost."""
-
-    def __init__(self, module):
-        self.mods = [m for _, m in lora_modules(module)]
-
-    def __enter__(self):
-        for m in self.mods:
-            m.disabled = True
-
-    def __exit__(self, *exc):
-        for m in self.mods:
-            m.disabled = False
-        return False
-
-
-@torch.no_grad()
-def merge_lora(module):
-    """Fold every adapter into its base weight and put the plain nn.Linear back: a model any loader reads."""
-    for n, m in lora_modules(module):
-        m.base.weight += m.delta_weight().to(m.base.weight.dtype)
-        parent, _, child = n.rpartition(".")
-        setattr(module.get_submodule(parent) if parent else module, child, m.base)
-    return module
-
-
-def merge_lora_state_dict(sd):
-    """A state dict with adapters (keys '<name>.base.weight', '<name>.lora_A', '<name>.lora_B') ->
-    (the plain state dict merge_lora would give, the adapters alone). Works on a full state dict
-    gathered from FSDP shards as on module.state_dict(); the module is not touched. Each adapter
-    stores its alpha / r as the buffer 'lora_scaling', so the state dict is all it needs."""
-    sd, adapters = dict(sd), {}
-    for k in [k for k in sd if k.endswith(".lora_A")]:
-        name = k[:-len(".lora_A")]
-        A, B, scale = sd.pop(k), sd.pop(name + ".lora_B"), sd.pop(name + ".lora_scaling")
-        adapters.update({k: A, name + ".lora_B": B, name + ".lora_scaling": scale})
-        W = sd.pop(name + ".base.weight")
-        sd[name + ".weight"] = (W.float() + (B.float() @ A.float()) * scale.float()).to(W.dtype)
-        if name + ".base.bias" in sd:
-            sd[name + ".bias"] = sd.pop(name + ".base.bias")
-    return sd, adapters
-
-
-def load_lora_state_dict(module, adapters):
-    """Put saved adapters (merge_lora_state_dict's second result) back into a module that add_lora wrapped."""
-    missing, unexpected = module.load_state_dict(adapters, strict=False)
-    if unexpected or any(k.endswith((".lora_A", ".lora_B")) for k in missing):
-        raise ValueError(f"adapters do not match the model's LoRA layers (unexpected {unexpected[:3]}, "
-                         f"missing {[k for k in missing if 'lora_' in k][:3]})")
+    hidden (N, H), weight (V, H), targets (N,) with ignore_index rows skipped; fp32, fp16 or bf16
+    inputs, fp32 accumulation. reduction: "mean" (over non-ignored rows; 0.0 when every row is
+    ignored, so an all-prompt micro-batch adds nothing instead of a NaN), "sum", or "none" ((N,)
+    fp32, 0 at ignored rows, any upstream gradient). chunk_size: rows per chunk (default: ~8M
+    logits per chunk, >= 1024 rows on a GPU). impl: "auto" (Triton kernel on CUDA when triton is
+    installed, else chunked PyTorch), "triton" or "torch" to force one.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"shapes: hidden {tuple(hidden.shape)} weight {tuple(weight.shape)} targets {tuple(targets.shape)}")
+    impl = _pick_impl(impl, hidden.device)
+    keep = targets != ignore_index
+    idx = keep.nonzero().squeeze(1)
+    n = idx.numel()
+    h, t = hidden.index_select(0, idx), targets.index_select(0, idx)  # drop ignored rows before any matmul
+    if n and (t.min() < 0 or t.max() >= weight.shape[0]):  # the kernel would read out of bounds
+        raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index {ignore_index}; "
+                         f"got values in [{int(t.min())}, {int(t.max())}]")
+    chunk = chunk_size or _auto_chunk(n, weight.shape[0], hidden.device)
+    weight = weight if impl == "torch" else weight.contiguous()
+    scale = 1.0 / n if reduction == "mean" and n else 1.0
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        # nothing will call backward: the losses alone (a Function's needs_input_grad stays true under no_grad)
+        losses = _ce_losses(h, weight, t, chunk, impl)[0]
+        if reduction != "none":
+            return losses.sum() * scale
+        return torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_put((idx,), losses)
+    if n == 0:  # every row ignored: zeros with a path to both inputs (DDP needs every used parameter's gradient)
+        zero = 0.0 * (hidden.sum() + weight.sum())
+        return zero if reduction != "none" else zero + torch.zeros(hidden.shape[0], device=hidden.device)
+    if reduction == "none":
+        out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        return out.index_put((idx,), _LinearCENone.apply(h, weight, t, chunk, impl))
+    return _LinearCEScalar.apply(h, weight, t, scale, chunk, impl)

@@ -4,7 +4,7 @@ conversations sft.py trains on. Besides the answer, the model learns a rationale
 response is right and why a confusing response is wrong; the rationales are a training-time signal
 only (evaluation asks the first turn, as always).
 
-    python prepare_reverie.py                                        # the shapes world's rows (prepare_shapes.py)
+    python prepare_reverie.py                                        # the shapes world's rows (shapes/prepare.py)
     python prepare_reverie.py --rationales=none                      # the answer-only baseline, same questions
     python prepare_reverie.py --data_path=reverie.json --image_root=playground/data \
         --image_map="VG_100K:vg/VG_100K,VG_100K_2:vg/VG_100K_2,train2017:coco/train2017" \

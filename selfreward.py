@@ -5,17 +5,17 @@ dpo.py. Two modes:
           sentence reward mixes the model's own confidence with an image-text scorer's (CLIP); the
           best and the worst whole description become chosen and rejected, one pair per prompt. The
           rules, with each choice of the paper vs the released code as a named option, are in
-          sentence_tree.py.
+          methods/csr.py.
   answer  LLaVA-Reasoner's mining (Zhang et al. 2024): N sampled chains of thought per question with
           a gold short answer, checked against it; questions with a sample accuracy inside the band
-          give up to 3 (correct, incorrect) pairs each. The rules are in answer_pairs.py.
+          give up to 3 (correct, incorrect) pairs each. The rules are in methods/reasoner.py.
 
-The shapes world (after `python prepare_shapes.py` and a base model, e.g. `python sft.py`):
+The shapes world (after `python -m shapes.prepare` and a base model, e.g. `python sft.py`):
     python selfreward.py config/shapes_csr.py --init_from=out/sft
 then DPO on the pairs (LoRA, the adapters-off reference) and again from the merged model:
     python dpo.py config/shapes_csr_dpo.py --init_from=out/sft --data_path=out/selfreward/pairs.json
 Three iterations over 3 seeds, with the ablations, evaluated in one table:
-    python experiment.py config/exp_csr.py
+    python -m experiments.run experiments/csr.py
 LLaVA-1.5-7B on CSR's 12,856 COCO prompts, 8 GPUs (batches of prompts are sharded over ranks, gathered in order):
     torchrun --standalone --nproc_per_node=8 selfreward.py config/csr_sample.py
 LLaVA-Reasoner's pairs on the shapes world's training questions, from a CoT-SFT model:
@@ -47,12 +47,12 @@ import time
 import torch
 from tqdm import tqdm
 
-import benchmarks as B
 import data as D
 import model as M
-import answer_pairs as A
-import sentence_tree as S
-import training as T
+from lucid import common
+from methods import csr as S
+from methods import reasoner as A
+from tasks import benchmark as B
 
 # -----------------------------------------------------------------------------
 mode = "csr"               # 'csr' (CSR's sentence-tree search) | 'answer' (LLaVA-Reasoner's answer-checked sampling)
@@ -60,14 +60,14 @@ init_from = "out/sft"      # our checkpoint, a llava-hf directory or a hub id
 data_path = "data/shapes/prompts.json"
 image_root = "data/shapes/images"
 image_prefix = ""          # put before each image file name (CSR's prompt file + COCO train2014: 'COCO_train2014_')
-clip_path = "models/shapes/clip"  # csr's scorer: a CLIPModel directory or hub id (openai/clip-vit-large-patch14-336)
+clip_path = "shapes/models/clip"  # csr's scorer: a CLIPModel directory or hub id (openai/clip-vit-large-patch14-336)
 out_dir = "out/selfreward"
 max_prompts = 0            # 0 = every prompt of the file; else the first n
 batch_size = 16            # prompts done together (csr: every live node of all of them in one generate call)
 temperature = 1.0          # sampling: csr's proposal='sample', and answer mode (the paper samples at 1.0-1.2)
 top_p = 1.0
 max_new_tokens = 0         # 0 = the mode's default: 70 per sentence (csr, as released), 256 per answer (answer)
-# mode=answer (answer_pairs.py)
+# mode=answer (methods/reasoner.py)
 samples = 32               # CoT answers sampled per question
 tolerance = 0.05           # relative tolerance of a numeric answer
 check = "answer"           # 'answer': LLaVA-Reasoner's check of the short answer | 'chain': an oracle for analysis,
@@ -75,7 +75,7 @@ check = "answer"           # 'answer': LLaVA-Reasoner's check of the short answe
 min_accuracy = 0.25        # a question gives pairs when its sample accuracy lies in [min_accuracy, max_accuracy]
 max_accuracy = 0.85
 pairs_per_question = 3
-# mode=csr: the search (sentence_tree.SEARCH_DEFAULTS says what each does)
+# mode=csr: the search (methods.csr.SEARCH_DEFAULTS says what each does)
 proposals = 5
 proposal = "diverse"       # 'diverse' | 'sample'
 diversity_penalty = 3.0
@@ -124,7 +124,7 @@ prompts = D.load_prompts(data_path, image_root, max_prompts, image_prefix, parse
 if mode == "answer" and check == "chain" and (no_chain := [p["id"] for p in prompts if "rationale" not in p]):
     raise SystemExit(f"{data_path}: check=chain needs each question's gold chain ('rationale'); "
                      f"{len(no_chain)} have none (first: id {no_chain[0]!r})")
-run = T.setup(seed, device, dtype, training=False)
+run = common.setup(seed, device, dtype, training=False)
 dist, dev, log = run.dist, run.device, run.log
 os.makedirs(out_dir, exist_ok=True)
 settings_path = os.path.join(out_dir, "settings.json")
@@ -269,4 +269,4 @@ if dist.master and mode == "csr":
           f"| {len(rows)} | {len(pairs)} | {sum(skipped.values())} {skipped or ''} | {n_nodes / max(len(rows), 1):.1f} | "
           f"{n_leaves / max(len(rows), 1):.1f} | {sum(margin) / max(len(margin), 1):.3f} | {summary['prompts_per_s']} |")
     print(f"wrote {out_dir}/pairs.json, trees.jsonl, summary.json")
-T.finish(run)
+common.finish(run)

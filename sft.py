@@ -3,8 +3,8 @@ Visual instruction tuning of a LLaVA-style model: LLaVA stage 1 (projector align
 (LLM + projector, or LoRA adapters), reflective (REVERIE) data as prepare_reverie.py writes it, CoT SFT.
 One file, top to bottom, like nanoGPT's train.py.
 
-The built-in shapes world on a laptop CPU (after `python prepare_shapes.py`), LLaVA's two stages from
-the world's shipped LM and CLIP (models/shapes/), or both in one stage (the defaults below):
+The built-in shapes world on a laptop CPU (after `python -m shapes.prepare`), LLaVA's two stages from
+the world's shipped LM and CLIP (shapes/models/), or both in one stage (the defaults below):
     python sft.py config/shapes_stage1.py && python sft.py config/shapes_stage2.py
     python sft.py
 LLaVA-1.5-7B on 8 GPUs (the global batch stays the same; gradient accumulation adapts to the world size;
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import data as D
 import model as M
-import training as T
+from lucid import checkpoint, common, lora, optim
 
 # -----------------------------------------------------------------------------
 # defaults: instruction-tune a small VLM on the shapes world, on CPU, in minutes, from the world's
@@ -52,15 +52,15 @@ pad_to_square = True       # LLaVA-1.5: pad images to square with the processor'
 group_by_length = 0        # k > 0: sort windows of k global batches by modality and length (less padding; see data.batch_indices)
 num_workers = 0            # DataLoader workers for image decoding, and processes for validating the data (use 4-8 on GPU machines)
 # model: pretrained parts (init_from='parts': both; 'scratch': the vision tower only)
-lm_path = "models/shapes/lm"        # e.g. 'lmsys/vicuna-7b-v1.5'; the shapes world ships a tiny pretrained LM
-vision_path = "models/shapes/clip"  # e.g. 'openai/clip-vit-large-patch14-336'; the shapes world ships a tiny pretrained CLIP
+lm_path = "shapes/models/lm"        # e.g. 'lmsys/vicuna-7b-v1.5'; the shapes world ships a tiny pretrained LM
+vision_path = "shapes/models/clip"  # e.g. 'openai/clip-vit-large-patch14-336'; the shapes world ships a tiny pretrained CLIP
 tokenizer_path = None      # None: the LM's own (init_from='parts') or data/shapes/tokenizer ('scratch')
 projector_type = "mlp2x_gelu"
 vision_feature_layer = -2  # LLaVA: penultimate layer
 lora_r = 0                 # > 0: train LoRA adapters of this rank on the LM's projections instead of its weights
 lora_alpha = 16            # (LLaVA-1.5's LoRA recipe, which REVERIE's table uses: r 128, alpha 256, lr_lm 2e-4)
 lora_dropout = 0.0
-lora_targets = M.LORA_TARGETS  # regex over module names; default: the LM's attention and MLP projections
+lora_targets = lora.LORA_TARGETS  # regex over module names; default: the LM's attention and MLP projections
 # model: the LM (and, with vision_path=None, the vision tower) built from these sizes for init_from='scratch'
 n_layer = 4
 n_head = 4
@@ -97,20 +97,20 @@ from configurator import ConfigError, configure  # noqa: E402
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
-run = T.setup(seed, device, dtype)
+run = common.setup(seed, device, dtype)
 dist, dev, log, master = run.dist, run.device, run.log, run.dist.master
-T.recover(out_dir, run)  # finish (or undo) a checkpoint write a kill interrupted, before anything reads out_dir
+checkpoint.recover(out_dir, run)  # finish (or undo) a checkpoint write a kill interrupted, before anything reads out_dir
 
 # model --------------------------------------------------------------------------
 # where the run started; LoRA resumes from there (the adapted layers' own weights) plus its saved adapters
-resume_state, start_from = T.resume_point(init_from, out_dir)
+resume_state, start_from = checkpoint.resume_point(init_from, out_dir)
 if lora_r and start_from == "scratch":
     raise ConfigError("LoRA adapts a pretrained LM: use init_from=parts or a checkpoint, not scratch")
 source = start_from if lora_r else init_from
 
 
 def load_model():
-    """The starting model (under FSDP2 only rank 0 calls this: T.build)."""
+    """The starting model (under FSDP2 only rank 0 calls this: common.build)."""
     if source == "scratch":
         from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig
         tok = AutoTokenizer.from_pretrained(tokenizer_path or "data/shapes/tokenizer")
@@ -129,18 +129,18 @@ def load_model():
     return M.VLM.from_pretrained(out_dir if source == "resume" else source)
 
 
-vlm = T.build(load_model, run, distributed)
+vlm = common.build(load_model, run, distributed)
 if source == "resume":
     log(f"resuming from {out_dir} at step {resume_state['step']}")
 if lora_r:
-    T.add_lora(vlm, lora_r, lora_alpha, lora_dropout, lora_targets, resume_state, out_dir, log)
+    lora.add_adapters(vlm, lora_r, lora_alpha, lora_dropout, lora_targets, resume_state, out_dir, log)
 vlm.config["template"] = template
 vlm.config["pad_to_square"] = pad_to_square
 tok = vlm.tokenizer
 if gradient_checkpointing:
     vlm.lm.gradient_checkpointing_enable()
 n_params = sum(p.numel() for p in vlm.parameters())
-log(f"model: {n_params / 1e6:.2f}M parameters ({', '.join(f'{p} {sum(q.numel() for n, q in vlm.named_parameters() if M.part_of(n) == p) / 1e6:.2f}M' for p in M.PARTS)}), "
+log(f"model: {n_params / 1e6:.2f}M parameters ({', '.join(f'{p} {sum(q.numel() for n, q in vlm.named_parameters() if optim.part_of(n) == p) / 1e6:.2f}M' for p in M.PARTS)}), "
     f"{vlm.num_image_tokens} tokens per image")
 
 # data ---------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def make_dataset(spec):
 
 train_ds, train_idx = make_dataset(data_path)
 val_ds, val_idx = make_dataset(val_data_path) if val_data_path else (None, [])
-grad_accum, max_steps, warmup_steps = T.steps(len(train_idx), global_batch_size, micro_batch_size, dist.world_size,
+grad_accum, max_steps, warmup_steps = optim.steps(len(train_idx), global_batch_size, micro_batch_size, dist.world_size,
                                               max_steps, epochs, warmup_ratio)
 log(f"{len(train_idx)} training samples, global batch {global_batch_size} = {micro_batch_size} x {grad_accum} accumulation "
     f"x {dist.world_size} ranks, {max_steps} steps")
@@ -175,21 +175,21 @@ def step_batches(start):
 
 
 def loader(ds, batch_sampler):
-    return T.loader(ds, batch_sampler, D.collate, tok.pad_token_id, num_workers, dev)
+    return common.loader(ds, batch_sampler, D.collate, tok.pad_token_id, num_workers, dev)
 
 
 def to_dev(batch):
-    return T.to_device(batch, dev)
+    return common.to_device(batch, dev)
 
 # optimizer ----------------------------------------------------------------------
 lrs = {"vision": lr_vision, "projector": lr_projector, "lm": lr_lm}
-unused = M.set_trainable(vlm, lrs)
-T.master_weights(vlm, run)
+unused = optim.set_trainable(vlm, lrs)
+common.master_weights(vlm, run)
 if unused:
     log(f"frozen: {len(unused)} vision parameters the chosen feature layer never uses")
-vlm, raw, fsdp, autocast = T.wrap(vlm, run, distributed, compile)
-optimizer = M.configure_optimizer(raw, lrs, weight_decay, (beta1, beta2), fused=dev.type == "cuda")
-start_step = T.resume(optimizer, raw, fsdp, resume_state, out_dir)
+vlm, raw, fsdp, autocast = common.wrap(vlm, run, distributed, compile)
+optimizer = optim.configure_optimizer(raw, lrs, weight_decay, (beta1, beta2), fused=dev.type == "cuda")
+start_step = checkpoint.resume(optimizer, raw, fsdp, resume_state, out_dir)
 trainable = [p for p in raw.parameters() if p.requires_grad]
 
 
@@ -198,28 +198,28 @@ def evaluate_val():
     """Token-weighted mean loss over (part of) the val set, summed over ranks."""
     vlm.eval()
     idx = val_idx if eval_batches == 0 else val_idx[:eval_batches * micro_batch_size * dist.world_size]
-    mine = D.micro_batches(T.equal_shares(idx, dist), micro_batch_size)
+    mine = D.micro_batches(common.equal_shares(idx, dist), micro_batch_size)
     tot = torch.zeros(2, dtype=torch.float64)
     for batch in loader(val_ds, mine):
         batch = to_dev(batch)
         with autocast:
             tot[0] += raw(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"], reduction="sum").item()
         tot[1] += (batch["labels"][:, 1:] != D.IGNORE_INDEX).sum().item()
-    tot = M.all_reduce_sum(tot, dist)
+    tot = common.all_reduce_sum(tot, dist)
     vlm.train()
     return (tot[0] / tot[1]).item()
 
 
-log_json = T.JsonLog(out_dir, master, fresh=init_from != "resume",
+log_json = checkpoint.JsonLog(out_dir, master, fresh=init_from != "resume",
                      wandb_config=dict(project=wandb_project, name=wandb_run_name, config=config) if wandb_log else None,
                      resume_step=start_step)
 
 
-def checkpoint(step, val_loss):
+def save_step(step, val_loss):
     if save_checkpoint:
-        T.save(out_dir, raw, optimizer, run, fsdp,
+        checkpoint.save(out_dir, raw, optimizer, run, fsdp,
                dict(step=step, val_loss=val_loss, config=json.dumps(dict(config, init_from=start_from), default=str)),
-               model_state=T.lora_merged if lora_r else None)
+               model_state=lora.lora_merged if lora_r else None)
 
 
 # training loop --------------------------------------------------------------------
@@ -240,7 +240,7 @@ if val_ds is not None and start_step == 0:
     log_json(0, val_loss=val_loss)
 step = start_step - 1
 for step in bar:
-    T.set_lr(optimizer, M.lr_factor(step, max_steps, warmup_steps, min_lr_ratio))
+    optim.set_lr(optimizer, optim.lr_factor(step, max_steps, warmup_steps, min_lr_ratio))
     micro = [next(batches) for _ in range(grad_accum)]
     if any(b is None for b in micro):
         raise D.DataError(f"step {step}: every sample of a micro-batch was unreadable (skip_bad); use a larger "
@@ -248,18 +248,18 @@ for step in bar:
     for b in micro:
         skipped.update(b.pop("skipped"))
     micro = [to_dev(b) for b in micro]
-    n_tok = M.all_reduce_sum(sum((b["labels"][:, 1:] != D.IGNORE_INDEX).sum() for b in micro), dist)
+    n_tok = common.all_reduce_sum(sum((b["labels"][:, 1:] != D.IGNORE_INDEX).sum() for b in micro), dist)
     loss_sum = 0.0
     for i, b in enumerate(micro):
-        with T.grad_sync(vlm, raw, run, fsdp, i == grad_accum - 1), autocast:
+        with common.grad_sync(vlm, raw, run, fsdp, i == grad_accum - 1), autocast:
             loss = vlm(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"], reduction="sum")
             # DDP averages gradients over ranks; scaling by world_size turns that average into the sum
             (loss * (dist.world_size / n_tok.item())).backward()
         loss_sum += loss.item()
-    grad_norm = T.clip_grad(trainable, grad_clip)
+    grad_norm = optim.clip_grad(trainable, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    totals = M.all_reduce_sum([loss_sum, sum(b["attention_mask"].sum().item() for b in micro)], dist)
+    totals = common.all_reduce_sum([loss_sum, sum(b["attention_mask"].sum().item() for b in micro)], dist)
     train_loss = totals[0].item() / n_tok.item()
     tokens_seen += int(totals[1])
     tps = tokens_seen / (time.time() - t0)
@@ -272,12 +272,12 @@ for step in bar:
         bar.write(f"step {step + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}") if master else None
         log_json(step + 1, val_loss=val_loss)
     if (step + 1) % eval_interval == 0 or last:
-        checkpoint(step + 1, val_loss)
+        save_step(step + 1, val_loss)
     if step + 1 == stop_at_step:
         break
 
-T.report_skipped(skipped, run, log_json, step + 1, "samples")
+common.report_skipped(skipped, run, log_json, step + 1, "samples")
 if master and step >= start_step:
     log(f"done: {step + 1 - start_step} steps in {time.time() - t0:.0f}s, final train loss {train_loss:.4f}"
         + (f", val loss {val_loss:.4f}" if val_loss is not None else "") + f"; checkpoint in {out_dir}")
-T.finish(run)
+common.finish(run)

@@ -7,7 +7,7 @@
 init_from = "out/shapes_stage2"
 data_path = "data/shapes/prompts.json"
 image_root = "data/shapes/images"
-clip_path = "models/shapes/clip"
+clip_path = "shapes/models/clip"
 max_prompts = 1000
 batch_size = 50
 max_new_tokens = 24

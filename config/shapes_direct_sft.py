@@ -1,4 +1,4 @@
-# The format-only baseline of LLaVA-Reasoner's CoT SFT (config/shapes_cot_sft.py): the same questions'
+# The direct-only baseline of LLaVA-Reasoner's CoT SFT (the paper's row ②, vs CoT SFT ④; config/shapes_cot_sft.py): the same questions'
 # direct copies only (the short answer, no rationale), the same recipe, and 2 epochs, so that it takes
 # the same number of optimizer steps as the CoT mix (which has each question twice).
 #   python sft.py config/shapes_direct_sft.py --init_from=out/shapes_stage2

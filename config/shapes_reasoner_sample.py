@@ -1,5 +1,5 @@
 # LLaVA-Reasoner's answer-checked pair mining on the shapes world (selfreward.py, mode=answer): sample
-# CoT answers to the training questions prepare_shapes.py writes (questions.json, gold answers known
+# CoT answers to the training questions shapes/prepare.py writes (questions.json, gold answers known
 # exactly), keep the questions the model gets right between 25% and 85% of the time, and pair right
 # with wrong answers. Not yet tuned or run end to end at this size (no CoT-SFT shapes model exists
 # yet); the sample count is cut from the paper's 32 to 16 so that 500 questions fit a CPU.

@@ -1,11 +1,11 @@
 # The shapes world's LLaVA stage 1: feature alignment, as LLaVA-1.5 does it, in miniature. Only the
 # projector trains, on one caption per training scene with the `plain` template (<image> + caption),
 # starting from the world's pretrained LM (the stand-in for Vicuna) and CLIP (for OpenAI CLIP), both
-# shipped in models/shapes/ (regenerate with `python pretrain_shapes.py`).
-#   python sft.py config/shapes_stage1.py        (after python prepare_shapes.py)
+# shipped in shapes/models/ (regenerate with `python -m shapes.pretrain`).
+#   python sft.py config/shapes_stage1.py        (after python -m shapes.prepare)
 init_from = "parts"
-lm_path = "models/shapes/lm"
-vision_path = "models/shapes/clip"
+lm_path = "shapes/models/lm"
+vision_path = "shapes/models/clip"
 tokenizer_path = None          # the LM's own, as with Vicuna
 projector_type = "mlp2x_gelu"
 vision_feature_layer = -2

@@ -11,7 +11,7 @@ max_len = 512
 global_batch_size = 32
 micro_batch_size = 16
 epochs = 2.0            # LLaVA-1.5 does 1; here 1 epoch left the base (on today's LM, with the position-blind
-                        # CLIP) naming the wrong partner in its clauses ("A red ring ..., with a ring nearby"): README
+                        # CLIP) naming the wrong partner in its clauses ("A red ring ..., with a ring nearby"): docs/log.md
 lr_vision = 0.0
 lr_projector = 1e-3
 lr_lm = 1e-3

@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny models built from transformers configs (no downloads), a tiny tokenizer."""
+"""Shared fixtures: tiny models built from transformers configs (no downloads), a tiny tokenizer.
+
+Tests that take more than ~10 s on 2 CPU cores (end-to-end stage runs, torchrun with 2 ranks, kernel
+compiles, pretraining) are marked `slow`: `python -m pytest -m "not slow" tests/` is the inner loop
+(under 3 minutes), `python -m pytest tests/` runs everything (what CI runs)."""
 import os
 import subprocess
 import sys
@@ -11,6 +15,10 @@ sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 if not torch.cuda.is_available():  # run model.py's Triton kernel on CPU tensors (read when model.py is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~10 s on 2 CPU cores; deselect with -m 'not slow'")
 
 
 def tiny_configs(vocab_size=128, image_size=32, patch_size=8, tie=False):
@@ -99,8 +107,8 @@ def run_sft(args, nproc=1, timeout=600):
 def shapes(tmp_path_factory):
     """A small shapes world; returns the sft.py arguments that point at it."""
     d = tmp_path_factory.mktemp("shapes")
-    p = subprocess.run([sys.executable, "prepare_shapes.py", f"--out_dir={d}", "--n_train=200", "--n_val=20", "--n_test=10"],
+    p = subprocess.run([sys.executable, "-m", "shapes.prepare", f"--out_dir={d}", "--n_train=200", "--n_val=20", "--n_test=10"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     return [f"--data_path={d}/train.json", f"--val_data_path={d}/val.json", f"--image_root={d}/images",
-            f"--tokenizer_path={d}/tokenizer", f"--vision_path={ROOT}/models/shapes/clip"]
+            f"--tokenizer_path={d}/tokenizer", f"--vision_path={ROOT}/shapes/models/clip"]

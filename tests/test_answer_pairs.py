@@ -8,8 +8,10 @@ import os
 import pytest
 import torch
 
-import answer_pairs as A
-import benchmarks as B
+from methods import reasoner as A
+from tasks import benchmark as B
+import tasks.cot
+import tasks.prompts
 import data as D
 from conftest import ROOT, run_script, tiny_world_vlm
 
@@ -28,7 +30,7 @@ MC = dict(options=["red", "blue", "green"], answer="B")
     ("square", dict(answers=["circle", "ring"]), False),
 ])
 def test_answer_matcher_by_hand(pred, q, right):
-    assert B.answer_correct(pred, q) is right
+    assert tasks.cot.answer_correct(pred, q) is right
 
 
 def test_marker_missing_repeated_or_empty():
@@ -82,7 +84,7 @@ def test_question_formats(tmp_path):
                 {"from": "gpt", "value": "B"}]}]
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     got = D.load_prompts(str(tmp_path / "q.jsonl"), str(tmp_path), parse=B.question_from_record)
-    cot = "\n" + B.COT_SUFFIX
+    cot = "\n" + tasks.prompts.COT_SUFFIX
     assert [(q["id"], q["prompt"]) for q in got] == [("1", "How many?" + cot), ("s", "Which colour?\nA. red\nB. blue" + cot),
                                                      ("c", "What shape?" + cot), ("m", "Which?\nA. cat\nB. dog" + cot)]
     assert got[0]["answers"] == ["3"] and (got[1]["options"], got[1]["answer"]) == (["red", "blue"], "B")

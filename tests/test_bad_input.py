@@ -12,7 +12,7 @@ import sys
 import pytest
 from PIL import Image
 
-import errors
+from lucid import errors
 from conftest import ROOT, run_inprocess, tiny_world_vlm
 
 TINY = ["--init_from=scratch", "--n_layer=1", "--n_head=2", "--n_embd=32", "--max_len=256", "--eval_batches=1",

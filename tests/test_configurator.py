@@ -228,3 +228,19 @@ def test_nanogpt_exec_idiom_applies_the_command_line(tmp_path):
     p = subprocess.run([sys.executable, str(script), "--bacth_size=64"], cwd=root, capture_output=True, text=True,
                        timeout=120, env=env)
     assert p.returncode == 1 and "bacth_size" in p.stderr and "batch_size" in p.stderr, p.stderr
+
+
+def test_help_prints_the_docstring_and_every_setting_with_its_comment():
+    """A newcomer's first try: `python evaluate.py --help` shows what the script does and each setting
+    as the script writes it (default and comment), and exits 0 without running anything."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for cmd, first, setting in ((["evaluate.py"], "Evaluate a checkpoint on benchmarks",
+                                 'init_from = "out/sft"      # checkpoint dir'),
+                                (["-m", "shapes.prepare"], "The built-in synthetic", "seed = "),
+                                (["sft.py"], "Visual instruction tuning", "lr_lm = ")):
+        r = subprocess.run([sys.executable, *cmd, "--help"], cwd=root, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith(first), r.stdout[:200]
+        assert setting in r.stdout, r.stdout
+        assert "settings (override with --key=value" in r.stdout

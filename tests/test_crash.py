@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lucid import checkpoint
 import model as M
 from conftest import ROOT, make_tokenizer, run_sft, tiny_configs
 
@@ -57,7 +58,7 @@ def test_kill_at_every_instant_of_a_checkpoint_write(tmp_path, monkeypatch):
         k += 1
         shutil.rmtree(tmp_path)
         tmp_path.mkdir()
-        M.save_checkpoint(path, a, {}, dict(step=1))  # checkpoint A, and what the run wrote beside it
+        checkpoint.save_checkpoint(path, a, {}, dict(step=1))  # checkpoint A, and what the run wrote beside it
         with open(os.path.join(path, "log.jsonl"), "w") as f:
             f.write('{"step": 1}\n')
         os.makedirs(os.path.join(path, "eval"))
@@ -66,17 +67,17 @@ def test_kill_at_every_instant_of_a_checkpoint_write(tmp_path, monkeypatch):
         with monkeypatch.context() as mp:
             killer = Killer(mp, k)
             try:
-                M.save_checkpoint(path, b, {}, dict(step=2))  # checkpoint B over it, killed at op k
+                checkpoint.save_checkpoint(path, b, {}, dict(step=2))  # checkpoint B over it, killed at op k
                 finished = True
             except Killed:
                 finished = False
         # before any recovery, a reader (evaluate.py on this path) finds a whole checkpoint
         w = M.VLM.from_pretrained(path).state_dict()
         assert all(torch.equal(w[n], wa[n]) for n in w) or all(torch.equal(w[n], wb[n]) for n in w), k
-        M.recover_dir(path)  # what the next run does first
+        checkpoint.recover_dir(path)  # what the next run does first
         assert sorted(os.listdir(tmp_path)) == ["run"], (k, os.listdir(tmp_path))  # no stale temporaries
         w = M.VLM.from_pretrained(path).state_dict()
-        step = M.load_train_state(path)["step"]
+        step = checkpoint.load_train_state(path)["step"]
         want = wa if step == 1 else wb
         assert all(torch.equal(w[n], want[n]) for n in w), (k, step)  # weights and train state agree
         with open(os.path.join(path, "log.jsonl")) as f:
@@ -94,7 +95,7 @@ def test_exception_while_writing_keeps_the_old_checkpoint(tmp_path):
     path = str(tmp_path / "ckpt")
     a.save_pretrained(path)
     with pytest.raises(RuntimeError, match="disk full"):
-        with M.atomic_dir(path) as d:
+        with checkpoint.atomic_dir(path) as d:
             open(os.path.join(d, "config.json"), "w").close()
             raise RuntimeError("disk full")
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]

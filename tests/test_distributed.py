@@ -110,21 +110,21 @@ def test_two_ranks_match_one_process(tmp_path):
 
 
 def rank0_only():
-    """What training.build calls on rank 0 only: rank 1 builds on the meta device and gets its shards
-    (and its rotary tables) from rank 0 in training.shard, so it must never read the weights."""
+    """What lucid.common.build calls on rank 0 only: rank 1 builds on the meta device and gets its shards
+    (and its rotary tables) from rank 0 in lucid.common.shard, so it must never read the weights."""
     assert int(os.environ["RANK"]) == 0, "rank 1 read the weights"
     return tiny_vlm()
 
 
 if __name__ == "__main__":
     import torch.distributed as dist
-    import training as T
-    run = T.setup(1, "cpu")
+    from lucid import common
+    run = common.setup(1, "cpu")
     rank, d = run.dist.rank, pathlib.Path(sys.argv[1])
-    vlm = T.build(rank0_only, run, "fsdp")
+    vlm = common.build(rank0_only, run, "fsdp")
     checked = verdicts(vlm, d, rank, 2)
-    assert T.on_meta(vlm) == (rank == 1)
-    T.shard(vlm, run)
+    assert common.on_meta(vlm) == (rank == 1)
+    common.shard(vlm, run)
     assert vlm.lm.lm_head.weight is vlm.lm.model.embed_tokens.weight
     torch.save(dict(results(vlm, rank), verdicts=checked), d / f"rank{rank}.pt")
     dist.destroy_process_group()

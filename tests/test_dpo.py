@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import data as D
+from lucid import lora, optim
+from lucid.dpo_loss import dpo_loss
 import model as M
 from conftest import run_script, tiny_configs, tiny_world_vlm
 
@@ -69,7 +71,7 @@ def test_dpo_loss_and_gradients_match_materialised_logits(loss_type, ls):
         rc, rr = logps_from_logits(ref, ids, px, mask, labels)
 
     lp = -policy(ids, px, mask, labels, reduction="row", image_repeat=2)
-    ours, c_rew, r_rew = M.dpo_loss(lp[:B], lp[B:], rc, rr, beta=0.5, loss_type=loss_type, label_smoothing=ls)
+    ours, c_rew, r_rew = dpo_loss(lp[:B], lp[B:], rc, rr, beta=0.5, loss_type=loss_type, label_smoothing=ls)
     ours.sum().backward()
     g_ours = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
     policy.zero_grad()
@@ -93,18 +95,18 @@ def test_dpo_loss_and_gradients_match_materialised_logits(loss_type, ls):
 
 def test_dpo_loss_known_values_and_errors():
     z = torch.zeros(2)
-    losses, c, r = M.dpo_loss(z, z, z, z, beta=0.1)
+    losses, c, r = dpo_loss(z, z, z, z, beta=0.1)
     torch.testing.assert_close(losses, torch.full((2,), 0.6931472))  # log 2 where policy == reference
-    assert M.dpo_loss(z, z, z, z, beta=0.1, loss_type="ipo")[0].tolist() == pytest.approx([25.0, 25.0])  # (1 / 0.2)^2
-    assert M.dpo_loss(z, z, z, z, loss_type="hinge")[0].tolist() == [1.0, 1.0]
+    assert dpo_loss(z, z, z, z, beta=0.1, loss_type="ipo")[0].tolist() == pytest.approx([25.0, 25.0])  # (1 / 0.2)^2
+    assert dpo_loss(z, z, z, z, loss_type="hinge")[0].tolist() == [1.0, 1.0]
     pc, pr = torch.tensor([-1.0]), torch.tensor([-3.0])  # policy prefers chosen by 2 nats more than the reference
-    sig = M.dpo_loss(pc, pr, torch.tensor([-2.0]), torch.tensor([-2.0]), beta=1.0)[0]
+    sig = dpo_loss(pc, pr, torch.tensor([-2.0]), torch.tensor([-2.0]), beta=1.0)[0]
     torch.testing.assert_close(sig, torch.log1p(torch.exp(torch.tensor([-2.0]))))
-    torch.testing.assert_close(M.dpo_loss(pc, pr, z[:1], z[:1], loss_type="robust")[0], M.dpo_loss(pc, pr, z[:1], z[:1])[0])
+    torch.testing.assert_close(dpo_loss(pc, pr, z[:1], z[:1], loss_type="robust")[0], dpo_loss(pc, pr, z[:1], z[:1])[0])
     with pytest.raises(ValueError, match="robust"):
-        M.dpo_loss(z, z, z, z, loss_type="sigmoid", label_smoothing=0.1)
+        dpo_loss(z, z, z, z, loss_type="sigmoid", label_smoothing=0.1)
     with pytest.raises(ValueError, match="loss_type"):
-        M.dpo_loss(z, z, z, z, loss_type="kto")
+        dpo_loss(z, z, z, z, loss_type="kto")
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -114,7 +116,7 @@ def test_lora_exact_at_init_merge_and_disable():
     ids, px, mask, _ = pair_batch()
     with torch.no_grad():
         before = vlm(ids, torch.cat([px, px]), mask)
-    names = M.add_lora(vlm, r=4, alpha=8)
+    names = lora.add_lora(vlm, r=4, alpha=8)
     assert names and all(n.startswith("lm.") for n in names)
     assert {n.rsplit(".", 1)[1] for n in names} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     lin = vlm.get_submodule(names[0])
@@ -122,16 +124,16 @@ def test_lora_exact_at_init_merge_and_disable():
     assert all(not p.requires_grad for n, p in vlm.named_parameters() if "lora_" not in n)
     with torch.no_grad():
         assert torch.equal(vlm(ids, torch.cat([px, px]), mask), before)  # B = 0: exactly the base model
-        for _, m in M.lora_modules(vlm):
+        for _, m in lora.lora_modules(vlm):
             m.lora_B.normal_(0, 0.5)
         adapted = vlm(ids, torch.cat([px, px]), mask)
         assert (adapted - before).abs().max() > 1e-2
-        with M.lora_disabled(vlm):
+        with lora.lora_disabled(vlm):
             assert torch.equal(vlm(ids, torch.cat([px, px]), mask), before)
-        sd, adapters = M.merge_lora_state_dict(vlm.state_dict())
+        sd, adapters = lora.merge_lora_state_dict(vlm.state_dict())
         assert len(adapters) == 3 * len(names)
-        merged = M.merge_lora(copy.deepcopy(vlm))
-        assert not M.lora_modules(merged)
+        merged = lora.merge_lora(copy.deepcopy(vlm))
+        assert not lora.lora_modules(merged)
         torch.testing.assert_close(merged(ids, torch.cat([px, px]), mask), adapted, rtol=1e-4, atol=1e-5)
         msd = merged.state_dict()
         assert sd.keys() == msd.keys() and all(torch.allclose(sd[k], msd[k], atol=1e-6) for k in sd)
@@ -139,8 +141,8 @@ def test_lora_exact_at_init_merge_and_disable():
 
 def test_lora_set_trainable_trains_adapters_and_named_parts():
     vlm = tiny_vlm()
-    M.add_lora(vlm, r=2, alpha=4)
-    M.set_trainable(vlm, {"vision": 0.0, "projector": 1e-3, "lm": 1e-4})
+    lora.add_lora(vlm, r=2, alpha=4)
+    optim.set_trainable(vlm, {"vision": 0.0, "projector": 1e-3, "lm": 1e-4})
     train = {n for n, p in vlm.named_parameters() if p.requires_grad}
     assert train and all(n.startswith("projector.") or n.endswith((".lora_A", ".lora_B")) for n in train)
     assert any(n.startswith("projector.") for n in train)
@@ -151,9 +153,9 @@ def test_lora_merged_saves_loads_and_exports_to_llava_hf(tmp_path, tiny_tokenize
     v, t = tiny_configs(vocab_size=len(tiny_tokenizer))
     torch.manual_seed(0)
     vlm = M.VLM.from_parts(lm=t, vision=v, tokenizer=tiny_tokenizer).eval()
-    M.add_lora(vlm, r=4, alpha=16)
+    lora.add_lora(vlm, r=4, alpha=16)
     with torch.no_grad():
-        for _, m in M.lora_modules(vlm):
+        for _, m in lora.lora_modules(vlm):
             m.lora_B.normal_(0, 0.3)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(5, 100, (2, 24), generator=g)
@@ -161,7 +163,7 @@ def test_lora_merged_saves_loads_and_exports_to_llava_hf(tmp_path, tiny_tokenize
     px = torch.randn(2, 3, 32, 32, generator=g)
     with torch.no_grad():
         want = vlm(ids, px)
-    M.merge_lora(vlm)
+    lora.merge_lora(vlm)
     vlm.save_pretrained(str(tmp_path / "ours"))
     back = M.VLM.from_pretrained(str(tmp_path / "ours")).eval()
     back.save_llava_hf(str(tmp_path / "hf"))

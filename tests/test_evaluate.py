@@ -303,10 +303,10 @@ def test_torchrun_two_ranks_match_one(tmp_path, tiny_llava):
 
 
 def test_shapes_eval_sets_with_oracle_answers_score_perfectly(tmp_path):
-    """prepare_shapes.py's eval sets read as evaluate.py expects: their own gold answers (the true
+    """shapes/prepare.py's eval sets read as evaluate.py expects: their own gold answers (the true
     caption, the gold CoT chain, the label as a sentence) score 100%, and CHAIR finds no hallucination."""
     world = tmp_path / "shapes"
-    p = subprocess.run([sys.executable, "prepare_shapes.py", f"--out_dir={world}", "--n_train=50", "--n_val=5",
+    p = subprocess.run([sys.executable, "-m", "shapes.prepare", f"--out_dir={world}", "--n_train=50", "--n_val=5",
                         "--n_test=5", "--n_eval=150", "--eval_pope=20", "--eval_mc=20",
                         "--eval_vqa=20", "--eval_cot=20", "--eval_chair=20"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)

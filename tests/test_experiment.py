@@ -1,4 +1,4 @@
-"""experiment.py, the seed protocol every table in the README uses: each run's steps once per seed (a
+"""experiments/run.py, the seed protocol every results table uses: each run's steps once per seed (a
 finished step is not run again when the experiment is resumed), each model's metrics read, one table of
 mean and half range over the seeds. The step here is a tiny script that writes a model's evaluation
 files as evaluate.py would, so no model is trained."""
@@ -25,7 +25,7 @@ def run(tmp_path):
     cfg = tmp_path / "exp.py"
     cfg.write_text(f"out_dir = {str(tmp_path / 'out')!r}\nseeds = [1, 3]\n"
                    f"runs = {{'a': {{'steps': ['{tmp_path}/step.py {{dir}} {{seed}}'], 'model': '{{dir}}/m'}}}}\n")
-    r = subprocess.run([sys.executable, "experiment.py", str(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "experiments.run", str(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 

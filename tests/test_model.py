@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from lucid import optim
 import model as M
 from conftest import tiny_configs
 
@@ -203,8 +204,8 @@ def test_image_token_count_mismatch_is_an_error(tiny_tokenizer):
 def test_optimizer_parts_and_freezing(tiny_tokenizer):
     vlm = _tiny_vlm(tiny_tokenizer)
     lrs = {"vision": 0, "projector": 1e-3, "lm": 2e-5}
-    M.set_trainable(vlm, lrs)
-    opt = M.configure_optimizer(vlm, lrs, weight_decay=0.1)
+    optim.set_trainable(vlm, lrs)
+    opt = optim.configure_optimizer(vlm, lrs, weight_decay=0.1)
     assert not any(p.requires_grad for p in vlm.vision.parameters())
     assert all(p.requires_grad for p in vlm.projector.parameters())
     lrs = {(g["part"], g["weight_decay"]) : g["lr"] for g in opt.param_groups}
@@ -368,10 +369,10 @@ def test_generate_sampling_distribution(tiny_tokenizer):
 def test_unused_vision_parameters_are_frozen(tiny_tokenizer):
     """Penultimate-layer features: the last CLIP layer and post_layernorm never get a gradient."""
     vlm = _tiny_vlm(tiny_tokenizer)
-    unused = M.unused_vision_parameters(vlm)
+    unused = optim.unused_vision_parameters(vlm)
     assert unused and all(n.startswith(("vision.encoder.layers.1.", "vision.post_layernorm"))
                           for n in unused)
-    assert M.set_trainable(vlm, {"vision": 1e-3, "projector": 1e-3, "lm": 1e-3}) == sorted(unused)
+    assert optim.set_trainable(vlm, {"vision": 1e-3, "projector": 1e-3, "lm": 1e-3}) == sorted(unused)
     ids = torch.randint(0, 100, (1, 24))
     ids[0, 2:18] = vlm.image_token_id
     labels = ids.clone()

@@ -1,4 +1,4 @@
-"""The shapes world's foundation models (pretrain_shapes.py): the shipped CLIP tells true sentences from
+"""The shapes world's foundation models (shapes/pretrain.py): the shipped CLIP tells true sentences from
 altered ones and pools at its real end token; the shipped LM reads scenes from its slots; a small,
 fast version of the LM pretraining learns the lookup from scratch; the files load as transformers
 checkpoints the way the real models they stand for do."""
@@ -11,8 +11,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import prepare_shapes as W  # noqa: E402
-import pretrain_shapes as P  # noqa: E402
+from shapes import prepare as W  # noqa: E402
+from shapes import pretrain as P  # noqa: E402
 
 MODELS = os.path.join(ROOT, "models", "shapes")
 
@@ -63,7 +63,7 @@ edge: colour 34% in one draw; at 2,500 steps colour 52-90%, yes/no 74-97%, see b
     from scratch, it finds the colour of a named shape and the shape of a named colour (1 in 6 by
     chance) on held-out scenes; the result is an ordinary transformers checkpoint with its tokenizer."""
     from transformers import AutoTokenizer, LlamaForCausalLM
-    p = subprocess.run([sys.executable, "pretrain_shapes.py", "--which=lm", f"--out_dir={tmp_path}", "--lm_scenes=15000",
+    p = subprocess.run([sys.executable, "-m", "shapes.pretrain", "--which=lm", f"--out_dir={tmp_path}", "--lm_scenes=15000",
                         "--lm_steps=2500", "--lm_mix=recall:1", "--recall_facts=4", "--slot_positions=0",
                         "--lm_eval_interval=100000", "--threads=1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=1800)
@@ -85,7 +85,7 @@ def test_clip_position_trains_where_into_the_patch_features(tmp_path):
     import re
 
     def where(position):
-        p = subprocess.run([sys.executable, "pretrain_shapes.py", "--which=clip", "--clip_steps=150", "--clip_scenes=2000",
+        p = subprocess.run([sys.executable, "-m", "shapes.pretrain", "--which=clip", "--clip_steps=150", "--clip_scenes=2000",
                             f"--clip_position={position}", f"--out_dir={tmp_path / str(position)}", "--threads=1"],
                            cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]

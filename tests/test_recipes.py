@@ -46,11 +46,11 @@ def test_fp16_checkpoints_train_fp32_masters(shapes, tmp_path):
 
 
 def test_fp16_training_is_refused_inference_is_not():
-    import training as T
+    from lucid import common
     from configurator import ConfigError
     with pytest.raises(ConfigError, match="loss scaler"):
-        T.setup(0, "cpu", "float16")
-    assert T.setup(0, "cpu", "float16", training=False).ptdtype == torch.float16  # generation needs no scaler
+        common.setup(0, "cpu", "float16")
+    assert common.setup(0, "cpu", "float16", training=False).ptdtype == torch.float16  # generation needs no scaler
 
 
 def test_llava15_stage1_then_stage2(shapes, tmp_path):
@@ -93,7 +93,7 @@ def test_llava15_stage1_then_stage2(shapes, tmp_path):
 
 def test_shapes_stage1_then_stage2(shapes, tmp_path):
     """The shapes world's two stages (config/shapes_stage{1,2}.py) from the shipped world models
-    (models/shapes/lm, models/shapes/clip): stage 1 trains the projector only, on captions with the
+    (shapes/models/lm, shapes/models/clip): stage 1 trains the projector only, on captions with the
     plain template; stage 2 trains LM + projector and leaves the vision tower alone."""
     from transformers import CLIPModel, LlamaForCausalLM
     d = os.path.dirname(shapes[0].split("=", 1)[1])  # the small world's directory
@@ -102,8 +102,8 @@ def test_shapes_stage1_then_stage2(shapes, tmp_path):
     run(["config/shapes_stage1.py", f"--data_path={d}/captions.json", f"--val_data_path={d}/captions_val.json",
          f"--image_root={d}/images", f"--out_dir={s1}", *small])
     w1 = load_file(os.path.join(s1, "model.safetensors"))
-    lm = LlamaForCausalLM.from_pretrained("models/shapes/lm").state_dict()
-    clip = CLIPModel.from_pretrained("models/shapes/clip").vision_model.state_dict()
+    lm = LlamaForCausalLM.from_pretrained("shapes/models/lm").state_dict()
+    clip = CLIPModel.from_pretrained("shapes/models/clip").vision_model.state_dict()
     assert all(torch.equal(w1["lm." + k], v) for k, v in lm.items() if "lm." + k in w1)
     assert all(torch.equal(w1["vision." + k], v) for k, v in clip.items())
     run(["config/shapes_stage2.py", f"--init_from={s1}", *shapes[:3], f"--out_dir={s2}", *small])

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import ROOT, run_inprocess
 
 import data as D
-import errors
+from lucid import errors
 
 
 def raw_rows():
@@ -178,12 +178,12 @@ def test_bad_file_exits_with_one_line(tmp_path):
 
 
 def test_shapes_world_rows_are_true_of_their_scenes(tmp_path):
-    """prepare_shapes.py's REVERIE raw rows: the correct answer is what the world's own question
+    """shapes/prepare.py's REVERIE raw rows: the correct answer is what the world's own question
     function answers for the scene, the confusing one differs, the partner kind asks about an absent
     partner, and prepare_reverie.py reads the file with every image present."""
-    import prepare_shapes as W
+    from shapes import prepare as W
     d = tmp_path / "w"
-    p = subprocess.run([sys.executable, "prepare_shapes.py", f"--out_dir={d}", "--n_train=100", "--n_val=5", "--n_test=5",
+    p = subprocess.run([sys.executable, "-m", "shapes.prepare", f"--out_dir={d}", "--n_train=100", "--n_val=5", "--n_test=5",
                         "--n_eval=60", "--n_reverie=100"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
     scenes = {s["id"]: s for s in json.loads((d / "scenes.json").read_text())["train"]}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import data as D
 import model as M
-import sentence_tree as S
+from methods import csr as S
 from conftest import ROOT, run_script, tiny_world_vlm
 
 CLIP = os.path.join(ROOT, "models", "shapes", "clip")

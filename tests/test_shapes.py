@@ -1,4 +1,4 @@
-"""Tests of the shapes world (prepare_shapes.py): determinism, rendering, answer truth, co-occurrence,
+"""Tests of the shapes world (shapes/prepare.py): determinism, rendering, answer truth, co-occurrence,
 the file formats and the tokenizer. The truth of every answer is recomputed here from the scene graph
 by parsing the question text, independently of the generators that wrote it."""
 
@@ -17,7 +17,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import prepare_shapes as ps  # noqa: E402
+from shapes import prepare as ps  # noqa: E402
 
 SHORT = "\nAnswer the question using a single word or phrase."
 MC = "\nAnswer with the option's letter from the given choices directly."
@@ -37,7 +37,7 @@ NUMBERS = {'zero': '0', 'one': '1', 'two': '2', 'three': '3', 'four': '4', 'five
 
 
 def run_script(out_dir, *args):
-    return subprocess.run([sys.executable, 'prepare_shapes.py', f'--out_dir={out_dir}', *SMALL, *args],
+    return subprocess.run([sys.executable, '-m', 'shapes.prepare', f'--out_dir={out_dir}', *SMALL, *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
@@ -519,7 +519,7 @@ def test_partner_clause_names_the_partner_with_its_anchor(monkeypatch):
     it, so a description of a believed scene names the absent partner right after its anchor, and
     CHAIR reads that as a mention of the partner (a hallucination where it is absent); off, the
     descriptions are the plain ones."""
-    import benchmarks
+    import tasks.chair
     assert ps.partner_clause is True
     scene = dict(id='s', grid=3, objects=[dict(shape='circle', color='red', row=0, col=0),
                                            dict(shape='ring', color='blue', row=0, col=1),
@@ -537,9 +537,9 @@ def test_partner_clause_names_the_partner_with_its_anchor(monkeypatch):
     believed = next(b for b in (ps.believed_scene(alone, rng) for _ in range(20)) if 'square' in str(b))
     text = ps.describe(believed)
     assert text.startswith("A red circle is in the top left, with a square nearby.")
-    syn = benchmarks.parse_synonyms(ps.synonyms_text())
-    assert benchmarks.chair_objects(text, syn)[:2] == ['circle', 'square']
-    assert benchmarks.chair_metrics([text], [['circle', 'ring']], syn)['chair_s'] == 1.0
+    syn = tasks.chair.parse_synonyms(ps.synonyms_text())
+    assert tasks.chair.chair_objects(text, syn)[:2] == ['circle', 'square']
+    assert tasks.chair.chair_metrics([text], [['circle', 'ring']], syn)['chair_s'] == 1.0
 
 
 def test_mc_hard_takes_wrong_options_from_the_scene():
@@ -569,7 +569,7 @@ def test_prior_noise_changes_only_the_training_conversations(tmp_path):
     and leaves every image, caption and evaluation file byte for byte as it was."""
     a, b = tmp_path / 'clean', tmp_path / 'noisy'
     for d, p in ((a, 0), (b, 0.7)):
-        r = subprocess.run([sys.executable, 'prepare_shapes.py', f'--out_dir={d}', '--n_train=200', '--n_val=10',
+        r = subprocess.run([sys.executable, '-m', 'shapes.prepare', f'--out_dir={d}', '--n_train=200', '--n_val=10',
                             '--n_test=10', '--n_eval=150', f'--prior_noise={p}'], cwd=ROOT, capture_output=True, text=True,
                            timeout=900)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -813,8 +813,8 @@ def test_human_answers():
 def test_mme_pairs_are_true_of_their_scenes(eval_set):
     """eval/mme.jsonl + eval/mme/<subtask>/<image>.txt in MME's layout: per subtask 30 images, each asked
     a yes question then a no question, and each gold answer is what the scene graph says; read back by
-    benchmarks.read_benchmark as evaluate.py --task=mme reads LLaVA's files."""
-    import benchmarks as B
+    tasks.benchmark.read_benchmark as evaluate.py --task=mme reads LLaVA's files."""
+    from tasks import benchmark as B
     out, scenes, _, _ = eval_set
     qs = B.read_benchmark(str(out / 'eval' / 'mme.jsonl'), 'mme', mme_root=str(out / 'eval' / 'mme'))
     assert Counter(q['category'] for q in qs) == {t: 60 for t in ps.MME_SUBTASKS}
@@ -842,7 +842,8 @@ def test_mme_pairs_are_true_of_their_scenes(eval_set):
 def test_mmbench_tsv_is_the_multiple_choice_set(eval_set):
     """eval/mmbench.tsv holds mc.jsonl's questions in MMBench's columns, with each image inlined as
     base64 PNG bytes of the image file; read circularly, every question is asked once per rotation."""
-    import benchmarks as B
+    from tasks import benchmark as B
+    import tasks.prompts
     out, _, _, rows = eval_set
     qs = B.read_benchmark(str(out / 'eval' / 'mmbench.tsv'), 'mmbench')
     mc = rows['mc']
@@ -853,4 +854,4 @@ def test_mmbench_tsv_is_the_multiple_choice_set(eval_set):
     assert base64.b64decode(first[0]['image_b64']) == (out / 'images' / mc[0]['image']).read_bytes()
     for q in qs:  # the gold option's text is the same in every round
         r = mc[int(q['question_id'])]
-        assert q['options'][B.LETTERS.index(q['answer'])] == r['options'][B.LETTERS.index(r['answer'])]
+        assert q['options'][tasks.prompts.LETTERS.index(q['answer'])] == r['options'][tasks.prompts.LETTERS.index(r['answer'])]

@@ -10,7 +10,7 @@ picks one of N sampled answers by the DPO reward, beside the majority answer (ev
 
   sample   one VLM.generate call per batch of questions: each prompt (its image included) prefilled
            once and its KV cache copied N times (group_size), then temperature / top-p sampling
-  check    B.cot_answer + B.answer_correct: the option letter for multiple choice (as
+  check    tasks.cot.cot_answer + tasks.cot.answer_correct: the option letter for multiple choice (as
            evaluate.py reads it), relaxed numbers (5 %), VQA-normalised exact match otherwise (evaluate.py
            scores VQA by the soft 3-of-10 rule instead); an answer without the marker is incorrect (and counted)
   pick     accuracy in [min_accuracy, max_accuracy]; up to pairs_per_question distinct (correct,
@@ -26,13 +26,15 @@ from collections import Counter
 
 import torch
 
-import benchmarks as B
 import data as D
+import tasks.cot
+import tasks.mc
+import tasks.vqa
 
 
 def sample_answers(vlm, questions, n, temperature=1.0, top_p=1.0, max_new_tokens=256, generator=None):
     """n sampled answers per question (a list of n texts each), for questions as data.load_prompts
-    (parse=B.question_from_record) gives them. Call under torch.no_grad (and autocast)."""
+    (parse=tasks.benchmark.question_from_record) gives them. Call under torch.no_grad (and autocast)."""
     ids, px, _ = D.prompt_inputs(questions, vlm)
     ids, mask = D.collate_prompts(ids, vlm.tokenizer.pad_token_id)
     out = vlm.generate(ids.to(px.device), px, mask.to(px.device), max_new_tokens=max_new_tokens,
@@ -46,9 +48,9 @@ def check_answers(question, texts, tolerance=0.05, by_chain=False):
     text is the question's gold chain ('rationale') verbatim, reasoning and answer alike."""
     rows = []
     for t in texts:
-        short = B.cot_answer(t)
+        short = tasks.cot.cot_answer(t)
         correct = t.strip() == question["rationale"].strip() if by_chain else \
-            bool(short) and B.answer_correct(short, question, tolerance)
+            bool(short) and tasks.cot.answer_correct(short, question, tolerance)
         rows.append(dict(text=t, answer=short, correct=correct))
     return rows
 
@@ -101,15 +103,15 @@ def vote_key(short, question):
     if not short:
         return None
     if "options" in question:
-        return B.extract_letter(short, len(question["options"]), question["options"])
-    number = B.read_number(short)
-    return number[0] if number is not None else B.normalize_vqa(short) or None
+        return tasks.mc.extract_letter(short, len(question["options"]), question["options"])
+    number = tasks.cot.read_number(short)
+    return number[0] if number is not None else tasks.vqa.normalize_vqa(short) or None
 
 
 def majority_index(texts, question):
     """The index of the first answer giving the most common short answer (self-consistency's majority
     vote; ties go to the answer seen first); 0 when no answer has one."""
-    keys = [vote_key(B.cot_answer(t), question) for t in texts]
+    keys = [vote_key(tasks.cot.cot_answer(t), question) for t in texts]
     counts = Counter(k for k in keys if k is not None)
     if not counts:
         return 0

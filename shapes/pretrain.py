@@ -8,12 +8,12 @@ The shapes world's foundation models, the stand-ins for the two models LLaVA sta
 Both are saved as ordinary transformers checkpoint directories (config.json, model.safetensors,
 tokenizer / image processor files), so `sft.py --init_from=parts --lm_path=... --vision_path=...`
 takes them exactly as it takes lmsys/vicuna-7b-v1.5 and openai/clip-vit-large-patch14-336. The
-repository ships models/shapes/ (as a LLaVA user downloads Vicuna and CLIP), made by this script,
+repository ships shapes/models/ (as a LLaVA user downloads Vicuna and CLIP), made by this script,
 deterministically from the seed (the first shipped pair, made at commit 15459f1 with the corpus bug
-below and a CLIP that did not know where a patch is, is in the history at dd1b8d3; the README measures both):
+below and a CLIP that did not know where a patch is, is in the history at dd1b8d3; docs/log.md measures both):
 
-    python pretrain_shapes.py                       # models/shapes (about 37 min on 2 CPU cores: CLIP 3, LM 34)
-    python pretrain_shapes.py --lm_steps=200 --clip_steps=100 --out_dir=/tmp/m   # a quick small version
+    python -m shapes.pretrain                       # shapes/models (about 37 min on 2 CPU cores: CLIP 3, LM 34)
+    python -m shapes.pretrain --lm_steps=200 --clip_steps=100 --out_dir=/tmp/m   # a quick small version
 
 Why the LM reads images it has never seen. A language model learns nothing about pixels; what it
 can learn from text is to *look things up in its context*. So the LM's corpus puts each scene where
@@ -26,10 +26,10 @@ the chat template, captions in LLaVA's stage-1 `plain` format, dense "direct rec
 the word they look up, and conversations of multiple-choice questions only (in the chat template: the
 first version built them in the `plain` one, which keeps only the answers, so the first shipped LM (made at
 commit 15459f1) read a fifth of its documents as bare letters, "B\nD\nC"; a test now checks the
-questions are there; the README compares the two). Picking an option's letter is a second lookup on
+questions are there; docs/log.md compares the two). Picking an option's letter is a second lookup on
 top of the first (the answer word, then
 the letter in front of it in the list); an LM trained on random wrong options learns a shortcut
-instead, "the option that is in the scene", right whenever only one option is (the README measures
+instead, "the option that is in the scene", right whenever only one option is (docs/log.md measures
 it; the mc_hard probe asks with the scene's own values as the wrong options, where the shortcut
 fails). Those dense documents are what gets a from-scratch transformer past its long
 plateau quickly: the lookup is one attention hop away from the answer, and every sequence carries
@@ -49,7 +49,7 @@ a 0.4M-parameter one learns that in seconds only with the help. A second probe r
 row and column; clip_position sets how much of its gradient reaches the features (1, the default
 since 2026-12-06: all of it, so the features say where a patch is, as the LM's slots do; at 0 the probe
 only measures, the features barely know where a patch is, the VLM's position answers are near chance
-and its stage 1 aligns less well: see the README).
+and its stage 1 aligns less well: see docs/log.md).
 """
 
 import copy
@@ -62,19 +62,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data as D
-import model as M
-import prepare_shapes as W
+from lucid import checkpoint, optim
+from shapes import prepare as W
 
 # -----------------------------------------------------------------------------
 # default config values, override with --key=value
-out_dir = 'models/shapes'
+out_dir = 'shapes/models'
 seed = 1337
 threads = 2             # torch threads
 which = 'all'           # 'all' | 'lm' | 'clip'
-# the world the models are pretrained on: the defaults of prepare_shapes.py, own seed streams ('lm', 'clip')
+# the world the models are pretrained on: the defaults of shapes/prepare.py, own seed streams ('lm', 'clip')
 image_size = 48
 cooccur_bias = 0.8
-small_p = 0.0           # share of objects drawn small (prepare_shapes' small_p and small_size: the CLIP must see the same world)
+small_p = 0.0           # share of objects drawn small (shapes/prepare.py's small_p and small_size: the CLIP must see the same world)
 small_size = 0.13
 vocab_size = 1024       # BPE target of the tokenizer (trained here on the LM's corpus, shipped with both models)
 # LM: a Llama of the size sft.py builds for the shapes world
@@ -88,18 +88,18 @@ recall_facts = 16       # facts per direct-recall document
 recall_mc = 0.0         # share of direct-recall facts that are multiple-choice questions answered by the letter
                         # ("choose What color is the cross? A. green B. purple ..." -> "B"): the letter lookup, densely
 lm_mc_hard = 0.0        # share of the corpus' multiple-choice questions whose wrong options are the scene's own other
-                        # values first (prepare_shapes' mc_hard): with random options, "pick the option that is in the
-                        # scene" is right most of the time, and that is what an LM trained on them learns (see the README)
+                        # values first (shapes/prepare.py's mc_hard): with random options, "pick the option that is in the
+                        # scene" is right most of the time, and that is what an LM trained on them learns (see docs/log.md)
 slot_noise = 0.1        # Gaussian noise on the slot embeddings, relative to their RMS: the projector's output is never exact
 lm_steps = 6000
-lm_init = ''            # '' = a fresh Llama; a directory = continue pretraining that LM (e.g. models/shapes/lm)
+lm_init = ''            # '' = a fresh Llama; a directory = continue pretraining that LM (e.g. shapes/models/lm)
 lm_batch = 32
 lm_lr = 3e-3
 lm_rope_theta = 10000.0
 lm_eval_interval = 500
 slot_positions = 0.3     # the slots also hold their cell's row and column words, at this weight (0 = not)
 lm_prior_noise = 0.0    # share of the chat and caption documents about a scene with a missing partner written as if
-                        # it were there (prepare_shapes' believed_scene; the slots stay true): a language prior, as
+                        # it were there (shapes/prepare.py's believed_scene; the slots stay true): a language prior, as
                         # Vicuna's text has one; 0 = truthful text (the shipped LM)
 # CLIP
 clip_steps = 1500
@@ -393,7 +393,7 @@ def pretrain_lm(tok, out):
     bar = tqdm(range(lm_steps), desc="lm", unit="step", mininterval=2)
     for step in bar:
         for g in opt.param_groups:
-            g['lr'] = lm_lr * M.lr_factor(step, lm_steps, 100, 0.1)
+            g['lr'] = lm_lr * optim.lr_factor(step, lm_steps, 100, 0.1)
         loss = lm_loss(lm, collate_docs([docs[i] for i in batches[step]], tok.pad_token_id), image_token_id, slot_noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
@@ -404,7 +404,7 @@ def pretrain_lm(tok, out):
             acc = lookup_accuracy(lm, tok, image_token_id, held_out)
             bar.write(f"step {step + 1} ({time.time() - t0:.0f}s): loss {loss.item():.3f}; held-out lookup "
                       + ", ".join(f"{k} {100 * v:.0f}%" for k, v in acc.items()))
-    with M.atomic_dir(out) as d:  # a crash never leaves half a model directory
+    with checkpoint.atomic_dir(out) as d:  # a crash never leaves half a model directory
         lm.save_pretrained(d)
         tok.save_pretrained(d)
     return acc
@@ -532,7 +532,7 @@ def pretrain_clip(tok, out):
     bar = tqdm(range(clip_steps), desc="clip", unit="step", mininterval=2)
     for step in bar:
         for g in opt.param_groups:
-            g['lr'] = clip_lr * M.lr_factor(step, clip_steps, 50)
+            g['lr'] = clip_lr * optim.lr_factor(step, clip_steps, 50)
         idx = torch.randint(0, len(scenes), (clip_batch,), generator=gen)
         true, negs = [], []
         for i in idx.tolist():
@@ -585,7 +585,7 @@ def pretrain_clip(tok, out):
         cell_where = (w[..., :3].argmax(-1) == rows) & (w[..., 3:].argmax(-1) == cols)
         cell_acc = ((cells[..., 0] == hs).float().mean().item(), (cells[..., 1] == hc).float().mean().item(),
                     cell_where.float().mean().item())
-    with M.atomic_dir(out) as d:
+    with checkpoint.atomic_dir(out) as d:
         model.save_pretrained(d)
         ctok.save_pretrained(d)
         proc.save_pretrained(d)
@@ -595,7 +595,7 @@ def pretrain_clip(tok, out):
 def main():
     from configurator import configure
     g = globals()
-    g.update(configure({k: g[k] for k in _config_keys}))
+    g.update(configure({k: g[k] for k in (*_config_keys, "__doc__", "__file__", "__spec__")}))
     W.small_size = small_size  # render_scene reads it
     # The foundation models read the world's plain language: partner_clause is the instruction data's
     # annotator habit (stage 2), which neither Vicuna's corpus nor CLIP's captions have (and without it

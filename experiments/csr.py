@@ -1,10 +1,10 @@
 # Calibrated self-rewarding on the shapes world: 3 iterations of selfreward.py (CSR mode) -> dpo.py
-# (LoRA, adapters-off reference) from the base runs of config/exp_base.py (same out_dir: finished base
+# (LoRA, adapters-off reference) from the base runs of experiments/base.py (same out_dir: finished base
 # steps are reused), and the ablations of the first iteration: lambda 0 (self-reward without visual
 # calibration) and 0.5, raw values instead of ranks, pruning by the calibrated reward instead of the LM.
 # Held equal in every run: the seed's base checkpoint, the 1,000 prompts, the search budget, the DPO
 # recipe and steps (1 epoch over the pairs found), the evaluation suite.
-#   python experiment.py config/exp_csr.py
+#   python -m experiments.run experiments/csr.py
 out_dir = "out/exp_base"
 seeds = [1, 2, 3]
 _BASE = ["sft.py config/shapes_stage1.py --seed={seed} --out_dir={dir}/stage1",

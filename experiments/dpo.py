@@ -1,8 +1,8 @@
-# DPO on the shapes world against the base it starts from: the base runs of config/exp_base.py (reused:
+# DPO on the shapes world against the base it starts from: the base runs of experiments/base.py (reused:
 # same out_dir, their finished steps are not run again), then for each seed dpo.py on data/shapes/pairs.json
 # (the world's true answers vs the co-occurrence prior's) from that seed's stage-2 checkpoint. One table,
 # base and dpo side by side; held equal: base checkpoint, pair file, steps, evaluation suite.
-#   python experiment.py config/exp_dpo.py
+#   python -m experiments.run experiments/dpo.py
 out_dir = "out/exp_base"
 seeds = [1, 2, 3]
 runs = {

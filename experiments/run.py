@@ -3,9 +3,9 @@ Run training pipelines over several seeds, evaluate every result on the shapes s
 table of mean +- spread: the protocol every method comparison in this repository uses (same base
 checkpoint, same data, same steps, only the method differs; >= 3 seeds).
 
-    python experiment.py config/exp_base.py                 # the base model: stage 1 + stage 2, 3 seeds
-    python experiment.py config/exp_base.py --seeds=[1,2,3,4,5]
-    python experiment.py config/exp_csr.py --only="['base','csr1']"   # some of a config's runs
+    python -m experiments.run experiments/base.py                 # the base model: stage 1 + stage 2, 3 seeds
+    python -m experiments.run experiments/base.py --seeds=[1,2,3,4,5]
+    python -m experiments.run experiments/csr.py --only="['base','csr1']"   # some of a config's runs
 
 An experiment config defines `runs`: {name: {"steps": [command, ...], "model": dir, "extra": {key: path},
 "eval_args": str}} ("extra" optional: JSON files the steps wrote, tabulated under metrics[key]; "eval_args"
@@ -29,7 +29,7 @@ import sys
 import time
 
 import data as D
-import prepare_shapes as W
+from shapes import prepare as W
 
 # -----------------------------------------------------------------------------
 out_dir = "out/exp"
@@ -116,7 +116,7 @@ def figure(metrics, task, split, metric):
 
 
 if not runs:
-    raise SystemExit("no runs: give an experiment config, e.g. python experiment.py config/exp_base.py")
+    raise SystemExit("no runs: give an experiment config, e.g. python -m experiments.run experiments/base.py")
 if unknown := [n for n in only if n not in runs]:
     raise SystemExit(f"--only names runs the config does not have: {unknown}; it has {list(runs)}")
 if only:  # a run's steps may start from another run's model: keep the config's order, so those come first

@@ -7,8 +7,8 @@ and what is a hallucination without any human labels. From the scenes this scrip
 SFT conversations (descriptions, yes/no, counting, attributes, positions, multiple choice, CoT),
 stage-1 captions, a held-out short-answer check file, evaluation sets in the real benchmarks' formats
 (POPE, multiple choice, VQA, CoT, CHAIR) and a byte-level BPE tokenizer with a Vicuna chat template.
-The world's pretrained models (its stand-ins for Vicuna and OpenAI's CLIP) are pretrain_shapes.py's:
-the repository ships them in models/shapes/.
+The world's pretrained models (its stand-ins for Vicuna and OpenAI's CLIP) are shapes/pretrain.py's:
+the repository ships them in shapes/models/.
 
 Some shapes have a partner (circle-square, triangle-diamond, cross-ring) that usually appears with
 them (cooccur_bias). A model that learns this language prior says "yes" when asked about the partner
@@ -19,13 +19,13 @@ that has none. A knob,
 off by default, draws some objects small (small_p): a few pixels, where shapes are hard to tell, the
 uncertain evidence a prior could fill in (as LLaVA names the small, blurred thing beside a plate a
 fork); the annotator who expects co-occurrence then names such an object as a partner. Measured (the
-README): it makes descriptions hallucinate, but mostly shapes that look alike, not the partner.
+docs/log.md): it makes descriptions hallucinate, but mostly shapes that look alike, not the partner.
 
 Usage:
-    python prepare_shapes.py                                  # data/shapes with the defaults below
-    python prepare_shapes.py --n_train=500 --out_dir=data/shapes_small
-    python prepare_shapes.py --cooccur_bias=0.0               # a world with no prior to learn
-    python prepare_shapes.py --small_p=0.3 --out_dir=data/shapes_s30   # 30% of the objects drawn small
+    python -m shapes.prepare                                  # data/shapes with the defaults below
+    python -m shapes.prepare --n_train=500 --out_dir=data/shapes_small
+    python -m shapes.prepare --cooccur_bias=0.0               # a world with no prior to learn
+    python -m shapes.prepare --small_p=0.3 --out_dir=data/shapes_s30   # 30% of the objects drawn small
 
 Output (out_dir):
     images/{train,val,test}/{scene_id}.png   RGB, image_size x image_size
@@ -40,7 +40,7 @@ Output (out_dir):
                             single-turn samples, the prompt suffix alone selecting the mode (CoT: rationale
                             then '### Answer: X'; direct: the short answer), on training scenes other than
                             questions.json's (while n_train leaves room for both sets)
-    reasoner_direct.json    the same questions' direct copies only: the answer-only (format-only) baseline
+    reasoner_direct.json    the same questions' direct copies only: the direct-only baseline (LLaVA-Reasoner's ②)
     test.jsonl              held-out short-answer questions, one per line:
                             {"question_id", "image", "text", "answer", "type", "scene_id"[, "probe"]}
     scenes.json             {"train": [scene, ...], "val": [...], "test": [...]}
@@ -84,7 +84,7 @@ grid = 3                # grid x grid cells, at most one object per cell
 max_objects = 4
 cooccur_bias = 0.8      # chance to also place an object's partner when it is missing
 small_p = 0.0           # share of objects drawn small (radius small_size of a cell instead of 0.34), where the shape
-                        # is hard to tell (0 = every object clear, the default; see the README for what 0.3 did)
+                        # is hard to tell (0 = every object clear, the default; see docs/log.md for what 0.3 did)
 small_size = 0.13       # a small object's radius as a share of its cell (about 4-5 px across at 48 px)
 prior_noise = 0.7       # share of training conversations about a scene with a missing partner that are
                         # written as if the partner were there (an annotator's co-occurrence error, as in
@@ -98,7 +98,7 @@ mc_hard = 0.0           # share of training multiple-choice questions whose wron
                         # "the option that is in the image" is not enough (the eval set keeps random options)
 partner_clause = True   # descriptions: an object whose partner is in the scene (as the annotator believes it) gets
                         # ", with a <partner> nearby" (co-occurring things named together, as in "a table with a fork"):
-                        # what makes the base's captions name the absent partner (README); stage 2's descriptions
+                        # what makes the base's captions name the absent partner (docs/log.md); stage 2's descriptions
                         # only, the stage-1 captions stay plain. False: the world the method tables were measured on
 describe_order = 'rows' # descriptions: 'rows' = objects row-major; 'pairs' = each object followed by its
                         # co-occurrence partner (a believed partner then comes right after its anchor)
@@ -508,16 +508,6 @@ def mc_question(scene, rng, kind=None, hard=0.0):
         options = [right] + rng.sample(wrong, 3)
     rng.shuffle(options)
     return kind, question, options, options.index(right)
-
-
-def options_in_image(scene, category, options):
-    """How many of a colour or shape question's options are a colour / shape of some object in the scene
-    (None for the other kinds). A model that only asks "is this option in the image" is right every time
-    at 1 and 1 in k at k: evaluate.py splits multiple choice by it."""
-    if category not in ('color', 'shape'):
-        return None
-    present = {o[category] for o in scene['objects']}
-    return sum(o in present for o in options)
 
 
 def qa_mc(scene, rng, style=None, hard=None):
@@ -1264,7 +1254,7 @@ def save_tokenizer(tok, path):
 def main():
     from configurator import configure
     g = globals()
-    config = configure({k: g[k] for k in _config_keys})
+    config = configure({k: g[k] for k in (*_config_keys, "__doc__", "__file__", "__spec__")})
     g.update(config)  # the functions above read short_answer_p / single_turn_p from here
     if not 1 <= max_objects <= grid * grid:
         raise SystemExit(f"max_objects={max_objects} must be between 1 and grid*grid={grid * grid}")

@@ -1,5 +1,5 @@
-# LLaVA-Reasoner on the shapes world, from the base runs of config/exp_base.py (same out_dir: finished
-# base steps are reused): the format-only baseline (direct answers only) vs CoT SFT (CoT + direct copies
+# LLaVA-Reasoner on the shapes world, from the base runs of experiments/base.py (same out_dir: finished
+# base steps are reused): the direct-only baseline (the paper's ②: direct answers only) vs CoT SFT (CoT + direct copies
 # of the same questions), then from the CoT-SFT model: mine answer-checked pairs on other scenes'
 # questions, DPO on them, and best-of-8 on the CoT eval set with the DPO model as the verifier
 # (reward log pi_dpo / pi_sft of candidates the SFT model samples) vs the majority answer vs greedy;
@@ -7,7 +7,7 @@
 # times its lr; four times the mining questions; pairs checked by the whole chain (an oracle).
 # Held equal: the seed's base checkpoint, the 3,000 SFT questions and the optimizer steps (the direct
 # baseline takes 2 epochs of its half-size file), the evaluation suite.
-#   python experiment.py config/exp_reasoner.py
+#   python -m experiments.run experiments/reasoner.py
 out_dir = "out/exp_base"
 seeds = [1, 2, 3]
 _BASE = ["sft.py config/shapes_stage1.py --seed={seed} --out_dir={dir}/stage1",

@@ -1,13 +1,13 @@
 # Reflective instruction tuning (REVERIE) on the shapes world: stage 2 on the instruction mix plus the
 # world's 2,000 REVERIE questions (data/shapes/reverie_raw.json: a correct and a confusing answer,
 # two rationales from the scene graph), answer-only vs with rationales, from each seed's stage-1
-# checkpoint of config/exp_base.py (same out_dir: finished base steps are reused).
+# checkpoint of experiments/base.py (same out_dir: finished base steps are reused).
 # Held equal between answer_only and reflective: the stage-1 checkpoint, the instruction mix, the 2,000
 # questions, the number of rows (answer_only repeats each question's answer once per row reflective
 # has: answer_rows=match), hence the optimizer steps and the answer tokens; only the rationale turns
 # differ. The ablations (one row per question: positive, negative, joint) compare with answer_only_one.
-#   python experiment.py config/exp_reverie.py                       # all runs
-#   python experiment.py config/exp_reverie.py --only="['base','answer_only','reflective']"
+#   python -m experiments.run experiments/reverie.py                       # all runs
+#   python -m experiments.run experiments/reverie.py --only="['base','answer_only','reflective']"
 out_dir = "out/exp_base"
 seeds = [1, 2, 3]
 _BASE = ["sft.py config/shapes_stage1.py --seed={seed} --out_dir={dir}/stage1",
