@@ -14,7 +14,7 @@ sys.path.insert(0, ROOT)
 from shapes import prepare as W  # noqa: E402
 from shapes import pretrain as P  # noqa: E402
 
-MODELS = os.path.join(ROOT, "models", "shapes")
+MODELS = os.path.join(ROOT, "shapes", "models")
 
 
 def test_shipped_clip_scores_true_sentences_above_altered_ones():

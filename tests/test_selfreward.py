@@ -16,7 +16,7 @@ import model as M
 from methods import csr as S
 from conftest import ROOT, run_script, tiny_world_vlm
 
-CLIP = os.path.join(ROOT, "models", "shapes", "clip")
+CLIP = os.path.join(ROOT, "shapes", "models", "clip")
 
 # ----------------------------------------------------------------------------- the rules, by hand
 
