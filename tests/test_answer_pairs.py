@@ -127,6 +127,7 @@ def args(world, out, *extra):
             "--samples=4", "--max_new_tokens=6", "--batch_size=2", "--max_prompts=5", *extra]
 
 
+@pytest.mark.slow
 def test_answer_mode_samples_resumes_and_two_ranks_match_one(world, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     p = run_script("selfreward.py", args(world, one))

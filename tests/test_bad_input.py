@@ -151,6 +151,7 @@ def test_skip_bad_counts_every_kind_and_reports_it(world, tmp_path, monkeypatch,
             "{'corrupt image': 3}") in out, out
 
 
+@pytest.mark.slow
 def test_the_scripts_end_in_one_line_and_status_1(world, tmp_path):
     """Real processes: the line on stderr, status 1, no traceback; a DataLoader worker's error shows as its
     own line too; LUCID_TRACEBACK=1 prints the traceback as well."""

@@ -160,6 +160,7 @@ def uninterrupted(shapes, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["swap", "write"])
 def test_sft_killed_mid_checkpoint_resumes_to_the_same_weights(shapes, uninterrupted, tmp_path, when):
     import subprocess

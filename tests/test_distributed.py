@@ -13,6 +13,7 @@ import pathlib
 import sys
 import warnings
 
+import pytest
 import torch
 from PIL import Image
 
@@ -93,6 +94,7 @@ def verdicts(vlm, d, rank, world_size):
     return out
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process(tmp_path):
     write_records(tmp_path)
     run_script("tests/test_distributed.py", [str(tmp_path)], nproc=2, timeout=300)  # a hang fails here, by the timeout

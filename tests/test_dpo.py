@@ -281,6 +281,7 @@ def test_dpo_raises_heldout_reward_accuracy_and_margin(dpo_setup, tmp_path):
 M_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"]
 
 
+@pytest.mark.slow
 def test_reference_modes_give_the_same_training(dpo_setup, tmp_path):
     """LoRA with a frozen copy, with adapters off, and with precomputed log-probs: the same losses
     step by step and the same merged weights (so the same gradients)."""
@@ -302,6 +303,7 @@ def test_reference_modes_give_the_same_training(dpo_setup, tmp_path):
     assert max((wa[k] - weights(dpo_setup[0].split("=", 1)[1])[k]).abs().max().item() for k in wa) > 1e-4  # it moved
 
 
+@pytest.mark.slow
 def test_lora_precomputed_resume_continues_exactly(dpo_setup, tmp_path):
     common = dpo_setup + ["--lora_r=4", "--lora_alpha=8", "--reference=precomputed", "--max_steps=4", "--global_batch_size=8",
                           "--micro_batch_size=4", "--lr_lm=1e-2", "--lr_projector=1e-3", "--eval_interval=2"]
@@ -317,6 +319,7 @@ def test_lora_precomputed_resume_continues_exactly(dpo_setup, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distributed,reference", [("ddp", "copy"), ("fsdp", "copy"), ("fsdp", "precomputed")])
 def test_torchrun_two_processes_match_one(dpo_setup, tmp_path, distributed, reference):
     """1 process with a frozen copy == 2 ranks (DDP with a copy; FSDP2 with a sharded copy, which rank 1

@@ -274,6 +274,7 @@ def test_model_mode_shapes_suite(tmp_path, tiny_llava):
     assert "questions/s" in p.stdout + p.stderr
 
 
+@pytest.mark.slow
 def test_model_mode_llava_hf_with_llava_pope_files(tmp_path, tiny_llava):
     """What a GPU user runs: init_from = a llava-hf directory, LLaVA's POPE files as shipped. The answers
     it writes, re-scored without a model, give the same metrics."""
@@ -288,6 +289,7 @@ def test_model_mode_llava_hf_with_llava_pope_files(tmp_path, tiny_llava):
     assert read(d / "rescored" / "metrics.json") == read(d / "gen" / "metrics.json")
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_match_one(tmp_path, tiny_llava):
     """Questions sharded over 2 ranks (gloo) and gathered back in file order give the answers of one
     process (batch size 1, so every question is computed alone either way)."""
@@ -302,6 +304,7 @@ def test_torchrun_two_ranks_match_one(tmp_path, tiny_llava):
     assert read(tmp_path / "two" / "metrics.json") == read(tmp_path / "one" / "metrics.json")
 
 
+@pytest.mark.slow
 def test_shapes_eval_sets_with_oracle_answers_score_perfectly(tmp_path):
     """shapes/prepare.py's eval sets read as evaluate.py expects: their own gold answers (the true
     caption, the gold CoT chain, the label as a sentence) score 100%, and CHAIR finds no hallucination."""

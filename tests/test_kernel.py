@@ -185,6 +185,7 @@ print("compiled")
 """
 
 
+@pytest.mark.slow
 def test_kernel_compiles_for_gpus():
     """The interpreter accepts things a GPU compile rejects; build real cubins for sm80 and sm90 (CPU only,
     in a subprocess without TRITON_INTERPRET, with the signatures _ce_rows_triton launches)."""

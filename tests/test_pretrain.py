@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +57,7 @@ def test_shipped_lm_reads_scenes_from_slots():
     assert acc["exist"] > 0.8 and acc["color"] > 0.6 and acc["shape"] > 0.6, acc
 
 
+@pytest.mark.slow
 def test_small_lm_pretraining_learns_the_lookup(tmp_path, monkeypatch):
     """A small, fast version of the LM pretraining (direct-recall documents only, 4 facts each, no position
     words in the slots; about 5 minutes on one core) gets past the plateau (at 1,500 steps it sat on the
@@ -78,6 +80,7 @@ edge: colour 34% in one draw; at 2,500 steps colour 52-90%, yes/no 74-97%, see b
     assert acc["recall:color"] > 0.3 and acc["recall:shape"] > 0.3 and acc["recall:is"] > 0.6, acc
 
 
+@pytest.mark.slow
 def test_clip_position_trains_where_into_the_patch_features(tmp_path):
     """clip_position=1: the row-and-column probe's gradient reaches the patch features, and after 150
     steps a linear probe reads each patch's cell (94 % measured; the default, as in the shipped CLIP); at 0

@@ -26,6 +26,7 @@ def _save_tiny_hub_models(root, tokenizer, dtype=torch.float32):
     return lm, clip
 
 
+@pytest.mark.slow
 def test_fp16_checkpoints_train_fp32_masters(shapes, tmp_path):
     """Vicuna and CLIP ship in fp16 and transformers loads them so. Trained as loaded, an AdamW update
     of 1e-6 to a weight of ~0.02 (fp16's spacing there: 1.5e-5) rounds away; in fp32 masters it stays."""
@@ -53,6 +54,7 @@ def test_fp16_training_is_refused_inference_is_not():
     assert common.setup(0, "cpu", "float16", training=False).ptdtype == torch.float16  # generation needs no scaler
 
 
+@pytest.mark.slow
 def test_llava15_stage1_then_stage2(shapes, tmp_path):
     tokenizer = make_tokenizer(with_image=False)  # like Vicuna's: from_parts must add <image>
     lm, clip = _save_tiny_hub_models(tmp_path, tokenizer)
@@ -91,6 +93,7 @@ def test_llava15_stage1_then_stage2(shapes, tmp_path):
     assert not torch.equal(w3["projector.linear_1.weight"], w1["projector.linear_1.weight"])
 
 
+@pytest.mark.slow
 def test_shapes_stage1_then_stage2(shapes, tmp_path):
     """The shapes world's two stages (config/shapes_stage{1,2}.py) from the shipped world models
     (shapes/models/lm, shapes/models/clip): stage 1 trains the projector only, on captions with the
@@ -113,6 +116,7 @@ def test_shapes_stage1_then_stage2(shapes, tmp_path):
     assert not torch.equal(w2["lm.model.layers.0.mlp.up_proj.weight"], w1["lm.model.layers.0.mlp.up_proj.weight"])
 
 
+@pytest.mark.slow
 def test_reasoner_recipe_cot_sft_then_dpo(shapes, tmp_path):
     """LLaVA-Reasoner's real recipe files (config/reasoner_cot_sft.py, config/reasoner_dpo.py) from a
     tiny llava-hf checkpoint on the small world's CoT mix and hand-made pairs in the paper's format:

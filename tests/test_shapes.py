@@ -155,6 +155,7 @@ def check_qa(scene, kind, q, a):
 
 # -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_determinism_same_seed(built):
     a, b = built
     for name in ['train.json', 'val.json', 'test.jsonl', 'scenes.json', 'tokenizer/tokenizer.json']:
@@ -564,6 +565,7 @@ def test_mc_hard_takes_wrong_options_from_the_scene():
     assert n > 100
 
 
+@pytest.mark.slow
 def test_prior_noise_changes_only_the_training_conversations(tmp_path):
     """The knob writes some training answers from the believed scene (so they disagree with the image)
     and leaves every image, caption and evaluation file byte for byte as it was."""

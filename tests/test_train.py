@@ -24,6 +24,7 @@ def log(out):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(shapes, tmp_path):
     common = shapes + TINY + SCRATCH_VISION + ["--max_steps=6", "--global_batch_size=8", "--micro_batch_size=4", "--eval_interval=3"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
@@ -39,6 +40,7 @@ def test_resume_continues_exactly(shapes, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one(shapes, tmp_path, distributed):
     """Same global batch: 1 process x 4 accumulation steps == 2 ranks x 2 (gloo on CPU), with length
@@ -63,6 +65,7 @@ def test_torchrun_two_processes_match_one(shapes, tmp_path, distributed):
     assert worst < 1e-4, worst
 
 
+@pytest.mark.slow
 def test_fsdp_sharded_checkpoint_resumes_exactly(shapes, tmp_path):
     """FSDP2 checkpoints the optimizer with torch.distributed.checkpoint (each rank its shards) beside a
     consolidated model.safetensors; stopped at step 3 and resumed on 2 ranks == 6 uninterrupted steps,
@@ -86,6 +89,7 @@ def test_fsdp_sharded_checkpoint_resumes_exactly(shapes, tmp_path):
     assert abs(c[4] - a[4]) < 1e-5 * a[4] and abs(c[6] - a[6]) < 1e-4 * a[6]
 
 
+@pytest.mark.slow
 def test_fsdp_bf16_gradient_checkpointing_resumes_exactly(shapes, tmp_path):
     """The 7B recipe's settings on 2 gloo ranks: FSDP2 with bf16 compute (its mixed-precision policy:
     bf16 gathers, fp32 gradient reduction) and activation checkpointing; fp32 masters in the checkpoint;
@@ -111,6 +115,7 @@ def test_fsdp_bf16_gradient_checkpointing_resumes_exactly(shapes, tmp_path):
     assert all(abs(a[s] - c[s]) < 0.03 * c[s] for s in a), (a, c)
 
 
+@pytest.mark.slow
 def test_short_training_learns(shapes, tmp_path):
     out = str(tmp_path / "learn")
     run(shapes + TINY + ["--n_embd=64", "--max_steps=40", "--global_batch_size=16", "--micro_batch_size=16",
@@ -119,6 +124,7 @@ def test_short_training_learns(shapes, tmp_path):
     assert vals[0] > 5.0 and vals[-1] < 0.5 * vals[0], vals
 
 
+@pytest.mark.slow
 def test_lora_sft_trains_adapters_only_and_resumes_exactly(shapes, tmp_path):
     """sft.py --lora_r: from a checkpoint, the LM's own weights stay as they were except the adapted
     projections (saved merged), the projector trains; stopped and resumed equals uninterrupted."""
