@@ -351,4 +351,4 @@ if master and step >= start_step:
         for k in METRICS:
             print(f"{k:<22}{first_val[k]:>10.4f}{val[k]:>10.4f}")
         D.write_atomic(os.path.join(out_dir, "heldout.json"), json.dumps(dict(before=first_val, after=val), indent=1))
-common.finish(run)
+common.finish(run.dist)

@@ -299,5 +299,5 @@ if master:
         verifier=verifier or None,
         seconds=round(elapsed, 2), questions=sum(len(r) for r in rows.values())), indent=2))
     print(f"wrote {out_dir}/metrics.json, run.json and " + ", ".join(sorted(set(names.values()))))
-if not predictions and dist.ddp:
-    torch.distributed.destroy_process_group()
+if not predictions:
+    common.finish(dist)

@@ -269,4 +269,4 @@ if dist.master and mode == "csr":
           f"| {len(rows)} | {len(pairs)} | {sum(skipped.values())} {skipped or ''} | {n_nodes / max(len(rows), 1):.1f} | "
           f"{n_leaves / max(len(rows), 1):.1f} | {sum(margin) / max(len(margin), 1):.3f} | {summary['prompts_per_s']} |")
     print(f"wrote {out_dir}/pairs.json, trees.jsonl, summary.json")
-common.finish(run)
+common.finish(run.dist)

@@ -280,4 +280,4 @@ common.report_skipped(skipped, run, log_json, step + 1, "samples")
 if master and step >= start_step:
     log(f"done: {step + 1 - start_step} steps in {time.time() - t0:.0f}s, final train loss {train_loss:.4f}"
         + (f", val loss {val_loss:.4f}" if val_loss is not None else "") + f"; checkpoint in {out_dir}")
-common.finish(run)
+common.finish(run.dist)

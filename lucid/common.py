@@ -224,15 +224,16 @@ def report_skipped(counts, run, log_json, step, what="samples"):
         log_json(step, skipped_mid_run=dict(counts))
 
 
-def finish(run):
+def finish(dist):
     """End a torchrun process group: all ranks meet first, so none tears its connections down while
     another is still writing the checkpoint (gloo aborted a rank at exit that way: 'terminate called
     without an active exception'). Then the process leaves at once (os._exit): even after the barrier
     and destroy_process_group, gloo still aborted a rank while the interpreter tore itself down, after
     all its work was written (2 of 3 fresh-clone CI runs of the 2-rank bf16 FSDP test, 2026-12-04/06).
     By then everything a stage writes is on disk (atomic files, the JSON log line by line); wandb, when
-    on, is finished first. Call it last."""
-    if run.dist.ddp:
+    on, is finished first. Call it last (every torchrun script: sft, dpo, selfreward, evaluate; evaluate.py
+    too aborted a rank at exit under load, 2026-12-07, with destroy_process_group alone)."""
+    if dist.ddp:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
         if (wandb := sys.modules.get("wandb")) is not None and getattr(wandb, "run", None) is not None:

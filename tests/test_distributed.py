@@ -119,7 +119,6 @@ def rank0_only():
 
 
 if __name__ == "__main__":
-    import torch.distributed as dist
     from lucid import common
     run = common.setup(1, "cpu")
     rank, d = run.dist.rank, pathlib.Path(sys.argv[1])
@@ -129,4 +128,4 @@ if __name__ == "__main__":
     common.shard(vlm, run)
     assert vlm.lm.lm_head.weight is vlm.lm.model.embed_tokens.weight
     torch.save(dict(results(vlm, rank), verdicts=checked), d / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    common.finish(run.dist)  # barrier, destroy, leave without the interpreter teardown gloo aborts in
