@@ -27,6 +27,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import tempfile
 import warnings
 from collections import Counter
@@ -257,8 +258,10 @@ def resolve_image(root, path):
 
 def write_atomic(path, text):
     """Write text to a temp file beside path, then os.replace: readers never see half a file, and a
-    crash leaves the previous file intact (results and metrics files of every stage script)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix="." + os.path.basename(path) + ".")
+    crash leaves the previous file intact (results and metrics files of every stage script). A kill
+    between the two leaves the temporary (.<name>.<random>.tmp) behind: atomic_temporary names it, and
+    a training run's recovery (lucid/checkpoint.py) deletes those in its directory."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -267,6 +270,14 @@ def write_atomic(path, text):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+_ATOMIC_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}(\.tmp)?$")  # mkstemp's 8 random characters; '.tmp' since 2026-12-07
+
+
+def atomic_temporary(name):
+    """True for the file name of a write_atomic temporary (also the older ones, without '.tmp')."""
+    return bool(_ATOMIC_TEMPORARY.match(name))
 
 
 # -----------------------------------------------------------------------------

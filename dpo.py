@@ -305,6 +305,8 @@ if val_ds is not None and start_step == 0:
     val = first_val = evaluate_pairs()
     log("step 0 held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
     log_json(0, **{"val/" + k: v for k, v in val.items()})
+if resume_state is not None:  # each step draws (dropout) what it drew in the uninterrupted run: see restore_rng
+    checkpoint.restore_rng(resume_state, dist.rank)
 step = start_step - 1
 for step in bar:
     optim.set_lr(optimizer, optim.lr_factor(step, max_steps, warmup_steps, min_lr_ratio))

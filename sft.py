@@ -238,6 +238,8 @@ if val_ds is not None and start_step == 0:
     val_loss = evaluate_val()
     log(f"step 0: val loss {val_loss:.4f}")
     log_json(0, val_loss=val_loss)
+if resume_state is not None:  # each step draws (dropout) what it drew in the uninterrupted run: see restore_rng
+    checkpoint.restore_rng(resume_state, dist.rank)
 step = start_step - 1
 for step in bar:
     optim.set_lr(optimizer, optim.lr_factor(step, max_steps, warmup_steps, min_lr_ratio))

@@ -26,7 +26,8 @@ import data as D
 #   1. recover_dir(path): finish or undo an earlier interrupted swap, remove stale temporaries
 #   2. write everything into path.partial, fsync it          killed here: path is untouched, .partial is junk
 #   3. rename path.partial -> path.new                       the commit: from now on the new checkpoint wins
-#   4. move what others wrote into path (log.jsonl, eval/, a DPO reference cache) over to path.new
+#   4. move what others wrote into path (log.jsonl, eval/, a DPO reference cache) over to path.new, but not
+#      the temporaries of write_atomic calls a kill interrupted (deleted: a temporary is never carried)
 #   5. rename path -> path.old, path.new -> path, delete path.old
 # Steps 4-5 are redone from wherever they stopped (each move is a rename, and a rename is atomic).
 # Weights and training state are never carried over from the old directory: a stale
@@ -47,9 +48,23 @@ def _fsync(path):
         os.close(fd)
 
 
+def remove_temporaries(path):
+    """Delete the temporaries that write_atomic calls interrupted by a kill (after the temporary was made,
+    before its rename) left anywhere under path: the resumed log's rewrite, evaluation files. Returns how
+    many. Call it only while nothing is writing there (recovery, a checkpoint swap)."""
+    n = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            if D.atomic_temporary(f):
+                os.remove(os.path.join(d, f))
+                n += 1
+    return n
+
+
 def _finish_swap(path):
     new, old, parent = path + ".new", path + ".old", os.path.dirname(path)
     if os.path.isdir(path):
+        remove_temporaries(path)
         for name in sorted(os.listdir(path)):  # keep what others wrote there
             if not _owned(name) and not os.path.exists(os.path.join(new, name)):
                 os.replace(os.path.join(path, name), os.path.join(new, name))
@@ -64,7 +79,8 @@ def _finish_swap(path):
 def recover_dir(path):
     """Leave `path` as one complete directory after a write that a kill interrupted: a committed
     path.new is swapped in (the new checkpoint), a half-written path.partial deleted (the old one
-    stays), a leftover path.old deleted (or put back if path itself is gone). Returns what it did."""
+    stays), a leftover path.old deleted (or put back if path itself is gone), the temporaries of interrupted
+    write_atomic calls deleted. Returns what it did."""
     path = os.path.abspath(path)
     new, old, partial = path + ".new", path + ".old", path + ".partial"
     did = []
@@ -83,6 +99,8 @@ def recover_dir(path):
             did.append("put the previous checkpoint back")
     for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # the temporaries of this code's earlier swap
         shutil.rmtree(stale, ignore_errors=True)
+    if os.path.isdir(path) and (n := remove_temporaries(path)):
+        did.append(f"removed {n} temporary file{'s' if n > 1 else ''} of interrupted writes")
     return did
 
 
@@ -140,7 +158,29 @@ def load_train_state(path):
     return torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True, mmap=True)
 
 
-def restore_rng(state):
+def rng_states(run):
+    """Every rank's RNG state (CPU, and its own CUDA device's), on every rank. The ranks draw different
+    amounts (dropout over micro-batches of different lengths), so each must get its own back."""
+    mine = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    if not run.dist.ddp:
+        return [mine]
+    got = [None] * run.dist.world_size
+    torch.distributed.all_gather_object(got, mine)
+    return got
+
+
+def restore_rng(state, rank=0):
+    """The RNG as the checkpoint's run had it after saving: call it right before a resumed run's first step,
+    so each step draws what it drew in the run that was not interrupted (dropout, LoRA dropout). Called
+    earlier, the data iterator's creation (a seed drawn for its workers) would put the run one draw ahead.
+    Each rank gets its own state back (rng_ranks); a rank the saving run did not have (resumed on more
+    ranks), or a checkpoint from before rng_ranks, gets rank 0's: the run goes on, not bitwise."""
+    ranks = state.get("rng_ranks")
+    if ranks and rank < len(ranks):
+        torch.set_rng_state(ranks[rank]["cpu"])
+        if torch.cuda.is_available() and ranks[rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(ranks[rank]["cuda"])
+        return
     torch.set_rng_state(state["rng_cpu"])
     if torch.cuda.is_available() and state.get("rng_cuda"):
         torch.cuda.set_rng_state_all(state["rng_cuda"])
@@ -160,7 +200,9 @@ def save(out_dir, raw, optimizer, run, fsdp, state, model_state=None):
     """Checkpoint: the model directory (loadable on its own) + train_state.pt, swapped in atomically.
     model_state: a function of the full state dict giving (state dict to save, extra train state),
     e.g. LoRA adapters merged for the model directory, kept apart for resuming.
-    Under FSDP (a collective: every rank calls this) the optimizer state is written sharded, see save_sharded."""
+    Under torchrun every rank calls this (a collective: every rank's RNG state is gathered into the train
+    state; under FSDP the optimizer state is written sharded, see save_sharded)."""
+    state = dict(state, rng_ranks=rng_states(run))
     if fsdp:
         return save_sharded(out_dir, raw, optimizer, run, state, model_state)
     if not run.dist.master:
@@ -201,10 +243,11 @@ def recover(out_dir, run):
 
 
 def resume(optimizer, raw, fsdp, resume_state, out_dir):
-    """Optimizer state and RNG from a checkpoint's train state; returns the step to start from. A
-    sharded checkpoint (FSDP2) is read with torch.distributed.checkpoint: each rank reads only its own
-    shards of AdamW's state, on any number of ranks. (The model came from the checkpoint's
-    model.safetensors, read by rank 0 alone: build / shard.)"""
+    """Optimizer state from a checkpoint's train state; returns the step to start from. A sharded
+    checkpoint (FSDP2) is read with torch.distributed.checkpoint: each rank reads only its own shards of
+    AdamW's state, on any number of ranks. (The model came from the checkpoint's model.safetensors, read
+    by rank 0 alone: build / shard.) The RNG is restore_rng's, called right before the first step: what
+    runs between (creating the data iterator draws a seed from the global RNG) must not move it."""
     if resume_state is None:
         return 0
     if resume_state["optimizer"] == "sharded":
@@ -218,7 +261,6 @@ def resume(optimizer, raw, fsdp, resume_state, out_dir):
         set_optimizer_state_dict(raw, optimizer, resume_state["optimizer"], options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(resume_state["optimizer"])
-    restore_rng(resume_state)
     return resume_state["step"]
 
 

@@ -54,13 +54,15 @@ def make_tokenizer(with_image=True):
                                    pad_token="<pad>", additional_special_tokens=["<image>"] if with_image else [])
 
 
-def tiny_world_vlm(shapes_dir, max_positions=512, seed=0):
-    """A tiny untrained chat-template VLM on a shapes world's tokenizer (48px images, 9 patches)."""
+def tiny_world_vlm(shapes_dir, max_positions=512, seed=0, lm_dropout=0.0):
+    """A tiny untrained chat-template VLM on a shapes world's tokenizer (48px images, 9 patches);
+    lm_dropout: the LM's attention dropout (training draws random numbers)."""
     from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig
     import model as M
     tok = AutoTokenizer.from_pretrained(f"{shapes_dir}/tokenizer")
     lm = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                      num_key_value_heads=2, max_position_embeddings=max_positions, tie_word_embeddings=True,
+                     attention_dropout=lm_dropout,
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=48, patch_size=16)
