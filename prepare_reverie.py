@@ -27,8 +27,9 @@ Rows per instruction (layout=separate, the paper's choice): one per response,
     negative  Q -> correct answer -> negative_prompt (the confusing answer) -> why that one is wrong
 layout=joint: one conversation, Q -> answer -> positive_prompt -> why -> negative_prompt -> why not.
 rationales=none writes Q -> correct answer only: with answer_rows=match as many rows per instruction
-as rationales=both would (so a comparison holds the questions, the answer tokens and the steps equal),
-with answer_rows=one a single row.
+as rationales=both would, none for an instruction with no usable rationale (so a comparison holds the
+questions, the answer tokens and the steps equal), with answer_rows=one a single row. A raw row's answers
+may be numbers (the released generator parses its model's output with ast.literal_eval): read as text.
 """
 import json
 import os
@@ -63,6 +64,8 @@ NEGATIVE_REQUEST = re.compile(r"\b(wrong|incorrect)\b", re.I)  # how a released 
 
 
 def text_of(value, where, field):
+    if field in ("correct_answer", "confusing_answer") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # the released generator parses the model's output with ast.literal_eval: "2" arrives as 2
     if not isinstance(value, str):
         raise D.DataError(f"{where}: {field!r} must be a string, got {type(value).__name__}", "malformed record")
     return value.replace(D.IMAGE_PLACEHOLDER, "").strip()
@@ -173,9 +176,9 @@ def read_instructions(records, fmt, path, dropped):
 def rows_of(ins):
     """The conversations (lists of (human, gpt) pairs) this instruction gives under the settings."""
     q, a, pos, neg = ins["question"], ins["answer"], ins["pos"], ins["neg"]
-    if rationales == "none":
-        n = 1 if answer_rows == "one" or layout == "joint" else len(pos) + len(neg)
-        return [("answer", [(q, a)])] * max(n, 1)
+    if rationales == "none":  # the answer-only baseline: one row, or (match) as many as 'both' writes, none included
+        n = 1 if answer_rows == "one" else (1 if pos or neg else 0) if layout == "joint" else len(pos) + len(neg)
+        return [("answer", [(q, a)])] * n
     pos = pos if rationales in ("both", "positive") else []
     neg = neg if rationales in ("both", "negative") else []
     if layout == "joint":

@@ -83,6 +83,33 @@ def test_rationale_settings(tmp_path, args, kinds, n_turns):
     assert all(turns(r)[1] in ("Black.", "2") for r in rows)  # the first response is always the correct one
 
 
+def test_answer_only_rows_match_both_also_without_a_rationale(tmp_path):
+    """An instruction whose rationales are all unusable gets no row from 'both', so none from the answer-only
+    baseline with answer_rows=match (it keeps the questions, the answer tokens and the steps equal); one
+    with answer_rows=one."""
+    rows = raw_rows()
+    rows[2].update(correct_rationale="", incorrect_rationale="")  # instruction 2 (b.png): nothing to reflect on
+    for layout in ("separate", "joint"):
+        both, s_both = prepare(tmp_path, world(tmp_path, rows), f"--layout={layout}")
+        none, s_none = prepare(tmp_path, world(tmp_path, rows), f"--layout={layout}", "--rationales=none")
+        assert sum(s_both["rows"].values()) == sum(s_none["rows"].values()) == (3 if layout == "separate" else 1)
+        assert {r["image"] for r in none} == {r["image"] for r in both} == {"imgs/a.png"}
+    _, s_one = prepare(tmp_path, world(tmp_path, rows), "--rationales=none", "--answer_rows=one")
+    assert s_one["rows"] == {"answer": 2}
+
+
+def test_numeric_answers_from_the_generator_are_read_as_text(tmp_path):
+    """REVERIE's generator parses its model's output with ast.literal_eval, so a count arrives as an int."""
+    rows = raw_rows()
+    rows[2].update(correct_answer=2, confusing_answer=3)
+    out, summary = prepare(tmp_path, world(tmp_path, rows))
+    assert summary["instructions"] == 2
+    (neg,) = [r for r in out if r["image"] == "imgs/b.png" and "_negative_" in r["id"]]
+    assert turns(neg)[1:3] == ["2", "Explain why this answer is wrong: 3"]
+    rows[2].update(correct_answer=True)  # a bool is not an answer the generator writes
+    assert "'correct_answer' must be a string, got bool" in prepare(tmp_path, world(tmp_path, rows), ok=False)
+
+
 def test_joint_conversation(tmp_path):
     rows, _ = prepare(tmp_path, world(tmp_path), "--layout=joint", "--positive_prompt=Why?",
                       "--negative_prompt=Why is '{answer}' wrong?")
