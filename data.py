@@ -849,8 +849,10 @@ def load_pairs(spec, image_root=None):
 
 
 def truncate_words(text, n):
-    """The first n whitespace-separated words (LLaVA-Reasoner trains DPO on the first 90); n=0: all."""
-    words = text.split()
+    """The first n words (LLaVA-Reasoner trains DPO on the first 90); n=0: all. As the released code cuts:
+    split on single spaces and joined back with them, so newlines stay inside a 'word' and the text up to
+    the cut is kept as written."""
+    words = text.split(" ")
     return text if not n or len(words) <= n else " ".join(words[:n])
 
 

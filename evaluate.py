@@ -45,9 +45,10 @@ Written to out_dir:
   metrics.json       {split: {metric: fraction, ..., n}} with a split per category ('all' if none),
                      POPE's 'average' of its splits, 'overall' for the others (shapes: {task: {...}})
   run.json           what was run: config, files, timing
-  best_of.json       with --best_of: {split: {greedy, sample, majority, verifier, oracle, n, verifier_auc}}:
+  best_of.json       with --best_of: {split: {greedy, sample, majority, verifier, weighted, oracle, n, verifier_auc}}:
                      the accuracy of the greedy answer, of one random sample (the mean over the N), of
-                     the majority answer, of the verifier's pick, of an oracle that picks a right one
+                     the majority answer, of the verifier's pick (the highest reward), of weighted voting
+                     (each sample's answer weighted by softmax of the rewards), of an oracle that picks a right one
                      when any is; and how often the reward ranks a question's better sample higher
   best_of_predictions.jsonl   every question's samples, rewards, scores and picks
 """
@@ -65,7 +66,7 @@ import tasks.chair
 import tasks.pope
 import tasks.prompts
 import tasks.shapes
-from lucid import common
+from lucid import checkpoint, common
 from methods import reasoner as A
 from tasks import benchmark as B
 
@@ -96,6 +97,9 @@ seed = 1337
 best_of = 0                # N > 0: also sample N CoT answers per question and compare ways of picking one
 best_of_temperature = 1.0  # the paper samples at 1.0-1.2
 verifier = ""              # the DPO checkpoint: reward log pi_verifier(answer) - log pi_init_from(answer); '' = majority only
+verifier_max_words = None  # the reward is summed over the tokens DPO trained on: the answer cut to its first N words
+verifier_drop_eos = None   # and without its end of turn when DPO dropped it; None = as dpo.py trained the verifier
+                           # (its train_state.pt's max_words / drop_eos; 0 / False for a checkpoint without one)
 # -----------------------------------------------------------------------------
 from configurator import ConfigError, configure  # noqa: E402
 config = configure(globals())
@@ -204,7 +208,7 @@ else:
         texts = A.sample_answers(vlm, qs, best_of, best_of_temperature, top_p, max_new_tokens or MAX_NEW["cot"], rng)
         rewards = [[0.0] * best_of for _ in qs]
         if ver is not None:
-            rewards = (A.answer_logps(ver, qs, texts) - A.answer_logps(vlm, qs, texts)).tolist()
+            rewards = (A.answer_logps(ver, qs, texts, *ver_tokens) - A.answer_logps(vlm, qs, texts, *ver_tokens)).tolist()
         return [dict(q, samples=ts, rewards=r) for q, ts, r in zip(batch, texts, rewards)]
 
     t0 = time.time()
@@ -213,6 +217,11 @@ else:
     sampled_rows = None
     if best_of:
         ver = M.VLM.from_pretrained(verifier, dtype=getattr(torch, dtype)).to(dev).eval() if verifier else None
+        trained = {}  # what dpo.py trained the verifier on, when it was dpo.py
+        if verifier and os.path.isfile(os.path.join(verifier, "train_state.pt")):
+            trained = json.loads(checkpoint.load_train_state(verifier)["config"])
+        ver_tokens = (trained.get("max_words", 0) if verifier_max_words is None else verifier_max_words,
+                      trained.get("drop_eos", False) if verifier_drop_eos is None else verifier_drop_eos)
         t1 = time.time()
         with torch.no_grad():
             sampled_rows = over_ranks(questions["cot"], sampled, f"cot best-of-{best_of}")
@@ -257,16 +266,18 @@ if master:
     # best-of-N: every way of picking one of the same N samples, scored by the cot rule
     if sampled_rows is not None:
         greedy_score = {p["question_id"]: p["score"] for p in preds["cot"]}
-        picks = ["greedy", "sample", "majority"] + (["verifier"] if verifier else []) + ["oracle"]
+        picks = ["greedy", "sample", "majority"] + (["verifier", "weighted"] if verifier else []) + ["oracle"]
         best_rows = []
         for r in sampled_rows:
             scores = [B.judge("cot", dict(r, text=t))["score"] for t in r["samples"]]
             m, v = A.majority_index(r["samples"], r), A.best_index(r["rewards"])
+            w = A.weighted_index(r["samples"], r, r["rewards"])
             best_rows.append(dict(question_id=r["question_id"], category=r.get("category"), prompt=r["prompt"],
                                   samples=r["samples"], rewards=r["rewards"], scores=scores, majority_pick=m,
-                                  verifier_pick=v if verifier else None, greedy=greedy_score[r["question_id"]],
-                                  sample=sum(scores) / len(scores), majority=scores[m],
-                                  verifier=scores[v] if verifier else None, oracle=max(scores)))
+                                  verifier_pick=v if verifier else None, weighted_pick=w if verifier else None,
+                                  greedy=greedy_score[r["question_id"]], sample=sum(scores) / len(scores),
+                                  majority=scores[m], verifier=scores[v] if verifier else None,
+                                  weighted=scores[w] if verifier else None, oracle=max(scores)))
         best = {c: dict({k: sum(r[k] for r in g) / len(g) for k in picks}, n=len(g))
                 for c, g in tasks.pope.by_category(best_rows).items()}
         if len(best) > 1:

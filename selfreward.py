@@ -75,6 +75,8 @@ check = "answer"           # 'answer': LLaVA-Reasoner's check of the short answe
 min_accuracy = 0.25        # a question gives pairs when its sample accuracy lies in [min_accuracy, max_accuracy]
 max_accuracy = 0.85
 pairs_per_question = 3
+pair_draw = "samples"      # 'samples': pairs of samples, a chain drawn as often as the model produced it (the paper's
+                           # "random pairs") | 'distinct': pairs of distinct texts, each once however often sampled
 # mode=csr: the search (methods.csr.SEARCH_DEFAULTS says what each does)
 proposals = 5
 proposal = "diverse"       # 'diverse' | 'sample'
@@ -116,6 +118,8 @@ else:  # the band and the pair count are applied when the pairs are written: cha
                          "pairs_per_question >= 1 and temperature > 0")
     if check not in ("answer", "chain"):
         raise ConfigError(f"check must be 'answer' or 'chain', got {check!r}")
+    if pair_draw not in ("samples", "distinct"):
+        raise ConfigError(f"pair_draw must be 'samples' or 'distinct', got {pair_draw!r}")
     identity.update(samples=samples, tolerance=tolerance, check=check)
 journal_name = dict(csr="trees", answer="samples")[mode]
 
@@ -219,7 +223,7 @@ if dist.master and mode == "answer":
     chain = {p["id"]: p["rationale"].strip() for p in prompts if "rationale" in p}
     pairs, skipped, chosen_wrong = [], {}, []
     for r in rows:
-        acc, picked, why = A.pick_pairs(r["samples"], r["id"], seed, min_accuracy, max_accuracy, pairs_per_question)
+        acc, picked, why = A.pick_pairs(r["samples"], r["id"], seed, min_accuracy, max_accuracy, pairs_per_question, pair_draw)
         if why:
             skipped[why] = skipped.get(why, 0) + 1
         if r["id"] in chain:

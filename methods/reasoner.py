@@ -13,13 +13,17 @@ picks one of N sampled answers by the DPO reward, beside the majority answer (ev
   check    tasks.cot.cot_answer + tasks.cot.answer_correct: the option letter for multiple choice (as
            evaluate.py reads it), relaxed numbers (5 %), VQA-normalised exact match otherwise (evaluate.py
            scores VQA by the soft 3-of-10 rule instead); an answer without the marker is incorrect (and counted)
-  pick     accuracy in [min_accuracy, max_accuracy]; up to pairs_per_question distinct (correct,
-           incorrect) texts drawn without replacement, from a stream fixed by the seed and the
-           question's id, so the pairs do not depend on batching, ranks or resuming
+  pick     accuracy in [min_accuracy, max_accuracy]; up to pairs_per_question (correct, incorrect) pairs
+           of samples drawn without replacement (draw='samples', the paper's "random pairs": a chain
+           the model produced often is drawn as often), or of distinct texts (draw='distinct'), from a
+           stream fixed by the seed and the question's id, so the pairs do not depend on batching,
+           ranks or resuming
   verify   answer_logps: each answer's summed log-prob under a model, on the tokens DPO trains
            (data.build_answer); reward = log pi_dpo - log pi_sft, DPO's implicit reward (times 1/beta)
   rank     ranking_auc: how often a reward orders a question's samples as their scores do
-  vote     majority_index: the most common short answer (letters, numbers by value, VQA-normalised text)
+  vote     majority_index: the most common short answer (letters, numbers by value, VQA-normalised text);
+           weighted_index: the same vote with each sample weighted by its reward's share, softmax over
+           the question's samples (with the DPO reward, pi_dpo / pi_sft normalised: an importance weight)
 """
 import random
 from collections import Counter
@@ -55,10 +59,15 @@ def check_answers(question, texts, tolerance=0.05, by_chain=False):
     return rows
 
 
-def pick_pairs(samples, qid, seed, min_accuracy=0.25, max_accuracy=0.85, max_pairs=3):
+def pick_pairs(samples, qid, seed, min_accuracy=0.25, max_accuracy=0.85, max_pairs=3, draw="samples"):
     """-> (accuracy, [(chosen, rejected) texts], None) for a question inside the band, else
-    (accuracy, [], 'below band' | 'above band' | 'all correct' | 'all incorrect'). Identical texts count once; the pairs are drawn from
-    random.Random(f'{seed}:{qid}'), so the same question and seed give the same pairs."""
+    (accuracy, [], 'below band' | 'above band' | 'all correct' | 'all incorrect'). draw='samples': pairs of
+    samples, so a text sampled k times is k times as likely to be drawn (and a pair may repeat);
+    'distinct': pairs of distinct texts, each text once however often it was sampled. The pairs are drawn
+    from random.Random(f'{seed}:{qid}') over the samples sorted by text, so the same question, samples and
+    seed give the same pairs whatever order the samples came in."""
+    if draw not in ("samples", "distinct"):
+        raise ValueError(f"draw must be 'samples' or 'distinct', got {draw!r}")
     if not samples:
         raise ValueError(f"question {qid!r}: no samples")
     acc = sum(s["correct"] for s in samples) / len(samples)
@@ -66,8 +75,9 @@ def pick_pairs(samples, qid, seed, min_accuracy=0.25, max_accuracy=0.85, max_pai
         return acc, [], "below band"
     if acc > max_accuracy:
         return acc, [], "above band"
-    right = sorted({s["text"] for s in samples if s["correct"]})
-    wrong = sorted({s["text"] for s in samples if not s["correct"]})
+    pool = (lambda texts: sorted(texts)) if draw == "samples" else (lambda texts: sorted(set(texts)))
+    right = pool([s["text"] for s in samples if s["correct"]])
+    wrong = pool([s["text"] for s in samples if not s["correct"]])
     combos = [(c, r) for c in right for r in wrong]
     if not combos:  # only when the band reaches 0 or 1
         return acc, [], "all correct" if right else "all incorrect"
@@ -117,6 +127,22 @@ def majority_index(texts, question):
         return 0
     top = max(counts.values())
     return next(i for i, k in enumerate(keys) if k is not None and counts[k] == top)
+
+
+def weighted_index(texts, question, rewards):
+    """Weighted voting: each sample votes for its short answer with weight softmax(rewards) over the
+    question's samples; the index of the first sample giving the heaviest answer (majority_index when
+    every reward is equal; 0 when no answer has one)."""
+    keys = [vote_key(tasks.cot.cot_answer(t), question) for t in texts]
+    w = torch.softmax(torch.as_tensor(rewards, dtype=torch.float64), 0).tolist()
+    weight = Counter()
+    for k, wi in zip(keys, w):
+        if k is not None:
+            weight[k] += wi
+    if not weight:
+        return 0
+    top = max(weight.values())
+    return next(i for i, k in enumerate(keys) if k is not None and weight[k] == top)
 
 
 def best_index(rewards):

@@ -64,10 +64,35 @@ def test_band_and_pair_draw():
     s = samples(10, 22)
     assert A.pick_pairs(s, "q", 1) == A.pick_pairs(s[::-1], "q", 1)
     assert A.pick_pairs(s, "q", 1)[1] != A.pick_pairs(s, "q", 2)[1] or A.pick_pairs(s, "q", 1)[1] != A.pick_pairs(s, "p", 1)[1]
-    # identical texts count once: 1 distinct right x 1 distinct wrong is one pair, however many copies
+    # draw='distinct': identical texts count once (1 distinct right x 1 distinct wrong is one pair, however
+    # many copies); draw='samples' (the default): pairs of samples, so the copies give 3 pairs
     dup = [dict(text="r", correct=True)] * 4 + [dict(text="w", correct=False)] * 4
-    assert A.pick_pairs(dup, "q", 1)[1] == [("r", "w")]
+    assert A.pick_pairs(dup, "q", 1, draw="distinct")[1] == [("r", "w")]
+    assert A.pick_pairs(dup, "q", 1)[1] == [("r", "w")] * 3
     assert A.pick_pairs(samples(0, 4), "q", 1, min_accuracy=0.0)[1:] == ([], "all incorrect")
+
+
+def test_pairs_drawn_from_the_samples_keep_how_often_a_chain_was_sampled():
+    """The paper draws random pairs from the samples: a right chain the model wrote 9 times in 10 is the
+    chosen one about 9 times in 10 (drawn from distinct texts it would be half the time)."""
+    s = [dict(text="often", correct=True)] * 9 + [dict(text="rare", correct=True)] + \
+        [dict(text=f"w{i}", correct=False) for i in range(10)]
+    share = {draw: sum(c == "often" for q in range(300) for c, _ in A.pick_pairs(s, f"q{q}", 1, max_pairs=1, draw=draw)[1]) / 300
+             for draw in ("samples", "distinct")}
+    assert 0.8 < share["samples"] < 0.97 and 0.38 < share["distinct"] < 0.62, share
+    with pytest.raises(ValueError, match="draw must be"):
+        A.pick_pairs(s, "q", 1, draw="texts")
+
+
+def test_weighted_voting():
+    """Each sample votes for its short answer with weight softmax(reward): a well-rewarded minority answer
+    wins over a poorly rewarded majority; with equal rewards it is the majority vote."""
+    q = dict(answers=["4"])
+    texts = ["a\n### Answer: 3", "b\n### Answer: 3", "c\n### Answer: 4", "d (no marker)"]
+    assert A.majority_index(texts, q) == 0
+    assert A.weighted_index(texts, q, [0.0, 0.0, 3.0, 9.0]) == 2  # the unmarked answer's weight votes for nothing
+    assert A.weighted_index(texts, q, [1.0, 1.0, 1.0, 1.0]) == A.majority_index(texts, q) == 0
+    assert A.weighted_index(["x", "y"], q, [0.0, 1.0]) == 0  # no answer at all
 
 
 def test_question_formats(tmp_path):
@@ -268,9 +293,38 @@ def test_evaluate_best_of_verifier_vs_majority(world, tmp_path):
         assert r["rewards"] == [pytest.approx(0.0, abs=1e-4)] * 3 and r["verifier_pick"] == A.best_index(r["rewards"])
         assert r["sample"] == pytest.approx(sum(r["scores"]) / 3) and r["oracle"] == max(r["scores"])
         assert r["majority_pick"] == A.majority_index(r["samples"], r)
+        assert r["weighted_pick"] == r["majority_pick"]  # equal rewards: weighted voting is the majority vote
     overall = best["overall"]  # 4 questions of 3 kinds: a split per kind and the pooled one
-    assert overall["n"] == 4 and set(overall) == {"greedy", "sample", "majority", "verifier", "oracle", "n", "verifier_auc"}
+    assert overall["n"] == 4 and set(overall) == {"greedy", "sample", "majority", "verifier", "weighted", "oracle", "n",
+                                                  "verifier_auc"}
     assert overall["verifier_auc"] in (None, 0.5)  # every reward 0: every ordered pair a tie
     assert all(0 <= overall[k] <= overall["oracle"] for k in ("sample", "majority", "verifier"))
     # the greedy column is the ordinary cot evaluation of the same run
     assert overall["greedy"] == pytest.approx(json.load(open(out / "metrics.json"))["overall"]["accuracy"])
+
+
+@pytest.mark.slow
+def test_the_verifier_scores_the_tokens_dpo_trained_on(world, tmp_path):
+    """The reward is summed over what dpo.py trained the verifier on: its train_state.pt says max_words 2 and
+    drop_eos True, so each answer's first two words without the end of turn (not the whole answer)."""
+    import model as M
+    d = world["dir"]
+    ver = str(tmp_path / "verifier")
+    tiny_world_vlm(d, max_positions=1024, seed=1).save_pretrained(ver)  # other weights than the SFT model's
+    torch.save({"config": json.dumps({"max_words": 2, "drop_eos": True}), "step": 1}, os.path.join(ver, "train_state.pt"))
+    qs = [json.loads(line) for line in open(f"{d}/eval/cot.jsonl")][:2]
+    (tmp_path / "cot.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
+    out = tmp_path / "bo"
+    run_script("evaluate.py", ["--task=cot", f"--data_path={tmp_path}/cot.jsonl", f"--image_root={d}/images",
+                               f"--init_from={world['ckpt']}", "--best_of=2", "--max_new_tokens=12", "--device=cpu",
+                               f"--verifier={ver}", f"--out_dir={out}"])
+    rows = [json.loads(line) for line in open(out / "best_of_predictions.jsonl")]
+    questions = [dict(q, path=D.resolve_image(f"{d}/images", q["image"])) for q in B.read_benchmark(f"{tmp_path}/cot.jsonl", "cot")]
+    sft, v = M.VLM.from_pretrained(world["ckpt"]).eval(), M.VLM.from_pretrained(ver).eval()
+    texts = [r["samples"] for r in rows]
+    with torch.no_grad():
+        want = (A.answer_logps(v, questions, texts, 2, True) - A.answer_logps(sft, questions, texts, 2, True)).tolist()
+        whole = (A.answer_logps(v, questions, texts) - A.answer_logps(sft, questions, texts)).tolist()
+    got = torch.tensor([r["rewards"] for r in rows])
+    assert torch.allclose(got, torch.tensor(want), atol=1e-4), (got, want)
+    assert not torch.allclose(got, torch.tensor(whole), atol=1e-4), (got, whole)  # the cut changes the reward

@@ -211,6 +211,10 @@ def test_multi_turn_prompt_supervises_only_the_final_answer(tiny_tokenizer):
     b = D.build_pair(pair, tiny_tokenizer, "vicuna_v1", IMG, 4)
     assert tiny_tokenizer.decode([l for l in b["chosen_labels"] if l != -100]).strip() == "Green.</s>"
     assert D.truncate_words("one two three four", 2) == "one two"
+    # as the released code cuts: on single spaces, so a newline stays inside a word and the text is kept as written
+    # (and a double space makes an empty word): whitespace splitting would give "Step one. Step"
+    assert D.truncate_words("Step one.\nStep two.  ### Answer: 3", 3) == "Step one.\nStep two."
+    assert D.truncate_words("Step one.\nStep two.  ### Answer: 3", 4) == "Step one.\nStep two. "
 
 
 @pytest.mark.parametrize("rec,problem", [
