@@ -30,9 +30,11 @@ def read_number(text):
 def answer_correct(pred, q, tolerance=0.05):
     """Whether the short answer pred is right for q (a question as benchmark_question gives it):
       options   the option letter extract_letter reads equals the gold letter
-      numbers   relaxed accuracy (ChartQA's, which LLaVA-Reasoner's mining uses for numbers): within
-                `tolerance` of a gold number, relative (a gold 0 only matches 0); units must agree when
-                both answers give one ('12 cm' matches '12', not '12 m')
+      numbers   within `tolerance` of a gold number, relative (a gold 0 only matches 0); units must agree
+                when both answers give one ('12 cm' matches '12', not '12 m'). LLaVA-Reasoner did not
+                publish its matcher; this rule is ours, after ChartQA's relaxed accuracy but not the same:
+                ChartQA's relaxed_correctness reads only a bare float (after stripping one trailing '%'),
+                so '1,200', '12 cm' or 'two' fall back to exact match there and count as numbers here
       otherwise normalize_vqa(pred) equals a normalised gold answer (exact match, not VQA's 3-of-10)."""
     if "options" in q:
         return extract_letter(pred, len(q["options"]), q["options"]) == q["answer"]
