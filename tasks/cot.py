@@ -33,7 +33,7 @@ def answer_correct(pred, q, tolerance=0.05):
       numbers   within `tolerance` of a gold number, relative (a gold 0 only matches 0); units must agree
                 when both answers give one ('12 cm' matches '12', not '12 m'). LLaVA-Reasoner did not
                 publish its matcher; this rule is ours, after ChartQA's relaxed accuracy but not the same:
-                ChartQA's relaxed_correctness reads only a bare float (after stripping one trailing '%'),
+                ChartQA's relaxed_correctness reads only a bare float (a trailing '%' divides it by 100),
                 so '1,200', '12 cm' or 'two' fall back to exact match there and count as numbers here
       otherwise normalize_vqa(pred) equals a normalised gold answer (exact match, not VQA's 3-of-10)."""
     if "options" in q:
