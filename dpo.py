@@ -17,7 +17,9 @@ Resume an interrupted run exactly where it stopped:
 
 The reference model, three ways, all giving the same loss (tests/test_dpo.py):
     'copy'          a frozen copy of the starting model (TRL's default): a second model in memory
-    'adapters_off'  with LoRA, the same network with its adapters switched off: no second copy
+    'adapters_off'  with LoRA, the same network with its adapters switched off: no second copy (a part
+                    that trains besides the adapters, e.g. the projector at lr_projector > 0 as in CSR's
+                    recipe, has its starting weights kept and put back for the reference pass)
     'precomputed'   one pass over the pairs before training stores the reference log-probs in
                     out_dir/ref_logps.pt (reused on resume): no reference model in memory at all
 """
@@ -121,6 +123,16 @@ ref_model = None
 if reference == "copy":  # the starting model, before any adapter: frozen, in eval mode
     ref_model = copy.deepcopy(vlm) if not resume_state else common.build(lambda: M.VLM.from_pretrained(base_from), run, distributed)
     common.master_weights(ref_model.eval().requires_grad_(False), run)
+# adapters_off: switching the adapters off gives back the starting LM, not the starting projector or vision
+# tower when they train too; their starting weights are kept (before a resume loads the trained ones) and put
+# back for each reference pass, so the reference is the starting model whatever trains
+ref_parts = {}
+if reference == "adapters_off":
+    trains = {"vision": lr_vision, "projector": lr_projector}
+    ref_parts = {n: p.detach().clone() for n, p in vlm.named_parameters() if trains.get(optim.part_of(n))}
+    if ref_parts and run.dist.ddp and distributed == "fsdp":
+        raise ConfigError("reference='adapters_off' with a trained projector or vision tower under FSDP2 is not "
+                          "supported (their starting weights would have to be sharded too): use reference='precomputed'")
 if lora_r:
     lora.add_adapters(vlm, lora_r, lora_alpha, lora_dropout, lora_targets, resume_state, out_dir, log)
 if gradient_checkpointing:
@@ -175,6 +187,23 @@ def sequence_logps(m, b):
     return -nll, (b["labels"][:, 1:] != D.IGNORE_INDEX).sum(1)
 
 
+class starting_parts:
+    """with starting_parts(model): the trained parts besides the adapters (ref_parts) hold their starting weights."""
+
+    def __init__(self, model):
+        self.params = {n: model.get_parameter(n) for n in ref_parts}
+
+    def __enter__(self):
+        self.saved = {n: p.detach().clone() for n, p in self.params.items()}
+        for n, p in self.params.items():
+            p.data.copy_(ref_parts[n])
+
+    def __exit__(self, *exc):
+        for n, p in self.params.items():
+            p.data.copy_(self.saved[n])
+        return False
+
+
 @torch.no_grad()
 def reference_logps(b):
     """The reference's summed log-probs (2B,), by the chosen reference mode."""
@@ -183,7 +212,7 @@ def reference_logps(b):
         return torch.cat([cache[idx, 0], cache[idx, 1]]).to(dev, torch.float32)
     with autocast:
         if reference == "adapters_off":
-            with lora.lora_disabled(raw):
+            with lora.lora_disabled(raw), starting_parts(raw):
                 return sequence_logps(raw, b)[0]
         return sequence_logps(ref_model, b)[0]
 

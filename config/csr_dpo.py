@@ -14,7 +14,7 @@ loss_type = "sigmoid"
 reference = "adapters_off"
 lora_r = 128
 lora_alpha = 256
-lora_dropout = 0.05            # LLaVA's LoRA training scripts' default (CSR trains with them)
+lora_dropout = 0.0             # LLaVA's scripts set 0.05, but the released run had none in effect: TRL's disable_dropout=True
 max_len = 2048
 global_batch_size = 8
 micro_batch_size = 1           # x 8 GPUs = 8

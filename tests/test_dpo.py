@@ -286,11 +286,14 @@ M_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "r
 
 
 @pytest.mark.slow
-def test_reference_modes_give_the_same_training(dpo_setup, tmp_path):
+@pytest.mark.parametrize("lr_projector", [0.0, 1e-2])
+def test_reference_modes_give_the_same_training(dpo_setup, tmp_path, lr_projector):
     """LoRA with a frozen copy, with adapters off, and with precomputed log-probs: the same losses
-    step by step and the same merged weights (so the same gradients)."""
+    step by step and the same merged weights (so the same gradients), also when the projector trains
+    besides the adapters (CSR's recipe): switching the adapters off does not undo the projector's steps,
+    so adapters_off puts its starting weights back for the reference pass."""
     common = dpo_setup + ["--lora_r=4", "--lora_alpha=8", "--max_steps=3", "--global_batch_size=8", "--micro_batch_size=4",
-                          "--lr_lm=1e-2", "--eval_interval=3"]
+                          "--lr_lm=1e-2", f"--lr_projector={lr_projector}", "--eval_interval=3"]
     runs = {}
     for mode in ("copy", "adapters_off", "precomputed"):
         out = str(tmp_path / mode)
@@ -304,7 +307,14 @@ def test_reference_modes_give_the_same_training(dpo_setup, tmp_path):
         assert lb == pytest.approx(la, rel=1e-5, abs=1e-6), mode
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6, mode
     assert not any("lora" in k for k in wa)  # the checkpoint holds the merged model
-    assert max((wa[k] - weights(dpo_setup[0].split("=", 1)[1])[k]).abs().max().item() for k in wa) > 1e-4  # it moved
+    start = weights(dpo_setup[0].split("=", 1)[1])
+    assert max((wa[k] - start[k]).abs().max().item() for k in wa) > 1e-4  # it moved
+    assert (max((wa[k] - start[k]).abs().max().item() for k in wa if k.startswith("projector.")) > 1e-4) == (lr_projector > 0)
+    if lr_projector:  # resumed, adapters_off's reference is still the starting model (not the saved projector)
+        part = str(tmp_path / "part")
+        run_script("dpo.py", common + [f"--out_dir={part}", "--reference=adapters_off", "--stop_at_step=2"])
+        run_script("dpo.py", common + [f"--out_dir={part}", "--reference=adapters_off", "--init_from=resume"])
+        assert [r["loss"] for r in log(part) if "loss" in r] == pytest.approx(runs["adapters_off"][0], rel=1e-6, abs=1e-7)
 
 
 @pytest.mark.slow
