@@ -265,7 +265,8 @@ if dist.master and mode == "csr":
     D.write_atomic(os.path.join(out_dir, "pairs.json"), json.dumps(pairs, indent=1))
     n_nodes = sum(len(r["nodes"]) - 1 for r in rows)
     n_leaves = sum(sum(n["final"] for n in r["nodes"]) for r in rows)
-    summary = dict(prompts=len(rows), pairs=len(pairs), skipped=skipped, nodes=n_nodes, leaves=n_leaves, **timing,
+    summary = dict(prompts=len(rows), pairs=len(pairs), skipped=skipped, nodes=n_nodes, leaves=n_leaves,
+                   repeated_proposals_rank0=stats.get("duplicates"), unanimous_continuations_rank0=stats.get("lone"), **timing,
                    sentences_per_s_rank0=round(stats["sentences"] / max(elapsed, 1e-9), 2), settings=identity)
     D.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
     margin = [p["chosen_score"] - p["rejected_score"] for p in pairs]

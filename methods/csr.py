@@ -26,8 +26,10 @@ Response score = the rewards summed along the root-to-leaf path / its length (pa
 'nodes' counts the root too, as the released code's path list does). Chosen = the best final leaf,
 rejected = the worst; a tree with fewer than two leaves or equal chosen/rejected texts gives no pair.
 
-Where ours differs from the released code, on purpose: identical sibling sentences are one node
-(the released code keeps copies, which take arbitrary distinct ranks and are expanded twice); a
+Where ours differs from the released code, on purpose: identical sibling sentences are one node that
+counts as its copies in the sibling ranks, taking their mean rank (the released code keeps the copies,
+which take arbitrary distinct ranks, on average that mean, and are expanded twice: a sentence all K
+proposals agree on gets rank 0.6 there and here, not the worst rank 1/1 a single node would get); a
 proposal that is end-of-sequence alone marks its parent's response as complete (an 'end' leaf with
 the parent's score) instead of being scored as an empty sentence; the text-cleaning filters (non-Latin
 scripts, repeated phrases) are not applied; the live set is pruned whenever it holds more than
@@ -81,29 +83,33 @@ def check_search(cfg):
 # the scoring rules: pure functions on lists and node dicts
 
 
-def sibling_ranks(values):
+def sibling_ranks(values, copies=None):
     """The released code's within-sibling rank: sorted best (highest) first, rank (i + 1) / n, so the
-    best of n gets 1/n and the worst 1. Ties keep the order given."""
+    best of n gets 1/n and the worst 1. Ties keep the order given. copies: how many identical proposals
+    each value stands for (default 1 each); n counts them all and a value's rank is its copies' mean."""
+    copies = copies or [1] * len(values)
     order = sorted(range(len(values)), key=lambda i: -values[i])
-    ranks = [0.0] * len(values)
-    for i, j in enumerate(order):
-        ranks[j] = (i + 1) / len(values)
+    n, pos, ranks = sum(copies), 0, [0.0] * len(values)
+    for j in order:
+        ranks[j] = sum((pos + k + 1) / n for k in range(copies[j])) / copies[j]
+        pos += copies[j]
     return ranks
 
 
-def sentence_rewards(lm, clip, lam=0.9, combine="rank"):
+def sentence_rewards(lm, clip, lam=0.9, combine="rank", copies=None):
     """Rewards of one node's children (higher is better) from their LM scores and image-text scores.
-    raw: lam * clip + (1 - lam) * lm. rank: minus the same mix of their within-sibling ranks."""
+    raw: lam * clip + (1 - lam) * lm. rank: minus the same mix of their within-sibling ranks (copies: how
+    many identical proposals each child stands for, see sibling_ranks)."""
     if combine == "raw":
         return [lam * c + (1 - lam) * l for l, c in zip(lm, clip)]
-    return [-(lam * c + (1 - lam) * l) for l, c in zip(sibling_ranks(lm), sibling_ranks(clip))]
+    return [-(lam * c + (1 - lam) * l) for l, c in zip(sibling_ranks(lm, copies), sibling_ranks(clip, copies))]
 
 
 def new_node(parent, sentence, text, final, lm=0.0, clip=None):
     """A tree node. parent: its index (None for the root); sentence: the text this node adds ('' for
-    the root and for an 'end' leaf); text: the whole response so far. reward / path / length / lm_path
-    are filled by score_level."""
-    return dict(parent=parent, sentence=sentence, text=text, final=final, lm=lm, clip=clip,
+    the root and for an 'end' leaf); text: the whole response so far; copies: how many of its parent's
+    proposals were this sentence. reward / path / length / lm_path are filled by score_level."""
+    return dict(parent=parent, sentence=sentence, text=text, final=final, lm=lm, clip=clip, copies=1,
                 reward=0.0, path=0.0, length=0, lm_path=0.0)
 
 
@@ -121,7 +127,8 @@ def score_level(tree, child_ids, lam=0.9, combine="rank"):
     for parent, ids in groups.items():
         p = tree[parent]
         scored = [i for i in ids if tree[i]["sentence"]]
-        rewards = sentence_rewards([tree[i]["lm"] for i in scored], [tree[i]["clip"] for i in scored], lam, combine)
+        rewards = sentence_rewards([tree[i]["lm"] for i in scored], [tree[i]["clip"] for i in scored], lam, combine,
+                                   [tree[i].get("copies", 1) for i in scored])
         for i, r in zip(scored, rewards):
             n = tree[i]
             n.update(reward=r, path=p["path"] + r, length=p["length"] + 1, lm_path=p["lm_path"] + n["lm"])
@@ -146,11 +153,28 @@ def prune(tree, live, keep_best=1, keep_worst=2, prune_by="lm", path_length="sen
     return ranked[:keep_best] + (ranked[-keep_worst:] if keep_worst else [])
 
 
+def depth_first(tree):
+    """The node ids in depth-first order, each node's children in the order they were made: the order of
+    the released construct.py's paths."""
+    children = {}
+    for i, n in enumerate(tree):
+        if n["parent"] is not None:
+            children.setdefault(n["parent"], []).append(i)
+    order, stack = [], [0]
+    while stack:
+        i = stack.pop()
+        order.append(i)
+        stack.extend(reversed(children.get(i, [])))
+    return order
+
+
 def pick_pair(tree, path_length="sentences"):
-    """(chosen id, rejected id, reason): the final leaves with the highest and lowest response score
-    (ties: the earlier node). None ids and a reason when the tree gives no pair: 'single leaf'
-    (fewer than two non-empty final responses) or 'identical' (best and worst read the same)."""
-    leaves = [i for i, n in enumerate(tree) if n["final"] and n["length"] > 0]
+    """(chosen id, rejected id, reason): the final leaves with the highest and lowest response score.
+    Ties, common with rank rewards, break as the released construct.py breaks them: chosen is the first
+    of the tied leaves in depth-first order, rejected the last. None ids and a reason when the tree gives
+    no pair: 'single leaf' (fewer than two non-empty final responses) or 'identical' (best and worst read
+    the same)."""
+    leaves = [i for i in depth_first(tree) if tree[i]["final"] and tree[i]["length"] > 0]
     if len(leaves) < 2:
         return None, None, "single leaf"
     scores = [response_score(tree[i], path_length) for i in leaves]
@@ -216,12 +240,13 @@ def grow_trees(vlm, prompts, image_features, scorer, image_embeds, search, gener
     vlm.encode_images of their images (P, N, d) or None (text-only); scorer(image_embeds rows, sentences)
     -> scores; image_embeds: (P, d) the scorer's embeddings of the same images. Returns one node list
     per prompt (index 0 the root; nodes also carry 'tokens', the response's ids). stats (a dict) counts
-    'sentences', 'generate_calls' and 'duplicates'."""
+    'sentences', 'generate_calls', 'duplicates' (proposals that repeated a sibling) and 'lone' (nodes whose
+    proposals all were one sentence: a unanimous continuation, rank 0.6 rather than the worst, see above)."""
     c = check_search(search)
     tok = vlm.tokenizer
     eos = tok.eos_token_id
     stats = {} if stats is None else stats
-    for k in ("sentences", "generate_calls", "duplicates"):
+    for k in ("sentences", "generate_calls", "duplicates", "lone"):
         stats.setdefault(k, 0)
     trees = [[dict(root(), tokens=[])] for _ in prompts]
     live = [(p, 0) for p in range(len(prompts))]
@@ -229,7 +254,7 @@ def grow_trees(vlm, prompts, image_features, scorer, image_embeds, search, gener
     while live:
         chunk = c["max_nodes"] or len(live)
         new = []  # (prompt, node id)
-        seen = set()  # (prompt, parent, sentence): a node's children all come from this level
+        seen = {}  # (prompt, parent, sentence) -> node id: a node's children all come from this level
         for s in range(0, len(live), chunk):
             part = live[s:s + chunk]
             g = _propose(vlm, [(p, trees[p][i]["tokens"]) for p, i in part], prompts, image_features, c, generator)
@@ -242,10 +267,10 @@ def grow_trees(vlm, prompts, image_features, scorer, image_embeds, search, gener
                 new_toks = g.tokens[r, :n].tolist()
                 vals = (g.scores if c["lm_score"] == "penalised" else g.logprobs)[r, :n]
                 sentence = g.text[r].strip()
-                if (p, parent, sentence) in seen:
+                if (p, parent, sentence) in seen:  # the same sentence again: one more copy of that node
                     stats["duplicates"] += 1
+                    trees[p][seen[p, parent, sentence]]["copies"] += 1
                     continue
-                seen.add((p, parent, sentence))
                 tokens = par["tokens"] + new_toks
                 text = tok.decode(tokens, skip_special_tokens=True).strip() if sentence else par["text"]
                 ended = g.finish[r] == "eos" or (eos is not None and eos in new_toks)
@@ -255,6 +280,7 @@ def grow_trees(vlm, prompts, image_features, scorer, image_embeds, search, gener
                 node = dict(new_node(parent, sentence, text, final, lm=vals.mean().item() if n else 0.0), tokens=tokens)
                 trees[p].append(node)
                 new.append((p, len(trees[p]) - 1))
+                seen[p, parent, sentence] = len(trees[p]) - 1
         # the scorer: every new sentence of the level in one call
         scored = [(p, i) for p, i in new if trees[p][i]["sentence"]]
         if scored:
@@ -269,6 +295,11 @@ def grow_trees(vlm, prompts, image_features, scorer, image_embeds, search, gener
         live = []
         for p, ids in by_prompt.items():
             score_level(trees[p], ids, c["lam"], c["combine"])
+            siblings = {}
+            for i in ids:
+                if trees[p][i]["sentence"]:
+                    siblings.setdefault(trees[p][i]["parent"], []).append(i)
+            stats["lone"] += sum(len(s) == 1 and trees[p][s[0]]["copies"] > 1 for s in siblings.values())
             open_ids = [i for i in ids if not trees[p][i]["final"]]
             live += [(p, i) for i in prune(trees[p], open_ids, c["keep_best"], c["keep_worst"], c["prune_by"],
                                            c["path_length"])]
@@ -286,7 +317,7 @@ def search_prompts(vlm, scorer, prompts, search, generator=None, stats=None):
 
 def tree_record(tree, path_length="sentences"):
     """A tree as JSON: its nodes (without token ids) and each node's response score."""
-    keep = ("parent", "sentence", "text", "final", "lm", "clip", "reward", "path", "length")
+    keep = ("parent", "sentence", "text", "final", "lm", "clip", "copies", "reward", "path", "length")
     nodes = []
     for n in tree:
         row = {k: n[k] for k in keep}

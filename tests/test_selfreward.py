@@ -76,6 +76,33 @@ def test_rank_tree_and_pruning_by_hand():
     assert S.prune(t, [1, 2, 3, 4], 2, 0, "lm") == [2, 3]
 
 
+def test_repeated_proposals_count_as_copies_in_the_ranks():
+    """A node whose K proposals are all one sentence: that sentence stands for K copies and takes their
+    mean rank, 0.6 of 5 (the released code keeps the copies, ranked 1/5 .. 5/5), not the worst rank 1/1
+    a lone node would get. Two copies beside a single sentence share ranks 1/3 and 2/3."""
+    assert S.sibling_ranks([0.5], [5]) == pytest.approx([0.6])
+    assert S.sibling_ranks([0.5]) == [1.0]
+    assert S.sibling_ranks([0.9, 0.1], [2, 1]) == pytest.approx([0.5, 1.0])
+    assert S.sibling_ranks([0.1, 0.9], [2, 1]) == pytest.approx([(2 / 3 + 1) / 2, 1 / 3])
+    assert S.sentence_rewards([-1.0], [20.0], 0.9, "rank", [5]) == pytest.approx([-0.6])
+    t = [S.root(), S.new_node(0, "A.", "A.", True, -1.0, 20.0)]
+    t[1]["copies"] = 5
+    S.score_level(t, [1], 0.9, "rank")
+    assert t[1]["reward"] == pytest.approx(-0.6)
+
+
+def test_tied_leaves_break_as_the_released_code_does():
+    """With rank rewards, tied response scores are common: chosen is the first tied leaf in depth-first
+    order, rejected the last (the released construct.py's path order), not the first / last node made."""
+    t = [S.root()]
+    for parent, sentence, final in [(0, "A.", False), (0, "B.", True), (1, "A1.", True), (1, "A2.", True)]:
+        t.append(S.new_node(parent, sentence, (t[parent]["text"] + " " + sentence).strip(), final))
+    for i, (path, length) in enumerate([(-1.0, 1), (-1.0, 1), (-2.0, 2), (-2.0, 2)], start=1):
+        t[i].update(path=path, length=length)  # every leaf scores -1.0: all tied
+    assert S.depth_first(t) == [0, 1, 3, 4, 2]
+    assert S.pick_pair(t) == (3, 2, None)  # depth first: A A1, A A2, B; by creation it would be (2, 4)
+
+
 def test_degenerate_trees_give_no_pair():
     t = [S.root(), S.new_node(0, "A", "A", True, -1.0, 3.0)]
     S.score_level(t, [1])
@@ -184,6 +211,11 @@ def test_batched_trees_equal_one_prompt_and_one_node_at_a_time(world):
         assert S.pick_pair(a)[:2] == S.pick_pair(b)[:2]
     assert stats["sentences"] == alone_stats["sentences"] > 0
     assert alone_stats["generate_calls"] > stats["generate_calls"]  # one call per node vs one per level
+    # a repeated proposal is one more copy of its sibling: the copies account for every repeat
+    assert [[n["copies"] for n in t] for t in batched] == [[n["copies"] for n in t] for t in alone]
+    assert sum(n["copies"] - 1 for t in batched for n in t) == stats["duplicates"] == alone_stats["duplicates"]
+    assert stats["lone"] == sum(1 for t in batched for i in range(len(t))
+                                if len(kids := [n for n in t if n["parent"] == i and n["sentence"]]) == 1 and kids[0]["copies"] > 1)
     for tree in batched:  # the tree's shape follows the rules: K proposals, then best 1 + worst 2 live
         depth1 = [n for n in tree if n["parent"] == 0]
         assert 1 <= len(depth1) <= 4
