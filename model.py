@@ -5,7 +5,7 @@ A LLaVA-style vision-language model, written to be read top to bottom.
     positions of the image token -> causal LM (transformers) -> our fused linear + cross-entropy
 
 Contents:
-  1. Projector and the VLM itself: forward, token log-probs, KV-cache generation, save / load
+  1. Projector and the VLM itself: forward, token log-probs, KV-cache generation, its save / load methods
   2. loading and saving: our checkpoint directory, llava-hf directories, building from parts
   3. fused_linear_cross_entropy: the LM head + loss without ever materialising tokens x vocab logits,
      with our Triton kernel on CUDA and a chunked PyTorch path everywhere else
@@ -113,7 +113,7 @@ class VLM(nn.Module):
         self.vision, self.lm = vision, lm
         self.projector = Projector(vcfg.hidden_size, tcfg.hidden_size, self.config["projector_type"], self.config["projector_bias"])
         self.image_token_id = int(config["image_token_id"])
-        self.sharded = False  # set by shard_fsdp: every rank must then run the same collectives
+        self.sharded = False  # set by lucid.common.shard_fsdp: every rank must then run the same collectives
         self.tokenizer = None
         self.image_processor = None
 

@@ -13,7 +13,7 @@ dpo.py. Two modes:
 The shapes world (after `python -m shapes.prepare` and a base model, e.g. `python sft.py`):
     python selfreward.py config/shapes_csr.py --init_from=out/sft
 then DPO on the pairs (LoRA, the adapters-off reference) and again from the merged model:
-    python dpo.py config/shapes_csr_dpo.py --init_from=out/sft --data_path=out/selfreward/pairs.json
+    python dpo.py config/shapes_csr_dpo.py --init_from=out/sft --data_path=out/shapes_csr/pairs.json
 Three iterations over 3 seeds, with the ablations, evaluated in one table:
     python -m experiments.run experiments/csr.py
 LLaVA-1.5-7B on CSR's 12,856 COCO prompts, 8 GPUs (batches of prompts are sharded over ranks, gathered in order):

@@ -2,11 +2,15 @@
 Checkpoints: a model directory plus train_state.pt, written crash-safe, and exact resume.
 
     atomic_dir, recover_dir   write a directory beside the old one and swap it in; after a kill, finish
-                              or undo the interrupted swap (the steps are spelled out below)
+                              or undo the interrupted swap and delete interrupted writes' temporaries
+                              (remove_temporaries; the steps are spelled out below)
     save_checkpoint           the model directory + train_state.pt (optimizer, step, RNG), one swap
-    save / save_sharded       the same from a training loop (FSDP2: each rank writes its optimizer shards)
+                              (write_checkpoint writes the files; load_train_state reads train_state.pt)
+    save / save_sharded       the same from a training loop (FSDP2: each rank writes its optimizer shards),
+                              every rank's RNG state gathered in (rng_states)
     recover                   call before reading out_dir: puts back one whole checkpoint after a kill
-    resume_point, resume      the train state of a resumed run; optimizer and RNG restored from it
+    resume_point, resume      the train state of a resumed run; the optimizer restored from it
+    restore_rng               each rank's RNG back, right before the resumed run's first step
     JsonLog                   one JSON line per event in out_dir/log.jsonl; a resumed run drops the rows
                               of the steps the kill lost, so each step is logged once
 """

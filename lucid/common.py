@@ -6,8 +6,9 @@ bottom (as nanochat's chat_sft.py and chat_rl.py share common.py and checkpoint_
     build                     the starting model; under FSDP2 only rank 0 reads its weights, the others
                               build it on the meta device (no memory)
     master_weights            trainable parameters in fp32, frozen ones in the compute dtype
+    on_meta                   whether build() gave this rank a model without storage
     wrap, shard, shard_fsdp   FSDP2 sharding (every rank's shards filled from rank 0) or DDP, optional
-                              torch.compile; returns the wrapped and the raw module
+                              torch.compile; returns the model to call, the raw module, fsdp?, the autocast
     grad_sync                 the context that all-reduces gradients only on a step's last micro-batch
     all_reduce_sum            a sum over ranks (identity in one process)
     loader, to_device         the DataLoader over a batch sampler, and a batch moved to the device
@@ -108,7 +109,7 @@ def master_weights(vlm, run):
     Checkpoints come in fp16 (Vicuna, llava-hf; transformers loads them as stored): trained in fp16
     with no loss scaler, updates below fp16's resolution vanish and small gradients flush to zero.
     Frozen parts only feed autocast's matmuls, so bf16 on a GPU halves their memory for free.
-    Call after set_trainable (and add_lora), before wrap."""
+    Call after set_trainable (and lora.add_adapters), before wrap."""
     for p in vlm.parameters():
         want = torch.float32 if p.requires_grad else run.ptdtype
         if p.is_floating_point() and p.dtype != want:

@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: warnings raised in any of its files
 
 
 class UserError(ValueError):

@@ -1,5 +1,5 @@
 """
-LoRA, hand-written in peft's convention (tests compare it with peft): adapters on the LM's projections,
+LoRA, hand-written in peft's convention (W x + alpha/r B A dropout(x), B zero at the start): adapters on the LM's projections,
 switched off for a reference pass, merged into the weights for the next stage, resumed exactly.
 """
 import math

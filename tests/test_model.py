@@ -1,4 +1,4 @@
-"""model.py: llava-hf parity, checkpoints, optimizer groups, generation. (The fused loss: test_kernel.py.)"""
+"""model.py: llava-hf parity, checkpoints, generation; lucid/optim.py's optimizer groups. (The fused loss: test_kernel.py.)"""
 import json
 import os
 import re
