@@ -1,7 +1,8 @@
 # The shapes world's base model, the starting point of every method experiment: LLaVA's stage 1
 # (projector on captions) then stage 2 (LM + projector on the instruction mix), from the world's
 # shipped LM and CLIP, over 3 training seeds (the data files are fixed; the seed sets the projector's
-# init and the batch order). A method experiment adds its own runs starting from {out}/base/seed{seed}/stage2.
+# init and the batch order). A method experiment adds its own runs starting from {out}/base/seed{seed}/stage2,
+# importing these (from experiments.base import out_dir, runs, seeds).
 #   python -m experiments.run experiments/base.py
 out_dir = "out/exp_base"
 seeds = [1, 2, 3]

@@ -5,10 +5,8 @@
 # Held equal in every run: the seed's base checkpoint, the 1,000 prompts, the search budget, the DPO
 # recipe and steps (1 epoch over the pairs found), the evaluation suite.
 #   python -m experiments.run experiments/csr.py
-out_dir = "out/exp_base"
-seeds = [1, 2, 3]
-_BASE = ["sft.py config/shapes_stage1.py --seed={seed} --out_dir={dir}/stage1",
-         "sft.py config/shapes_stage2.py --seed={seed} --init_from={dir}/stage1 --out_dir={dir}/stage2"]
+from experiments.base import out_dir, runs as _base, seeds  # the base runs, their out_dir and seeds: one definition
+_BASE = _base["base"]["steps"]
 
 
 def iteration(init, extra=""):

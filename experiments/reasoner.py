@@ -8,10 +8,8 @@
 # Held equal: the seed's base checkpoint, the 3,000 SFT questions and the optimizer steps (the direct
 # baseline takes 2 epochs of its half-size file), the evaluation suite.
 #   python -m experiments.run experiments/reasoner.py
-out_dir = "out/exp_base"
-seeds = [1, 2, 3]
-_BASE = ["sft.py config/shapes_stage1.py --seed={seed} --out_dir={dir}/stage1",
-         "sft.py config/shapes_stage2.py --seed={seed} --init_from={dir}/stage1 --out_dir={dir}/stage2"]
+from experiments.base import out_dir, runs as _base, seeds  # the base runs, their out_dir and seeds: one definition
+_BASE = _base["base"]["steps"]
 _SFT = "{out}/cot_sft/seed{seed}/sft"
 
 

@@ -8,10 +8,8 @@
 # differ. The ablations (one row per question: positive, negative, joint) compare with answer_only_one.
 #   python -m experiments.run experiments/reverie.py                       # all runs
 #   python -m experiments.run experiments/reverie.py --only="['base','answer_only','reflective']"
-out_dir = "out/exp_base"
-seeds = [1, 2, 3]
-_BASE = ["sft.py config/shapes_stage1.py --seed={seed} --out_dir={dir}/stage1",
-         "sft.py config/shapes_stage2.py --seed={seed} --init_from={dir}/stage1 --out_dir={dir}/stage2"]
+from experiments.base import out_dir, runs as _base, seeds  # the base runs, their out_dir and seeds: one definition
+_BASE = _base["base"]["steps"]
 
 
 def reverie(args):

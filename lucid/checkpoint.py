@@ -30,8 +30,8 @@ import data as D
 #   1. recover_dir(path): finish or undo an earlier interrupted swap, remove stale temporaries
 #   2. write everything into path.partial, fsync it          killed here: path is untouched, .partial is junk
 #   3. rename path.partial -> path.new                       the commit: from now on the new checkpoint wins
-#   4. move what others wrote into path (log.jsonl, eval/, a DPO reference cache) over to path.new, but not
-#      the temporaries of write_atomic calls a kill interrupted (deleted: a temporary is never carried)
+#   4. move what others wrote into path (log.jsonl, eval/, a DPO reference cache) over to path.new (the
+#      temporaries of write_atomic calls a kill interrupted are gone by then: step 1 deletes them)
 #   5. rename path -> path.old, path.new -> path, delete path.old
 # Steps 4-5 are redone from wherever they stopped (each move is a rename, and a rename is atomic).
 # Weights and training state are never carried over from the old directory: a stale
@@ -55,7 +55,7 @@ def _fsync(path):
 def remove_temporaries(path):
     """Delete the temporaries that write_atomic calls interrupted by a kill (after the temporary was made,
     before its rename) left anywhere under path: the resumed log's rewrite, evaluation files. Returns how
-    many. Call it only while nothing is writing there (recovery, a checkpoint swap)."""
+    many. recover_dir calls it, so a run's start and every checkpoint write (atomic_dir) clean up first."""
     n = 0
     for d, _, files in os.walk(path):
         for f in files:
@@ -68,7 +68,6 @@ def remove_temporaries(path):
 def _finish_swap(path):
     new, old, parent = path + ".new", path + ".old", os.path.dirname(path)
     if os.path.isdir(path):
-        remove_temporaries(path)
         for name in sorted(os.listdir(path)):  # keep what others wrote there
             if not _owned(name) and not os.path.exists(os.path.join(new, name)):
                 os.replace(os.path.join(path, name), os.path.join(new, name))

@@ -90,8 +90,8 @@ def sibling_ranks(values, copies=None):
     copies = copies or [1] * len(values)
     order = sorted(range(len(values)), key=lambda i: -values[i])
     n, pos, ranks = sum(copies), 0, [0.0] * len(values)
-    for j in order:
-        ranks[j] = sum((pos + k + 1) / n for k in range(copies[j])) / copies[j]
+    for j in order:  # copies j take the places pos + 1 .. pos + copies[j]: their mean rank
+        ranks[j] = (pos + (copies[j] + 1) / 2) / n
         pos += copies[j]
     return ranks
 

@@ -75,9 +75,9 @@ def pick_pairs(samples, qid, seed, min_accuracy=0.25, max_accuracy=0.85, max_pai
         return acc, [], "below band"
     if acc > max_accuracy:
         return acc, [], "above band"
-    pool = (lambda texts: sorted(texts)) if draw == "samples" else (lambda texts: sorted(set(texts)))
-    right = pool([s["text"] for s in samples if s["correct"]])
-    wrong = pool([s["text"] for s in samples if not s["correct"]])
+    pool = list if draw == "samples" else set  # every sample, or each text once
+    right = sorted(pool(s["text"] for s in samples if s["correct"]))
+    wrong = sorted(pool(s["text"] for s in samples if not s["correct"]))
     combos = [(c, r) for c in right for r in wrong]
     if not combos:  # only when the band reaches 0 or 1
         return acc, [], "all correct" if right else "all incorrect"
@@ -118,31 +118,29 @@ def vote_key(short, question):
     return number[0] if number is not None else tasks.vqa.normalize_vqa(short) or None
 
 
-def majority_index(texts, question):
-    """The index of the first answer giving the most common short answer (self-consistency's majority
-    vote; ties go to the answer seen first); 0 when no answer has one."""
+def _vote(texts, question, weights):
+    """The index of the first answer giving the short answer with the most weight (ties go to the answer
+    seen first); 0 when no answer has one."""
     keys = [vote_key(tasks.cot.cot_answer(t), question) for t in texts]
-    counts = Counter(k for k in keys if k is not None)
-    if not counts:
+    total = Counter()
+    for k, w in zip(keys, weights):
+        if k is not None:
+            total[k] += w
+    if not total:
         return 0
-    top = max(counts.values())
-    return next(i for i, k in enumerate(keys) if k is not None and counts[k] == top)
+    top = max(total.values())
+    return next(i for i, k in enumerate(keys) if k is not None and total[k] == top)
+
+
+def majority_index(texts, question):
+    """Self-consistency's majority vote: each sample's short answer counts once."""
+    return _vote(texts, question, [1] * len(texts))
 
 
 def weighted_index(texts, question, rewards):
     """Weighted voting: each sample votes for its short answer with weight softmax(rewards) over the
-    question's samples; the index of the first sample giving the heaviest answer (majority_index when
-    every reward is equal; 0 when no answer has one)."""
-    keys = [vote_key(tasks.cot.cot_answer(t), question) for t in texts]
-    w = torch.softmax(torch.as_tensor(rewards, dtype=torch.float64), 0).tolist()
-    weight = Counter()
-    for k, wi in zip(keys, w):
-        if k is not None:
-            weight[k] += wi
-    if not weight:
-        return 0
-    top = max(weight.values())
-    return next(i for i, k in enumerate(keys) if k is not None and weight[k] == top)
+    question's samples (majority_index when every reward is equal)."""
+    return _vote(texts, question, torch.softmax(torch.as_tensor(rewards, dtype=torch.float64), 0).tolist())
 
 
 def best_index(rewards):

@@ -4,6 +4,7 @@ Tests that take more than ~5 s on 2 CPU cores (end-to-end stage runs, torchrun w
 compiles, pretraining) are marked `slow`: `python -m pytest -m "not slow" tests/` is the inner loop
 (under 3 minutes), `python -m pytest tests/` runs everything (what CI runs)."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -26,6 +27,42 @@ def pytest_collection_modifyitems(config, items):
     CI does), they start at once on one worker while the other takes the rest, instead of trailing at the
     end while a worker idles. The order changes nothing else: no test depends on another's leftovers."""
     items.sort(key=lambda it: not (it.get_closest_marker("slow") and "test_pretrain.py" in it.nodeid))
+
+
+class Killed(BaseException):
+    """The process died: nothing after it happens, not even cleanup."""
+
+
+class Killer:
+    """Counts filesystem operations (ops: (module, name) pairs; by default those of a checkpoint save) and
+    'kills' the process at the k-th: that operation and every later one raise Killed, the operations in
+    `after` too (clean-up a real kill never reaches, e.g. write_atomic's unlink), without being counted.
+    A kill inside rmtree leaves the tree half deleted."""
+
+    SAVE = ((os, "replace"), (os, "rename"), (os, "makedirs"), (os, "fsync"), (shutil, "rmtree"))
+
+    def __init__(self, monkeypatch, k, ops=SAVE, after=()):
+        self.k, self.n, self.dead = k, 0, False
+        for mod, name in ops:
+            monkeypatch.setattr(mod, name, self.hook(getattr(mod, name), name))
+        for mod, name in after:
+            monkeypatch.setattr(mod, name, self.hook(getattr(mod, name), name, counted=False))
+
+    def hook(self, real, name, counted=True):
+        def op(*args, **kwargs):
+            if self.dead:
+                raise Killed
+            if counted:
+                self.n += 1
+                if self.n == self.k:
+                    self.dead = True
+                    if name == "rmtree" and os.path.isdir(args[0]):
+                        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(args[0]) for f in fs)
+                        if files:
+                            os.remove(files[0])
+                    raise Killed
+            return real(*args, **kwargs)
+        return op
 
 
 def tiny_configs(vocab_size=128, image_size=32, patch_size=8, tie=False):

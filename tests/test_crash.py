@@ -11,36 +11,7 @@ from safetensors.torch import load_file
 
 from lucid import checkpoint
 import model as M
-from conftest import ROOT, make_tokenizer, run_sft, tiny_configs
-
-
-class Killed(BaseException):
-    """The process died: nothing after it happens, not even cleanup."""
-
-
-class Killer:
-    """Counts the filesystem operations of a save and 'kills' the process at the k-th: that operation
-    and every later one raise Killed. A kill inside rmtree leaves the tree half deleted."""
-
-    def __init__(self, monkeypatch, k):
-        self.k, self.n, self.dead = k, 0, False
-        for mod, name in [(os, "replace"), (os, "rename"), (os, "makedirs"), (os, "fsync"), (shutil, "rmtree")]:
-            monkeypatch.setattr(mod, name, self.hook(getattr(mod, name), name))
-
-    def hook(self, real, name):
-        def op(*args, **kwargs):
-            if self.dead:
-                raise Killed
-            self.n += 1
-            if self.n == self.k:
-                self.dead = True
-                if name == "rmtree" and os.path.isdir(args[0]):
-                    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(args[0]) for f in fs)
-                    if files:
-                        os.remove(files[0])
-                raise Killed
-            return real(*args, **kwargs)
-        return op
+from conftest import ROOT, Killed, Killer, make_tokenizer, run_sft, tiny_configs
 
 
 def tiny_vlm(seed):

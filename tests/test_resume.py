@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import data as D
-from conftest import run_script, tiny_world_vlm
+from conftest import Killed, Killer, run_script, tiny_world_vlm
 from lucid import checkpoint
 
 
@@ -61,38 +61,18 @@ def test_resume_with_dropout_equals_the_uninterrupted_run(dropout_start, tmp_pat
     assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
 
 
-class Killed(BaseException):
-    """The process died: nothing after it happens, not even cleanup."""
-
-
 def test_kill_during_the_log_clean_up_leaves_no_temporary(tmp_path, monkeypatch):
     """A resumed run drops the log rows after its checkpoint's step by rewriting log.jsonl (write_atomic:
     a temporary, its permissions, the rename). Killed at each of those steps, then the next run: recovery
     removes the temporary, the rewrite happens, and every step is logged once. A checkpoint written into a
     directory that holds such a temporary does not carry it over."""
     rows = "".join(json.dumps(dict(step=s, loss=1.0 / s)) + "\n" for s in range(1, 7))  # the kill lost steps 4-6
-    real = dict(mkstemp=tempfile.mkstemp, chmod=os.chmod, replace=os.replace, unlink=os.unlink)
     for k in range(1, 5):  # kill at the k-th operation (k = 4: no kill)
         run = tmp_path / f"kill{k}"
         run.mkdir()
         (run / "log.jsonl").write_text(rows)
-        state = dict(n=0, dead=False)
-
-        def hook(name):
-            def op(*args, **kwargs):
-                if state["dead"]:  # after the kill nothing runs, write_atomic's clean-up (unlink) included
-                    raise Killed
-                if name != "unlink":
-                    state["n"] += 1
-                    if state["n"] == k:
-                        state["dead"] = True
-                        raise Killed
-                return real[name](*args, **kwargs)
-            return op
-
-        with monkeypatch.context() as m:
-            for name, mod in (("mkstemp", tempfile), ("chmod", os), ("replace", os), ("unlink", os)):
-                m.setattr(mod, name, hook(name))
+        with monkeypatch.context() as m:  # write_atomic's steps; its clean-up (unlink) dies with the process
+            Killer(m, k, ops=((tempfile, "mkstemp"), (os, "chmod"), (os, "replace")), after=((os, "unlink"),))
             try:
                 checkpoint.JsonLog(str(run), master=True, fresh=False, resume_step=3)
             except Killed:
