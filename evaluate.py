@@ -36,7 +36,9 @@ prompt rules in tasks.benchmark.benchmark_question):
          (mme_root, MME_Benchmark_release_version: per-subtask 'question<TAB>Yes|No' answer files)
   mmbench  MMBench's TSV with answers (MMBench_DEV_EN.tsv: index, question, hint, A-D, answer, category,
          l2-category, image in base64), asked once per rotation of the options (circular)
-  shapes shapes_dir/{pope,mc,vqa,cot,chair,mme}.jsonl, mmbench.tsv, synonyms.txt and mme/, all of the above
+  shapes shapes_dir/{pope,mc,vqa,cot,chair,mme,knowledge}.jsonl, mmbench.tsv, synonyms.txt and mme/, all of the
+         above; knowledge (lookup + rule questions) scored as vqa, and cot.jsonl asked a second time in the
+         direct mode (direct_cot, scored as vqa): tasks/shapes.py
 ('short', the old name of the short-answer task, runs vqa.)
 
 Written to out_dir:
@@ -45,11 +47,12 @@ Written to out_dir:
   metrics.json       {split: {metric: fraction, ..., n}} with a split per category ('all' if none),
                      POPE's 'average' of its splits, 'overall' for the others (shapes: {task: {...}})
   run.json           what was run: config, files, timing
-  best_of.json       with --best_of: {split: {greedy, sample, majority, verifier, weighted, oracle, n, verifier_auc}}:
+  best_of.json       with --best_of: {split: {greedy, sample, majority, verifier, weighted, oracle, in_band, n, verifier_auc}}:
                      the accuracy of the greedy answer, of one random sample (the mean over the N), of
                      the majority answer, of the verifier's pick (the highest reward), of weighted voting
                      (each sample's answer weighted by softmax of the rewards), of an oracle that picks a right one
-                     when any is; and how often the reward ranks a question's better sample higher
+                     when any is; and how often the reward ranks a question's better sample higher; in_band: the share of questions
+                     right in band (0.25-0.85) of their samples, where answer-checked mining finds a pair
   best_of_predictions.jsonl   every question's samples, rewards, scores and picks
 """
 import json
@@ -89,6 +92,7 @@ prompt_suffix = ""         # '' = each task's own mode suffix; else this one ins
                            # mode on CoT questions: --task=vqa --prompt_suffix='Answer the question with a short answer.'
 temperature = 0.0          # 0 = greedy, as LLaVA's evals
 top_p = 1.0                # nucleus sampling when temperature > 0
+max_questions = 0          # ask only the first N questions of each file (0 = all)
 show = 3                   # print this many question / answer / truth examples per task
 device = "auto"
 dtype = "auto"             # auto = bfloat16 on CUDA, float32 elsewhere; or float32 | bfloat16 | float16
@@ -96,6 +100,8 @@ seed = 1337
 # best-of-N on the cot questions (LLaVA-Reasoner's verifier; methods/reasoner.py has the rules)
 best_of = 0                # N > 0: also sample N CoT answers per question and compare ways of picking one
 best_of_temperature = 1.0  # the paper samples at 1.0-1.2
+band = (0.25, 0.85)        # best_of.json's in_band: the share of questions whose samples are right this often (the
+                           # questions where answer-checked mining finds both a right and a wrong answer to pair)
 verifier = ""              # the DPO checkpoint: reward log pi_verifier(answer) - log pi_init_from(answer); '' = majority only
 verifier_max_words = None  # the reward is summed over the tokens DPO trained on: the answer cut to its first N words
 verifier_drop_eos = None   # and without its end of turn when DPO dropped it; None = as dpo.py trained the verifier
@@ -136,16 +142,22 @@ else:
     runs = [(task, data_path, predictions or None)]
     synonyms_path = synonyms_path or os.path.join(os.path.dirname(data_path), "synonyms.txt")
 # every file is read and checked before a model is loaded: a bad record costs seconds, not a model load
-questions = {t: B.read_benchmark(path, t, pope_annotation_dir or None, mme_root or image_root, circular)
+scorer = {t: tasks.shapes.SCORER.get(t, t) if task == "shapes" else t for t, _, _ in runs}  # the benchmark rule of each entry
+questions = {t: B.read_benchmark(path, scorer[t], pope_annotation_dir or None, mme_root or image_root, circular)
              for t, path, _ in runs}
+if task == "shapes":  # entries asked in another mode than their benchmark's (the arithmetic, directly)
+    questions.update({t: [dict(q, prompt=tasks.prompts.with_suffix(tasks.prompts.strip_modes(q["prompt"]), sfx)) for q in questions[t]]
+                      for t, sfx in tasks.shapes.SUFFIX.items() if t in questions})
 synonyms = tasks.chair.read_synonyms(synonyms_path) if "chair" in questions else None
+if max_questions:
+    questions = {t: qs[:max_questions] for t, qs in questions.items()}
 if prompt_suffix:  # the same questions in another answer mode
     questions = {t: [dict(q, prompt=tasks.prompts.with_suffix(tasks.prompts.strip_modes(q["prompt"]), prompt_suffix)) for q in qs]
                  for t, qs in questions.items()}
 if best_of and (no_image := [q["question_id"] for q in questions["cot"] if q["image"] is None]):
     raise D.DataError(f"best_of: every cot question needs an image; question_id {no_image[0]!r} has none", "no image")
 if predictions:
-    rows = {t: B.attach_answers(questions[t], B.read_answers(answers, t), answers, path, t) for t, path, answers in runs}
+    rows = {t: B.attach_answers(questions[t], B.read_answers(answers, scorer[t]), answers, path, scorer[t]) for t, path, answers in runs}
     master, elapsed, n_generated = int(os.environ.get("RANK", 0)) == 0, 0.0, 0
     sampled_rows = None
     out_dir = out_dir or os.path.splitext(predictions.rstrip("/"))[0] + "_scored"
@@ -198,7 +210,7 @@ else:
         images = [D.process_image(B.question_image(q, image_root), vlm.image_processor, vlm.config["pad_to_square"])
                   for q in batch if q["image"]]
         px = torch.stack(images).to(dev) if images else None  # rows without an image simply have no image tokens
-        gen = vlm.generate(ids.to(dev), px, mask.to(dev), max_new_tokens=max_new_tokens or MAX_NEW[t],
+        gen = vlm.generate(ids.to(dev), px, mask.to(dev), max_new_tokens=max_new_tokens or MAX_NEW[scorer[t]],
                            temperature=temperature, top_p=top_p, generator=rng)
         return [dict(q, text=text.strip()) for q, text in zip(batch, gen.text)]
 
@@ -230,19 +242,21 @@ else:
 if master:
     metrics, preds = {}, {}
     for t, rs in rows.items():
-        metrics[t] = B.score(t, rs, synonyms)
+        metrics[t] = B.score(scorer[t], rs, synonyms)
         # LLaVA's answer format first (question_id, prompt, text), then the gold fields and the verdict
         preds[t] = [{"question_id": r["question_id"], "prompt": r["prompt"], "text": r["text"],
-                     **{k: v for k, v in r.items() if k != "image_b64"}, **B.judge(t, r, synonyms)} for r in rs]
+                     **{k: v for k, v in r.items() if k != "image_b64"}, **B.judge(scorer[t], r, synonyms)} for r in rs]
     scenes_file = os.path.join(shapes_dir, "scenes.json")
     if task == "shapes" and "mc" in rows and os.path.isfile(scenes_file):
         # the world knows each image: colour and shape questions split by how many options are in it
         metrics["mc"].update(tasks.shapes.mc_by_options_in_image(rows["mc"], scenes_file, lambda r: B.judge("mc", r)))
+    if "knowledge" in metrics:
+        metrics["knowledge"].update(tasks.shapes.held_out_splits(metrics["knowledge"]))
     for t, ps in preds.items():
         print(f"\n{t}\n  {'question':48s} {'answer':28s} {'read as':14s} truth")
         for p in ps[:show]:
-            truth = p["objects"] if t == "chair" else p.get("label") or p.get("answer") or Counter(p["answers"]).most_common(1)[0][0]
-            read_as = p["hallucinated"] if t == "chair" else p["pred"]
+            truth = p["objects"] if scorer[t] == "chair" else p.get("label") or p.get("answer") or Counter(p["answers"]).most_common(1)[0][0]
+            read_as = p["hallucinated"] if scorer[t] == "chair" else p["pred"]
             print(f"  {p['prompt'].splitlines()[0][:48]:48s} {p['text'].replace(chr(10), ' ')[:28]:28s} "
                   f"{str(read_as)[:14]:14s} {str(truth)[:30]}")
     # one table: a row per task and split, a column per metric any of them has
@@ -252,12 +266,12 @@ if master:
                ("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("avg_len", "words"),
                ("acc_plus", "acc+"), ("other", "other"), ("score", "score"), ("single", "1-round")]
     columns = [(k, h) for k, h in columns if any(k in m for splits in metrics.values() for m in splits.values())]
-    print(f"\n{'task':7s} {'split':16s}" + "".join(f" {h:>9s}" for _, h in columns))
+    print(f"\n{'task':10s} {'split':16s}" + "".join(f" {h:>9s}" for _, h in columns))
     for t, splits in metrics.items():
         for split, m in splits.items():
             cells = ["" if k not in m else str(m[k]) if k == "n" else f"{m[k]:.1f}" if k in ("avg_len", "score")
                      else f"{100 * m[k]:.1f}" for k, _ in columns]
-            print(f"{t:7s} {split[:16]:16s}" + "".join(f" {c:>9s}" for c in cells))
+            print(f"{t:10s} {split[:16]:16s}" + "".join(f" {c:>9s}" for c in cells))
     print("(percentages, except n, words per caption and MME's score: 100 x (acc + acc+) per subtask, summed in "
           "its totals; MMBench's acc is circular, 1-round its first round alone)")
     if n_generated:
@@ -278,10 +292,12 @@ if master:
                                   greedy=greedy_score[r["question_id"]], sample=sum(scores) / len(scores),
                                   majority=scores[m], verifier=scores[v] if verifier else None,
                                   weighted=scores[w] if verifier else None, oracle=max(scores)))
-        best = {c: dict({k: sum(r[k] for r in g) / len(g) for k in picks}, n=len(g))
-                for c, g in tasks.pope.by_category(best_rows).items()}
+        def summary(g):
+            in_band = sum(band[0] <= r["sample"] <= band[1] for r in g) / len(g)
+            return dict({k: sum(r[k] for r in g) / len(g) for k in picks}, in_band=in_band, n=len(g))
+        best = {c: summary(g) for c, g in tasks.pope.by_category(best_rows).items()}
         if len(best) > 1:
-            best["overall"] = dict({k: sum(r[k] for r in best_rows) / len(best_rows) for k in picks}, n=len(best_rows))
+            best["overall"] = summary(best_rows)
         if verifier:  # does the reward rank a question's better samples above its worse ones? (0.5 = chance)
             for split, g in list(tasks.pope.by_category(best_rows).items()) + [("overall", best_rows)]:
                 if split in best:
@@ -292,6 +308,8 @@ if master:
         for split, m in best.items():
             print(f"{split:12s}" + "".join(f" {100 * m[k]:9.1f}" for k in picks)
                   + (f"   reward AUC {m['verifier_auc']:.3f}" if m.get("verifier_auc") is not None else ""))
+        print(f"questions whose samples are right {band[0]:.0%}-{band[1]:.0%} of the time (in_band): "
+              + ", ".join(f"{split} {100 * m['in_band']:.1f}%" for split, m in best.items()))
         print(f"{best_of * len(best_rows)} answers sampled{' and verified' if verifier else ''} in {sample_seconds:.1f}s")
 
     os.makedirs(out_dir, exist_ok=True)

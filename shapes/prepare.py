@@ -86,7 +86,7 @@ cooccur_bias = 0.8      # chance to also place an object's partner when it is mi
 small_p = 0.0           # share of objects drawn small (radius small_size of a cell instead of 0.34), where the shape
                         # is hard to tell (0 = every object clear, the default; see docs/log.md for what 0.3 did)
 small_size = 0.13       # a small object's radius as a share of its cell (about 4-5 px across at 48 px)
-prior_noise = 0.7       # share of training conversations about a scene with a missing partner that are
+prior_noise = 0.85      # share of training conversations about a scene with a missing partner that are
                         # written as if the partner were there (an annotator's co-occurrence error, as in
                         # LLaVA's GPT-written data): the source of the base model's hallucination
 believed_small = True   # with small objects: the annotator names a small object as the partner of a clearly drawn one
@@ -109,14 +109,16 @@ pair_other_p = 0.3      # pairs.json: share of the scenes without a missing part
 n_questions = 2000      # questions.json: multi-step questions on training scenes for answer-checked mining
 n_reasoner_sft = 3000   # reasoner_sft.json: CoT SFT questions (each gives a CoT and a direct sample)
 n_reverie = 2000        # reverie_raw.json: questions with a correct and a confusing answer and two rationales
+reverie_contradict = 0.05  # share of its knowledge rows whose rationale states the rule wrong (judge verdict 'yes')
 # evaluation sets (eval/), on their own held-out scenes; sizes are questions per file, small enough
 # that a tiny CPU model runs the whole suite in minutes
 n_eval = 600            # eval scenes; POPE needs many: only ~1 in 5 has a shape whose partner is missing
 eval_pope = 200         # questions per POPE category (random, popular, adversarial), whole images
 eval_mc = 200
 eval_vqa = 300
-eval_cot = 200
-eval_chair = 100        # captions (one per scene)
+eval_cot = 200          # the arithmetic questions (CoT; evaluate.py also asks them directly)
+eval_knowledge = 300    # knowledge questions, answered directly, a fifth of them per KNOWLEDGE_CATEGORIES category
+eval_chair = 300        # captions (one per scene): 300, so CHAIR_S's binomial spread is about 2 points
 eval_mme = 30           # images per MME subtask (two questions each: one yes, one no)
 # -----------------------------------------------------------------------------
 # nanoGPT's idiom: only the values above are config; the world constants below are not
@@ -595,15 +597,143 @@ def qa_cot(scene, rng, style=None):
     return cot_format(question, rationale, short)
 
 
+# -----------------------------------------------------------------------------
+# Knowledge the image does not show: rules about the world's shapes and colours that its text states
+# (the LM's corpus, shapes/pretrain.py, has them as sentences, as Vicuna arrives knowing that balls roll)
+# and its pixels never do. A knowledge question needs a visual lookup and a rule ("Can the object in
+# the top left roll?"); some rule-object combinations (HELD_OUT) are never the subject of an answer the
+# VLM trains on, so the evaluation can ask whether a model composes what it sees with what it knows.
+
+ROLLS = {'circle': True, 'ring': True, 'square': False, 'triangle': False, 'diamond': False, 'cross': False}
+CORNERS = {'circle': 0, 'ring': 0, 'square': 4, 'diamond': 4, 'triangle': 3, 'cross': 12}  # a cross (plus) has 12
+WARM = {'red': True, 'yellow': True, 'green': False, 'blue': False, 'purple': False, 'white': False}
+RULES = ['roll', 'warm', 'corners']
+# (rule, the shape or colour it is applied to): one 'yes' and one 'no' per yes/no rule, so a model cannot
+# answer the held-out questions by a constant; corners has none (the arithmetic questions apply it everywhere)
+HELD_OUT = {('roll', 'ring'), ('roll', 'triangle'), ('warm', 'yellow'), ('warm', 'blue')}
+
+
+def rule_sentence(rule, value):
+    """The world's statement of a rule about one shape (roll, corners) or colour (warm)."""
+    if rule == 'roll':
+        return f"A {value} {'can' if ROLLS[value] else 'cannot'} roll."
+    if rule == 'warm':
+        return f"{value.capitalize()} is {'' if WARM[value] else 'not '}a warm color."
+    if rule == 'corners':
+        return f"A {value} has {CORNERS[value]} corners."
+    raise ValueError(f"unknown rule {rule!r}")
+
+
+def rule_subject(rule, o):
+    """What a rule is applied to: an object's shape (roll, corners) or its colour (warm)."""
+    return o['color'] if rule == 'warm' else o['shape']
+
+
+def knowledge_question(scene, rng, rule=None, held_out='exclude', want=None):
+    """A question that needs a lookup and a rule: (rule, subject, question, rationale, short answer), or
+    None when the scene has none. The object is named by its cell ('the object in the top left') or, when
+    unique, by the attribute the rule does not read ('the red object' for roll and corners, 'the circle'
+    for warm). Yes/no rules pick the answer 50/50 first (want=True / False: only that answer). held_out: 'exclude' (training data: never a
+    HELD_OUT combination), 'only' (only those), 'any'. The rationale states the visual fact, then the rule."""
+    rule = rule or rng.choice(RULES)
+    grid = scene.get('grid', 3)
+    objs = [o for o in scene['objects']
+            if held_out == 'any' or ((rule, rule_subject(rule, o)) in HELD_OUT) == (held_out == 'only')]
+    if rule != 'corners' and objs:
+        table = WARM if rule == 'warm' else ROLLS
+        answer = rng.random() < 0.5 if want is None else want
+        objs = [o for o in objs if table[rule_subject(rule, o)] == answer] or ([] if want is not None else objs)
+    if not objs:
+        return None
+    o = rng.choice(objs)
+    other = 'shape' if rule == 'warm' else 'color'
+    named_by_other = sum(p[other] == o[other] for p in scene['objects']) == 1 and rng.random() < 0.5
+    if named_by_other:
+        ref = f"the {o['shape']}" if rule == 'warm' else f"the {o['color']} object"
+        seen = f"The {o['shape']} is {o['color']}." if rule == 'warm' else f"The {o['color']} object is a {o['shape']}."
+    else:
+        where = position_phrase(o['row'], o['col'], grid)
+        ref = f"the object {where}"
+        seen = f"The object {where} is {a_phrase(o)}."
+    subject = rule_subject(rule, o)
+    if rule == 'roll':
+        q, short = f"Can {ref} roll?", 'yes' if ROLLS[subject] else 'no'
+    elif rule == 'warm':
+        q, short = f"Is {ref} a warm color?", 'yes' if WARM[subject] else 'no'
+    else:
+        q, short = f"How many corners does {ref} have?", str(CORNERS[subject])
+    return rule, subject, q, f"{seen} {rule_sentence(rule, subject)}", short
+
+
+def qa_knowledge(scene, rng, style=None):
+    """A knowledge question with a short answer (never a HELD_OUT combination)."""
+    k = knowledge_question(scene, rng)
+    return None if k is None else styled(k[2], k[4], pick_style(rng, style))
+
+
+# Multi-step arithmetic with a wide answer space (ChartQA's and math's place in LLaVA-Reasoner's data):
+# corners counted over several objects. 2-4 steps (find the objects, recall each one's corners, add or
+# subtract), answers from 0 to 48; the chain shows every step and ends in '### Answer: X'.
+ARITH_KINDS = ['total', 'together', 'difference']
+
+
+def corners_of(shapes):
+    """'A square has 4 corners and a cross has 12 corners.': the rule for each distinct shape, in order."""
+    return sentence(join_and(f"a {s} has {CORNERS[s]} corners" for s in dict.fromkeys(shapes)))
+
+
+def arith_question(scene, rng, kind=None):
+    """(kind, question, rationale, short answer) or None when the scene has no such question (fewer than
+    two objects). total: the corners of all the shapes; together: of two objects; difference: how many
+    more one has than another (the larger asked first). Objects are named by colour when both colours
+    are unique, else by cell."""
+    objs, grid = scene['objects'], scene.get('grid', 3)
+    if len(objs) < 2:
+        return None
+    kind = kind or rng.choice(ARITH_KINDS)
+    if kind == 'total':
+        shapes = [o['shape'] for o in objs]
+        terms = [CORNERS[s] for s in shapes]
+        listed = join_and(f"a {s}" for s in shapes)
+        rationale = f"The shapes are {listed}. {corners_of(shapes)} {' + '.join(map(str, terms))} = {sum(terms)}."
+        return kind, "How many corners do all the shapes have in total?", rationale, str(sum(terms))
+    a, b = rng.sample(objs, 2)
+    if kind == 'difference' and CORNERS[a['shape']] < CORNERS[b['shape']]:
+        a, b = b, a
+    by_color = sum(o['color'] == a['color'] for o in objs) == 1 and sum(o['color'] == b['color'] for o in objs) == 1
+    name = (lambda o: f"the {o['color']} object") if by_color and rng.random() < 0.5 else \
+        (lambda o: f"the object {position_phrase(o['row'], o['col'], grid)}")
+    seen = f"{sentence(name(a))[:-1]} is a {a['shape']} and {name(b)} is a {b['shape']}."
+    na, nb = CORNERS[a['shape']], CORNERS[b['shape']]
+    if kind == 'together':
+        q, expr, short = f"How many corners do {name(a)} and {name(b)} have together?", f"{na} + {nb} = {na + nb}", na + nb
+    elif kind == 'difference':
+        q, expr, short = f"How many more corners does {name(a)} have than {name(b)}?", f"{na} - {nb} = {na - nb}", na - nb
+    else:
+        raise ValueError(f"unknown arithmetic kind {kind!r}")
+    return kind, q, f"{seen} {corners_of([a['shape'], b['shape']])} {expr}.", str(short)
+
+
+def qa_arith(scene, rng, style=None):
+    """An arithmetic question answered directly (LLaVA-Reasoner's direct suffix, the short answer): the base
+    is trained on short answers for the reasoning questions, as the paper's was; their chains are the CoT
+    SFT set's (reasoner_sft.json)."""
+    a = arith_question(scene, rng)
+    return None if a is None else (a[1] + DIRECT_SUFFIX, a[3])
+
+
 # the generators of training QAs, by kind; each is (scene, rng) -> (question, answer) or None
 QA_KINDS = {'describe': qa_describe, 'exist': qa_exist, 'count': qa_count, 'attribute': qa_attribute,
-            'position': qa_position, 'mc': qa_mc, 'cot': qa_cot}
+            'position': qa_position, 'mc': qa_mc, 'cot': qa_cot, 'knowledge': qa_knowledge, 'arith': qa_arith}
 # yes/no gets double weight: POPE-style probing is the main hallucination measure
 # Short questions that need the model to find one object in the image (exist, attribute, position) are
 # weighted up: their answers are a token or two, so at equal counts the long descriptions and CoT
 # answers would dominate the loss and a small model would learn to look at the image much later.
 # Multiple choice at 2: its letter is a second lookup on top of the answer (at 1: 45-59% on the eval set).
-KIND_WEIGHTS = {'describe': 1, 'exist': 4, 'count': 1, 'attribute': 3, 'position': 2, 'mc': 2, 'cot': 1}
+# Knowledge at 2 and arithmetic at 1: enough that the base learns the forms and the seen rules, while the
+# arithmetic's chains stay the CoT SFT set's (the base reads only their short answers here).
+KIND_WEIGHTS = {'describe': 1, 'exist': 4, 'count': 1, 'attribute': 3, 'position': 2, 'mc': 2, 'cot': 1,
+                'knowledge': 2, 'arith': 1}
 
 
 def sample_qas(scene, rng, n):
@@ -912,17 +1042,38 @@ def make_vqa(scenes, rng, n):
 
 
 def make_cot(scenes, rng, n, image=eval_image):
-    """Multi-step questions {question_id, image, question, answer, answers, category (a COT_KINDS
-    kind), rationale}: the rationale is the gold chain in the training form, ending in a line
-    '### Answer: <answer>'. A 'neighbor' that falls back to another kind is passed over, so the
-    kinds stay balanced."""
+    """The reasoning questions, multi-step arithmetic: {question_id, image, question, answer, answers,
+    category (an ARITH_KINDS kind), rationale}; the rationale is the gold chain in the training form,
+    ending in a line '### Answer: <answer>'. Scenes with fewer than two objects are passed over."""
     def ask(scene, category):
-        kind, question, rationale, short = cot_question(scene, rng, category)
-        if kind != category:
+        a = arith_question(scene, rng, category)
+        if a is None:
             return None
+        kind, question, rationale, short = a
         return {'question': question, 'answer': short, 'answers': human_answers(short),
                 'rationale': cot_format(question, rationale, short)[1]}
-    return cycle_rows(scenes, n, COT_KINDS, ask, image)
+    return cycle_rows(scenes, n, ARITH_KINDS, ask, image)
+
+
+KNOWLEDGE_CATEGORIES = ['roll seen', 'roll held-out', 'warm seen', 'warm held-out', 'corners']
+
+
+def make_knowledge(scenes, rng, n):
+    """Knowledge questions answered directly {question_id, image, question, answers, answer, category,
+    rationale}: the categories in turn, '<rule> seen' never a HELD_OUT combination (as in training),
+    '<rule> held-out' only those; yes and no take turns within each yes/no category; the rationale is the
+    lookup and the rule, for a reader."""
+    asked = Counter()
+
+    def ask(scene, category):
+        rule, _, which = category.partition(' ')
+        want = None if rule == 'corners' else asked[category] % 2 == 0
+        k = knowledge_question(scene, rng, rule, {'seen': 'exclude', 'held-out': 'only', '': 'any'}[which], want)
+        if k is None:
+            return None
+        asked[category] += 1
+        return {'question': k[2], 'answers': human_answers(k[4]), 'answer': k[4], 'rationale': k[3]}
+    return cycle_rows(scenes, n, KNOWLEDGE_CATEGORIES, ask)
 
 
 def make_reasoner_sft(rows, rng):
@@ -1028,7 +1179,9 @@ def write_mmbench(path, mc_rows, image_dir):
 # would say; a colour's confusion is its nearest in RGB among the world's colours
 CONFUSED_COLOR = {'red': 'purple', 'green': 'yellow', 'blue': 'purple', 'yellow': 'white', 'purple': 'blue',
                   'white': 'yellow'}
-REVERIE_KINDS = ['partner', 'exist', 'count', 'color', 'position']
+# knowledge first and most: the rows whose rationale adds what the answer lacks (the rule), as REVERIE's
+# reasoning questions do; arithmetic's rationale is the chain
+REVERIE_KINDS = ['knowledge', 'partner', 'knowledge', 'arith', 'knowledge', 'count', 'color', 'exist', 'position']
 
 
 def scene_list(scene):
@@ -1049,6 +1202,39 @@ def reverie_row(scene, rng, kind, style):
 
     def answer(short):  # the confusing answer in the same style as the correct one
         return short if style == 'short' else sentence(short)
+    if kind == 'knowledge':  # confusing: the answer for another object in the image, else the rule misapplied
+        k = knowledge_question(scene, rng)
+        if k is None:
+            return None
+        rule, subject, q, rationale, short = k
+        q, a = styled(q, short, style)
+        others = [o for o in objs if knowledge_answer(rule, rule_subject(rule, o)) != short
+                  and (rule, rule_subject(rule, o)) not in HELD_OUT]
+        if others:
+            o = rng.choice(others)
+            wrong = knowledge_answer(rule, rule_subject(rule, o))
+            why_not = (f"{wrong} would be right for {a_phrase(o)} {position_phrase(o['row'], o['col'], grid)}, "
+                       f"but the question asks about another object. {rationale}")
+        elif rule == 'corners':
+            wrong = str(rng.choice(sorted({v for v in CORNERS.values() if str(v) != short})))
+            why_not = f"{rationale} It does not have {wrong}."
+        else:
+            wrong = 'no' if short == 'yes' else 'yes'
+            why_not = f"{rationale} So the answer is {short}, not {wrong}."
+        return q, a, answer(wrong), rationale, sentence(why_not)[:-1]
+    if kind == 'arith':  # confusing: one object taken for a shape with other corners
+        found = arith_question(scene, rng)
+        if found is None:
+            return None
+        _, q, rationale, short = found
+        o = rng.choice(objs)
+        misread = rng.choice([s for s in SHAPES if CORNERS[s] != CORNERS[o['shape']]])
+        wrong = str(abs(int(short) + CORNERS[misread] - CORNERS[o['shape']]))
+        if wrong == short:
+            return None
+        q, a = styled(q, short, style)
+        return (q, a, answer(wrong), rationale,
+                f"{rationale} {wrong} would count a {misread} where the image has {a_phrase(o)}.")
     if kind == 'partner':
         partners = [s for s in SHAPES if s not in present and PARTNER[s] in present]
         if not partners:
@@ -1098,11 +1284,33 @@ def reverie_row(scene, rng, kind, style):
     raise ValueError(f"unknown REVERIE kind {kind!r}")
 
 
+def knowledge_answer(rule, subject):
+    """The short answer a rule gives for a shape or colour: 'yes' / 'no', or the corners as a number."""
+    if rule == 'corners':
+        return str(CORNERS[subject])
+    return 'yes' if (WARM if rule == 'warm' else ROLLS)[subject] else 'no'
+
+
+def contradicted(rationale, rule, subject):
+    """The rationale with its rule sentence stated wrong ('A circle cannot roll.', 'A square has 3 corners.')."""
+    right = rule_sentence(rule, subject)
+    if rule == 'roll':
+        wrong = right.replace(' can roll', ' cannot roll') if ROLLS[subject] else right.replace(' cannot roll', ' can roll')
+    elif rule == 'warm':
+        wrong = right.replace(' is not a warm', ' is a warm') if not WARM[subject] else right.replace(' is a warm', ' is not a warm')
+    else:
+        wrong = right.replace(f" {CORNERS[subject]} corners", f" {CORNERS[subject] + 1} corners")
+    return rationale.replace(right, wrong)
+
+
 def make_reverie(scenes, rng, n):
     """n REVERIE raw rows {image, question, correct_answer, confusing_answer, correct_rationale,
-    incorrect_rationale, kind} on the training scenes (the kinds in turn, scenes in order), all about
-    the true scene: the rationales are clean supervision even where prior_noise rewrites a scene's
-    conversation. prepare_reverie.py turns them into LLaVA conversations."""
+    incorrect_rationale, kind, judge} on the training scenes (the kinds in turn, scenes in order), all
+    about the true scene: the rationales are clean supervision even where prior_noise rewrites a scene's
+    conversation. A share reverie_contradict of the knowledge rows state their rule wrong in the
+    correct answer's rationale (a generator's slip): their judge verdict is 'yes' (the rationale
+    contradicts the answer), every other row's 'no', so prepare_reverie.py's judge filter has something
+    to drop. No row is about a HELD_OUT combination. prepare_reverie.py turns them into LLaVA conversations."""
     rows, step, seen = [], 0, set()
     while len(rows) < n and step < 20 * n:
         scene, kind = scenes[step % len(scenes)], REVERIE_KINDS[len(rows) % len(REVERIE_KINDS)]
@@ -1110,8 +1318,13 @@ def make_reverie(scenes, rng, n):
         row = reverie_row(scene, rng, kind, pick_style(rng))
         if row is not None and (scene['id'], row[0]) not in seen:  # one instruction per image and question
             seen.add((scene['id'], row[0]))
-            rows.append(dict(zip(('question', 'correct_answer', 'confusing_answer', 'correct_rationale',
-                                  'incorrect_rationale'), row), image=f"train/{scene['id']}.png", kind=kind))
+            rec = dict(zip(('question', 'correct_answer', 'confusing_answer', 'correct_rationale',
+                            'incorrect_rationale'), row), image=f"train/{scene['id']}.png", kind=kind, judge='no')
+            if kind == 'knowledge' and rng.random() < reverie_contradict:
+                rule, subject = next((r, v) for r in RULES for v in (ROLLS if r != 'warm' else WARM)
+                                     if rule_sentence(r, v) in rec['correct_rationale'])
+                rec.update(correct_rationale=contradicted(rec['correct_rationale'], rule, subject), judge='yes')
+            rows.append(rec)
     return rows
 
 
@@ -1327,6 +1540,7 @@ def main():
         'mc': make_mc(eval_scenes, random.Random(f"{seed}:eval:mc"), eval_mc),
         'vqa': make_vqa(eval_scenes, random.Random(f"{seed}:eval:vqa"), eval_vqa),
         'cot': make_cot(eval_scenes, random.Random(f"{seed}:eval:cot"), eval_cot),
+        'knowledge': make_knowledge(eval_scenes, random.Random(f"{seed}:eval:knowledge"), eval_knowledge),
         'chair': make_chair(eval_scenes, eval_chair),
     }
     eval_rows['mme'], mme_answers = make_mme(eval_scenes, random.Random(f"{seed}:eval:mme"), eval_mme)
@@ -1350,8 +1564,8 @@ def main():
     write_json(os.path.join(out_dir, 'questions.json'), questions)
     write_json(os.path.join(out_dir, 'reasoner_sft.json'), reasoner_sft)
     write_json(os.path.join(out_dir, 'reasoner_direct.json'), reasoner_direct)
-    write_json(os.path.join(out_dir, 'reverie_raw.json'),
-               make_reverie(scenes['train'][::-1], random.Random(f"{seed}:train:reverie"), n_reverie))
+    reverie = make_reverie(scenes['train'][::-1], random.Random(f"{seed}:train:reverie"), n_reverie)
+    write_json(os.path.join(out_dir, 'reverie_raw.json'), reverie)
     write_jsonl(os.path.join(out_dir, 'test.jsonl'), test_rows)
     write_json(os.path.join(out_dir, 'scenes.json'), scenes)
     eval_dir = os.path.join(out_dir, 'eval')
@@ -1385,9 +1599,12 @@ def main():
     for split, name in (('train', 'pairs.json'), ('val', 'pairs_val.json')):
         print(f"  {name}: {len(pairs[split][0])} preference pairs: " + ", ".join(f"{k} {v}" for k, v in pairs[split][1].items()))
     n_kinds = Counter(r['category'] for r in questions)
-    print(f"  questions.json: {len(questions)} mining questions: " + ", ".join(f"{k} {n_kinds[k]}" for k in COT_KINDS))
+    print(f"  questions.json: {len(questions)} mining questions: " + ", ".join(f"{k} {n_kinds[k]}" for k in ARITH_KINDS))
     print(f"  reasoner_sft.json: {len(reasoner_sft)} samples ({len(reasoner_direct)} questions, CoT + direct); "
           f"reasoner_direct.json: {len(reasoner_direct)}")
+    n_kinds = Counter(r['kind'] for r in reverie)
+    print(f"  reverie_raw.json: {len(reverie)} rows: " + ", ".join(f"{k} {n_kinds[k]}" for k in dict.fromkeys(REVERIE_KINDS))
+          + f"; {sum(r['judge'] == 'yes' for r in reverie)} with a rationale that contradicts the answer (judge 'yes')")
     types = Counter(r['type'] for r in test_rows)
     probes = Counter(r['probe'] for r in test_rows if 'probe' in r)
     print(f"  test.jsonl: {len(test_rows)} questions: "
@@ -1399,7 +1616,7 @@ def main():
     print(f"  eval/pope.jsonl: {len(pope)} questions on {len({r['image'] for r in pope})} images, "
           + ", ".join(f"{c} {sum(r['category'] == c for r in pope)}" for c in POPE_CATEGORIES)
           + f", yes {sum(r['label'] == 'yes' for r in pope)}; popular order {', '.join(popularity)}")
-    for name, cats in (('mc', MC_CATEGORIES), ('vqa', VQA_CATEGORIES), ('cot', COT_KINDS)):
+    for name, cats in (('mc', MC_CATEGORIES), ('vqa', VQA_CATEGORIES), ('cot', ARITH_KINDS), ('knowledge', KNOWLEDGE_CATEGORIES)):
         n = Counter(r['category'] for r in eval_rows[name])
         print(f"  eval/{name}.jsonl: {len(eval_rows[name])} questions: " + ", ".join(f"{c} {n[c]}" for c in cats))
     chair = eval_rows['chair']

@@ -82,8 +82,10 @@ lm_n_layer = 4
 lm_n_head = 4
 lm_n_embd = 128
 lm_scenes = 40000       # scenes of the corpus (each gives one document)
-lm_mix = 'recall:0.45,chat:0.25,mc:0.2,caption:0.1'  # document kinds and their shares; also 'verify' (multiple-choice
-                        # questions with each option marked yes / no and no letter: verify_segments)
+lm_mix = 'recall:0.4,chat:0.22,mc:0.18,caption:0.08,rules:0.04,reason:0.08'  # document kinds and their shares: 'rules'
+                        # states the world's knowledge in text (rules_segments), 'reason' is arithmetic worked step by
+                        # step about the scene (reason_conversation); also 'verify' (multiple-choice questions with each
+                        # option marked yes / no and no letter: verify_segments)
 recall_facts = 16       # facts per direct-recall document
 recall_mc = 0.0         # share of direct-recall facts that are multiple-choice questions answered by the letter
                         # ("choose What color is the cross? A. green B. purple ..." -> "B"): the letter lookup, densely
@@ -102,7 +104,7 @@ lm_prior_noise = 0.0    # share of the chat and caption documents about a scene 
                         # it were there (shapes/prepare.py's believed_scene; the slots stay true): a language prior, as
                         # Vicuna's text has one; 0 = truthful text (the shipped LM)
 # CLIP
-clip_steps = 1500
+clip_steps = 3000
 clip_batch = 128
 clip_lr = 2e-3
 clip_scenes = 20000
@@ -214,6 +216,39 @@ def verify_segments(scene, rng, n):
     return segs
 
 
+def rules_segments(rng):
+    """A text document of the world's knowledge, every rule about every shape or colour once, in a random
+    order, each as a statement ("A ring can roll.") or a question and its answer ("Can a ring roll? Yes.").
+    Where the rules are learnt is the LM's corpus, as Vicuna arrives knowing that balls roll: the VLM's
+    instruction data only applies them to objects in images, and never to a HELD_OUT combination, so
+    a held-out question can be answered only by composing the lookup with what the LM read here."""
+    facts = [(rule, v) for rule in W.RULES for v in (W.COLOR_NAMES if rule == 'warm' else W.SHAPES)]
+    rng.shuffle(facts)
+    text = []
+    for rule, v in facts:
+        if rng.random() < 0.5:
+            text.append(W.rule_sentence(rule, v))
+        elif rule == 'roll':
+            text.append(f"Can a {v} roll? {'Yes' if W.ROLLS[v] else 'No'}.")
+        elif rule == 'warm':
+            text.append(f"Is {v} a warm color? {'Yes' if W.WARM[v] else 'No'}.")
+        else:
+            text.append(f"How many corners does a {v} have? {W.CORNERS[v]}.")
+    return [(" ".join(text), True)]
+
+
+def reason_conversation(scene, rng):
+    """2-4 arithmetic questions about the scene, each worked step by step (LLaVA-Reasoner's CoT form):
+    the LM arrives knowing how to reason over what it reads, as Vicuna does; the VLM's stage 2 then
+    trains only the short answers (shapes/prepare.py's qa_arith)."""
+    qas = []
+    for _ in range(rng.randint(2, 4)):
+        a = W.arith_question(scene, rng)
+        if a is not None and all(q != W.cot_format(a[1], a[2], a[3])[0] for _, q, _ in qas):
+            qas.append(('cot', *W.cot_format(a[1], a[2], a[3])))
+    return qas
+
+
 def make_documents(scenes, rng, tok, image_token_id, mix):
     """One document per scene, its kind drawn by mix: (input_ids, labels, slot word ids (9, 4) padded with -1)."""
     kinds, weights = zip(*mix.items())
@@ -221,9 +256,10 @@ def make_documents(scenes, rng, tok, image_token_id, mix):
     docs = []
     for scene in tqdm(scenes, desc="corpus", unit="doc", mininterval=2):
         kind = rng.choices(kinds, weights)[0]
-        if kind in ('recall', 'verify'):
+        if kind in ('recall', 'verify', 'rules'):
             segs = [(tok.bos_token_id, False)] + (recall_segments(scene, rng, recall_facts) if kind == 'recall'
-                                                  else verify_segments(scene, rng, rng.randint(3, 5)))
+                                                  else verify_segments(scene, rng, rng.randint(3, 5)) if kind == 'verify'
+                                                  else rules_segments(rng))
             ids, labels, _ = D.encode_segments(segs, tok, image_token_id, 9)
         else:
             told = scene  # the scene the text is about; the slots always hold the true one
@@ -231,6 +267,8 @@ def make_documents(scenes, rng, tok, image_token_id, mix):
                 told = W.believed_scene(scene, rng) or scene
             if kind == 'chat':
                 qas = W.sample_qas(told, rng, rng.randint(4, 8))
+            elif kind == 'reason':
+                qas = reason_conversation(scene, rng) or [('describe', *W.qa_describe(told, rng))]
             elif kind == 'mc':  # a conversation of multiple-choice questions only (see the docstring)
                 mcs = (W.qa_mc(scene, rng, hard=lm_mc_hard) for _ in range(rng.randint(4, 6)))
                 qas = list({q: ('mc', q, a) for q, a in mcs}.values())
@@ -288,7 +326,8 @@ def lm_loss(lm, batch, image_token_id, noise=0.0):
 
 
 # held-out text lookup questions, asked as the VLM will be asked them (chat template, short-answer suffix)
-PROBES = ['exist', 'exist_color', 'color', 'shape', 'count', 'where', 'what_at', 'mc']
+PROBES = ['exist', 'exist_color', 'color', 'shape', 'count', 'where', 'what_at', 'mc', 'knowledge', 'held_out', 'arith',
+          'arith_cot']
 
 
 def probe_question(scene, rng, kind):
@@ -311,6 +350,13 @@ def probe_question(scene, rng, kind):
         return W.ask_where(scene, rng.choice(u)) if u else None
     if kind == 'mc':
         return W.qa_mc(scene, rng)
+    if kind in ('knowledge', 'held_out'):  # a rule applied to an object: seen in the corpus, or a HELD_OUT one
+        k = W.knowledge_question(scene, rng, None if kind == 'knowledge' else rng.choice(['roll', 'warm']),
+                                 'exclude' if kind == 'knowledge' else 'only')
+        return None if k is None else W.styled(k[2], k[4], 'short')
+    if kind in ('arith', 'arith_cot'):  # the short answer alone; the whole worked chain
+        a = W.arith_question(scene, rng)
+        return None if a is None else (a[1] + W.DIRECT_SUFFIX, a[3]) if kind == 'arith' else W.cot_format(*a[1:])
     r, c = rng.randrange(3), rng.randrange(3)
     return W.ask_what_at(scene, r, c, 'short')
 
@@ -363,6 +409,9 @@ def build_tokenizer(scenes, rng):
     for scene in scenes:
         texts += [t for _, q, a in W.sample_qas(scene, rng, 6) for t in (q, a)]
         texts.append(" ".join(q + " " + a for q, a in (recall_fact(scene, rng) for _ in range(8))))
+        texts += [q + " " + a for _, q, a in reason_conversation(scene, rng)]  # the worked arithmetic
+        texts.append(W.describe(scene, clause=True))  # the CLIP reads the partner clause (stage 2's descriptions have it)
+        texts.append(rules_segments(rng)[0][0])
     texts += [W.VICUNA_SYSTEM, "USER: ", " ASSISTANT: ", "ASSISTANT:"] + W.DESCRIBE_PROMPTS
     return W.train_tokenizer(texts, vocab_size)
 
@@ -413,11 +462,30 @@ def pretrain_lm(tok, out):
 # -----------------------------------------------------------------------------
 # The CLIP
 
-def object_sentence(o, color=None, shape=None, row=None, col=None):
-    """The description's sentence for one object, optionally with an attribute replaced."""
+def object_sentence(o, color=None, shape=None, row=None, col=None, clause=None):
+    """The description's sentence for one object, optionally with an attribute replaced, and with
+    clause (a shape) the partner clause stage 2's descriptions name it with (", with a square nearby")."""
     color, shape = color or o['color'], shape or o['shape']
     row, col = o['row'] if row is None else row, o['col'] if col is None else col
-    return f"A {color} {shape} is {W.position_phrase(row, col)}."
+    return f"A {color} {shape} is {W.position_phrase(row, col)}" + (f", with a {clause} nearby." if clause else ".")
+
+
+def clip_sentences(scene, o, rng):
+    """A true sentence about o and 4 false ones (NegCLIP's hard negatives), in the words of the world's
+    descriptions. The true one carries a partner clause naming its partner when that is in the image (70 %),
+    or another shape in it (30 % of the rest), else none; the false ones are it with the colour, the shape
+    or the cell changed, and it with its clause naming a shape not in the image (where it had none: the
+    missing partner, 70 %): the one-word difference a scorer must see for CSR to reward a true caption
+    over one that names the absent partner."""
+    present = {p['shape'] for p in scene['objects']}
+    others, absent = sorted(present - {o['shape']}), sorted(set(W.SHAPES) - present)
+    partner = W.PARTNER[o['shape']]
+    clause = partner if partner in present and rng.random() < 0.7 else \
+        rng.choice(others) if others and rng.random() < 0.3 else None
+    false_clause = partner if clause is None and partner in absent and rng.random() < 0.7 else rng.choice(absent)
+    return (object_sentence(o, clause=clause),
+            [s[:-1] + (f", with a {clause} nearby." if clause else ".") for s in altered_sentences(scene, o, rng).values()]
+            + [object_sentence(o, clause=false_clause)])
 
 
 def count_sentence(n):
@@ -476,10 +544,33 @@ def clip_scores(model, tok, pixel_values, sentences):
     return 100 * (img * txt).sum(-1)
 
 
+def clause_pairs(scenes, seed=0):
+    """The two choices CSR's sentence siblings put to the scorer, paired on the same image and object:
+    'clause': (the object's sentence whose clause names another shape in the image, the same sentence naming
+    a shape not in it); 'partner': for an object whose partner is not in the image, (its plain sentence,
+    the same with the partner's clause). {check: (scene indices, true sentences, false sentences)}."""
+    rng = random.Random(f"{seed}:clause_pairs")
+    out = {'clause': ([], [], []), 'partner': ([], [], [])}
+    for i, scene in enumerate(scenes):
+        present = {p['shape'] for p in scene['objects']}
+        absent = sorted(set(W.SHAPES) - present)
+        for o in scene['objects']:
+            others = sorted(present - {o['shape']})
+            if others and absent:
+                for part, x in zip(out['clause'], (i, object_sentence(o, clause=rng.choice(others)),
+                                                   object_sentence(o, clause=rng.choice(absent)))):
+                    part.append(x)
+            if W.PARTNER[o['shape']] not in present:
+                for part, x in zip(out['partner'], (i, object_sentence(o), object_sentence(o, clause=W.PARTNER[o['shape']]))):
+                    part.append(x)
+    return out
+
+
 def clip_check(model, tok, pixels, scenes, seed=0):
     """How often a true one-object sentence scores above the same sentence altered: {'color', 'shape',
     'position'}; in a world with small objects also apart for the clearly drawn and the small ones
-    ('color clear', 'shape small', ...)."""
+    ('color clear', 'shape small', ...); and the two clause checks of clause_pairs, over every object
+    of the scenes ('clause', 'partner')."""
     rng = random.Random(f"{seed}:clip_check")
     model.eval()
     true, alt, small = [], {k: [] for k in ('color', 'shape', 'position')}, []
@@ -492,6 +583,9 @@ def clip_check(model, tok, pixels, scenes, seed=0):
     s_true = clip_scores(model, tok, pixels, true)
     wins = {k: (s_true > clip_scores(model, tok, pixels, v)).float() for k, v in alt.items()}
     out = {k: w.mean().item() for k, w in wins.items()}
+    for k, (idx, good, bad) in clause_pairs(scenes, seed).items():
+        px = pixels[torch.tensor(idx, dtype=torch.long)]
+        out[k] = (clip_scores(model, tok, px, good) > clip_scores(model, tok, px, bad)).float().mean().item()
     small = torch.tensor(small)
     if small.any():
         for k, w in wins.items():
@@ -534,27 +628,27 @@ def pretrain_clip(tok, out):
         for g in opt.param_groups:
             g['lr'] = clip_lr * optim.lr_factor(step, clip_steps, 50)
         idx = torch.randint(0, len(scenes), (clip_batch,), generator=gen)
-        true, negs = [], []
+        true, negs, K = [], [], 4  # K false sentences per image
         for i in idx.tolist():
             scene = scenes[i]
-            if rng.random() < 0.15:  # the description's first sentence: the count
+            if rng.random() < 0.15:  # how many objects (a caption's count)
                 n = len(scene['objects'])
                 true.append(count_sentence(n))
-                negs.append([count_sentence(k) for k in rng.sample([k for k in range(1, W.max_objects + 1) if k != n], 3)])
+                negs.append([count_sentence(k) for k in rng.sample([k for k in range(1, W.max_objects + 2) if k != n], K)])
                 continue
-            o = rng.choice(scene['objects'])
-            true.append(object_sentence(o))
-            negs.append(list(altered_sentences(scene, o, rng).values()))
+            sentence, false = clip_sentences(scene, rng.choice(scene['objects']), rng)
+            true.append(sentence)
+            negs.append(false)
         t = ctok(true + [s for n in negs for s in n], padding=True, return_tensors='pt')
         vis = model.vision_model(pixel_values=pixels[idx], output_hidden_states=True)
         img = F.normalize(model.visual_projection(vis.pooler_output), dim=-1)
         txt = F.normalize(text_features(model, t), dim=-1)
         scale = model.logit_scale.exp().clamp(max=100)
         B = clip_batch
-        logits = scale * img @ txt.T                       # (B, B + 3B): every image against every sentence
+        logits = scale * img @ txt.T                       # (B, B + KB): every image against every sentence
         hard = torch.full_like(logits, float('-inf'))      # an image's own altered sentences, and all true ones
         hard[:, :B] = 0
-        own = B + 3 * torch.arange(B)[:, None] + torch.arange(3)[None]
+        own = B + K * torch.arange(B)[:, None] + torch.arange(K)[None]
         hard.scatter_(1, own, 0)
         target = torch.arange(B)
         contrastive = (F.cross_entropy(logits + hard, target) + F.cross_entropy(logits[:, :B].T, target)) / 2

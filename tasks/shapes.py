@@ -8,9 +8,28 @@ shape question's options are in the image, where "pick an option that is there" 
 import json
 import os
 
-# the suite's files in its directory (MME's per-subtask answer files are in its mme/ folder)
+from tasks.prompts import DIRECT_SUFFIX
+
+# the suite's files in its directory (MME's per-subtask answer files are in its mme/ folder); an entry is
+# scored by the benchmark of its name unless SCORER says otherwise, and asked in that benchmark's mode
+# unless SUFFIX gives another: the knowledge questions are short answers (VQA's rule), and the arithmetic
+# of cot.jsonl is asked a second time in LLaVA-Reasoner's direct mode
 FILES = dict(pope="pope.jsonl", mc="mc.jsonl", vqa="vqa.jsonl", cot="cot.jsonl", chair="chair.jsonl",
-             mme="mme.jsonl", mmbench="mmbench.tsv")
+             mme="mme.jsonl", mmbench="mmbench.tsv", knowledge="knowledge.jsonl", direct_cot="cot.jsonl")
+SCORER = dict(knowledge="vqa", direct_cot="vqa")
+SUFFIX = dict(direct_cot=DIRECT_SUFFIX)
+
+
+def held_out_splits(metrics):
+    """The knowledge questions pooled by whether their rule-object combination was held out of training:
+    {'seen': ..., 'held-out': ...} from the '<rule> seen' / '<rule> held-out' splits (accuracy weighted by n)."""
+    out = {}
+    for which in ('seen', 'held-out'):
+        parts = [m for split, m in metrics.items() if split.endswith(' ' + which)]
+        if parts:
+            n = sum(m['n'] for m in parts)
+            out[which] = dict(accuracy=sum(m['accuracy'] * m['n'] for m in parts) / n, n=n)
+    return out
 
 
 def options_in_image(scene, category, options):

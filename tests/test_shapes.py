@@ -22,6 +22,10 @@ from shapes import prepare as ps  # noqa: E402
 SHORT = "\nAnswer the question using a single word or phrase."
 MC = "\nAnswer with the option's letter from the given choices directly."
 COT = "\nGenerate a reason first and then output a short answer."
+DIRECT = "\nAnswer the question with a short answer."
+# the world's knowledge, written out again: which shapes roll, their corners, the warm colours
+ROLLING, WARM_COLORS = {'circle', 'ring'}, {'red', 'yellow'}
+CORNER_COUNT = {'circle': 0, 'ring': 0, 'square': 4, 'diamond': 4, 'triangle': 3, 'cross': 12}
 # the 3x3 cell names, written out again here so the tests do not trust the module's tables
 CELLS = {'top left': (0, 0), 'top': (0, 1), 'top right': (0, 2), 'left': (1, 0), 'center': (1, 1),
          'right': (1, 2), 'bottom left': (2, 0), 'bottom': (2, 1), 'bottom right': (2, 2)}
@@ -31,9 +35,9 @@ SINGULAR = {'circles': 'circle', 'squares': 'square', 'triangles': 'triangle', '
             'crosses': 'cross', 'rings': 'ring'}
 SMALL = ['--n_train=50', '--n_val=10', '--n_test=20', '--prior_noise=0']  # answers checked against the truth
 EVAL_FILES = ['pope.jsonl', 'mc.jsonl', 'vqa.jsonl', 'cot.jsonl', 'chair.jsonl', 'synonyms.txt', 'scenes.json',
-              'mme.jsonl', 'mmbench.tsv']
+              'mme.jsonl', 'mmbench.tsv', 'knowledge.jsonl']
 NUMBERS = {'zero': '0', 'one': '1', 'two': '2', 'three': '3', 'four': '4', 'five': '5', 'six': '6', 'seven': '7',
-           'eight': '8', 'nine': '9', 'ten': '10'}
+           'eight': '8', 'nine': '9', 'ten': '10', 'eleven': '11', 'twelve': '12'}
 
 
 def run_script(out_dir, *args):
@@ -73,9 +77,35 @@ def the(scene, **attrs):
     return found[0]
 
 
+def referent(scene, ref):
+    """The object a knowledge or arithmetic question names: 'the object in the top left', 'the red
+    object' (a unique colour) or 'the circle' (a unique shape)."""
+    if m := re.fullmatch(r"the object (?:in|at|on) the (.+)", ref):
+        here = objects_at(scene, CELLS[m[1]])
+        assert len(here) == 1, ref
+        return here[0]
+    if m := re.fullmatch(r"the (\w+) object", ref):
+        return the(scene, color=m[1])
+    return the(scene, shape=re.fullmatch(r"the (\w+)", ref)[1])
+
+
 def truth(scene, q):
     """The bare short answer of a question (suffixes stripped), from the scene graph."""
     objs = scene['objects']
+    if m := re.fullmatch(r"Can (.+) roll\?", q):
+        return 'yes' if referent(scene, m[1])['shape'] in ROLLING else 'no'
+    if m := re.fullmatch(r"Is (.+) a warm color\?", q):
+        return 'yes' if referent(scene, m[1])['color'] in WARM_COLORS else 'no'
+    if m := re.fullmatch(r"How many corners does (.+) have\?", q):
+        return str(CORNER_COUNT[referent(scene, m[1])['shape']])
+    if q == "How many corners do all the shapes have in total?":
+        return str(sum(CORNER_COUNT[o['shape']] for o in objs))
+    if m := re.fullmatch(r"How many corners do (.+) and (.+) have together\?", q):
+        return str(sum(CORNER_COUNT[referent(scene, r)['shape']] for r in m.groups()))
+    if m := re.fullmatch(r"How many more corners does (.+) have than (.+)\?", q):
+        a, b = (CORNER_COUNT[referent(scene, r)['shape']] for r in m.groups())
+        assert a >= b, q
+        return str(a - b)
     if m := re.fullmatch(r"Is there a (?:(\w+) )?(\w+) in the image\?", q):
         color, shape = m.groups()
         return 'yes' if any(o['shape'] == shape and color in (None, o['color']) for o in objs) else 'no'
@@ -142,6 +172,9 @@ def check_qa(scene, kind, q, a):
         rationale, last = a.rsplit('\n', 1)
         assert rationale and last.startswith('### Answer: ')
         assert last[len('### Answer: '):] == truth(scene, q[:-len(COT)])
+        return
+    if q.endswith(DIRECT):  # LLaVA-Reasoner's direct mode: the short answer alone
+        assert a == truth(scene, q[:-len(DIRECT)])
         return
     if q.endswith(SHORT):  # bare lowercase word or phrase
         assert a == truth(scene, q[:-len(SHORT)]) and a == a.lower() and not a.endswith('.')
@@ -309,7 +342,7 @@ def test_answers_match_scene(style):
 def test_yes_no_balanced_and_styles_mixed():
     scenes = ps.sample_scenes('train', 400, 5)
     records, kinds, _ = ps.make_sft_records(scenes, 'train', random.Random(5))
-    assert min(kinds.values()) > 0.05 * sum(kinds.values())  # every kind well represented
+    assert min(kinds.values()) > 0.04 * sum(kinds.values())  # every kind well represented
     answers = Counter()
     for r in records:
         for h, g in zip(r['conversations'][::2], r['conversations'][1::2]):
@@ -615,7 +648,7 @@ def eval_set(built):
     out = built[0]
     scenes = {s['id']: s for s in json.loads((out / 'eval' / 'scenes.json').read_text())['eval']}
     train = json.loads((out / 'scenes.json').read_text())['train']
-    rows = {name: read_jsonl(out / 'eval' / f'{name}.jsonl') for name in ('pope', 'mc', 'vqa', 'cot', 'chair')}
+    rows = {name: read_jsonl(out / 'eval' / f'{name}.jsonl') for name in ('pope', 'mc', 'vqa', 'cot', 'chair', 'knowledge')}
     return out, scenes, train, rows
 
 
@@ -633,12 +666,15 @@ FIELDS = {'pope': {'question_id': int, 'image': str, 'text': str, 'label': str, 
           'vqa': {'question_id': int, 'image': str, 'question': str, 'answers': list, 'answer': str, 'category': str},
           'cot': {'question_id': int, 'image': str, 'question': str, 'answer': str, 'answers': list, 'rationale': str,
                   'category': str},
-          'chair': {'question_id': int, 'image': str, 'text': str, 'objects': list, 'caption': str}}
+          'chair': {'question_id': int, 'image': str, 'text': str, 'objects': list, 'caption': str},
+          'knowledge': {'question_id': int, 'image': str, 'question': str, 'answers': list, 'answer': str, 'category': str,
+                        'rationale': str}}
 
 
 def test_eval_fields_and_sizes(eval_set):
     out, scenes, _, rows = eval_set
-    sizes = {'pope': 3 * ps.eval_pope, 'mc': ps.eval_mc, 'vqa': ps.eval_vqa, 'cot': ps.eval_cot, 'chair': ps.eval_chair}
+    sizes = {'pope': 3 * ps.eval_pope, 'mc': ps.eval_mc, 'vqa': ps.eval_vqa, 'cot': ps.eval_cot, 'chair': ps.eval_chair,
+             'knowledge': ps.eval_knowledge}
     for name, fields in FIELDS.items():
         if name == 'pope':  # whole images, so a category can pass its size by an image's questions
             assert 3 * ps.eval_pope <= len(rows[name]) < 3 * (ps.eval_pope + 6)
@@ -746,9 +782,13 @@ def test_eval_vqa(eval_set):
 def test_eval_cot(eval_set):
     _, scenes, _, rows = eval_set
     kinds = Counter(r['category'] for r in rows['cot'])
-    assert set(kinds) == {'line_color', 'compare', 'neighbor'} and max(kinds.values()) - min(kinds.values()) <= 1
+    assert set(kinds) == {'total', 'together', 'difference'} and max(kinds.values()) - min(kinds.values()) <= 1
+    assert len({r['answer'] for r in rows['cot']}) >= 12  # a wide answer space: a guess is rarely right
     for r in rows['cot']:
         assert r['answer'] == truth(scene_of(scenes, r), r['question'])
+        # every step shown: the shapes, their corners, then the sum or difference, which is the answer
+        expr, value = re.search(r"([\d +-]+) = (\d+)\.\n", r['rationale']).groups()
+        assert eval(expr) == int(value) == int(r['answer']) and len(expr.split()) >= 3
         assert len(r['answers']) == 10 and all(NUMBERS.get(a, a) == r['answer'] for a in r['answers'])
         *steps, last = r['rationale'].split('\n')
         assert steps and steps[0] and last == f"### Answer: {r['answer']}"
@@ -857,3 +897,107 @@ def test_mmbench_tsv_is_the_multiple_choice_set(eval_set):
     for q in qs:  # the gold option's text is the same in every round
         r = mc[int(q['question_id'])]
         assert q['options'][tasks.prompts.LETTERS.index(q['answer'])] == r['options'][tasks.prompts.LETTERS.index(r['answer'])]
+
+
+# -----------------------------------------------------------------------------
+# Knowledge the image does not show, and the combinations held out of training
+
+HELD_OUT_RULES = ["A ring can roll.", "A triangle cannot roll.", "Yellow is a warm color.", "Blue is not a warm color."]
+
+
+def held_out(scene, q):
+    """Whether a question applies a rule to one of the held-out combinations (roll: ring, triangle;
+    warm: yellow, blue), resolved on the scene graph; None for a question that applies no such rule."""
+    if m := re.fullmatch(r"Can (.+) roll\?", q):
+        return referent(scene, m[1])['shape'] in ('ring', 'triangle')
+    if m := re.fullmatch(r"Is (.+) a warm color\?", q):
+        return referent(scene, m[1])['color'] in ('yellow', 'blue')
+    return None
+
+
+def bare(q):
+    for suffix in (SHORT, MC, COT, DIRECT):
+        q = q.removesuffix(suffix)
+    return q.removeprefix('<image>\n')
+
+
+def test_eval_knowledge(eval_set):
+    """Each category a fifth; answers true of the scene; '<rule> held-out' exactly the held-out combinations;
+    the rationale is the lookup then the rule; yes and no both common in the yes/no rules."""
+    _, scenes, _, rows = eval_set
+    kinds = Counter(r['category'] for r in rows['knowledge'])
+    assert set(kinds) == set(ps.KNOWLEDGE_CATEGORIES) and max(kinds.values()) - min(kinds.values()) <= 1
+    yes = Counter()
+    for r in rows['knowledge']:
+        scene = scene_of(scenes, r)
+        assert r['answer'] == truth(scene, r['question']) and r['answers'].count(r['answer']) >= 3
+        if r['category'] != 'corners':
+            assert held_out(scene, r['question']) == r['category'].endswith('held-out'), r
+            yes[r['category'], r['answer']] += 1
+        seen, rule = r['rationale'].split('. ', 1)
+        assert rule.rstrip('.') + '.' in {ps.rule_sentence(k, v) for k in ps.RULES for v in ps.SHAPES + ps.COLOR_NAMES
+                                          if (k == 'warm') == (v in ps.COLOR_NAMES)}, r
+    for category in ('roll seen', 'roll held-out', 'warm seen', 'warm held-out'):
+        assert abs(yes[category, 'yes'] - yes[category, 'no']) <= 1, yes
+
+
+def test_held_out_combinations_absent_from_every_training_answer(built):
+    """No file a model trains on (stage 2, pairs, CoT SFT, mining questions, REVERIE's rows) asks a held-out
+    rule-object question or states a held-out rule; the evaluation asks them."""
+    out = built[0]
+    scenes = {s['id']: s for split in json.loads((out / 'scenes.json').read_text()).values() for s in split}
+    n_knowledge = 0
+    for name in ('train.json', 'val.json', 'pairs.json', 'reasoner_sft.json', 'reasoner_direct.json', 'questions.json',
+                 'reverie_raw.json', 'captions.json'):
+        for r in json.loads((out / name).read_text()):
+            scene = scenes[r['image'].split('/')[1][:-4]]
+            texts = [t['value'] for t in r.get('conversations', []) + r.get('rejected_conversations', [])]
+            texts += [r[k] for k in ('question', 'rationale', 'correct_rationale', 'incorrect_rationale') if k in r]
+            for t in texts:
+                assert not any(rule in t for rule in HELD_OUT_RULES), (name, t)
+                q = bare(t)
+                if held_out(scene, q) is not None:
+                    n_knowledge += 1
+                    assert not held_out(scene, q), (name, q)
+    assert n_knowledge > 50
+
+
+def test_knowledge_question_held_out_modes():
+    rng = random.Random(3)
+    for scene in ps.sample_scenes('train', 200, 3):
+        for rule in ('roll', 'warm'):
+            for mode, want in (('exclude', False), ('only', True)):
+                k = ps.knowledge_question(scene, rng, rule, mode)
+                if k is not None:
+                    assert held_out(scene, k[2]) is want and k[4] == truth(scene, k[2])
+                    assert ((rule, k[1]) in ps.HELD_OUT) is want
+
+
+def test_reverie_rows_true_and_contradictions_flagged():
+    """REVERIE's raw rows: every answer true; a knowledge row's rationale states the visual fact and the
+    true rule, except the flagged ones (judge 'yes'), whose rule is stated wrong; confusing answers wrong."""
+    scenes = {s['id']: s for s in ps.sample_scenes('train', 400, 5)}
+    rows = ps.make_reverie(list(scenes.values()), random.Random(5), 400)
+    rules = {ps.rule_sentence(k, v) for k in ps.RULES for v in (ps.COLOR_NAMES if k == 'warm' else ps.SHAPES)}
+    flagged = 0
+    for r in rows:
+        scene = scenes[r['image'].split('/')[1][:-4]]
+        q = bare(r['question'])
+        right = truth(scene, q)
+        assert r['correct_answer'].rstrip('.').lower() == right, r
+        assert r['confusing_answer'].rstrip('.').lower() != right, r
+        assert r['judge'] in ('yes', 'no')
+        if r['kind'] == 'knowledge':
+            seen, stated = r['correct_rationale'].split('. ', 1)
+            o = referent(scene, re.search(r"(?:Can|Is|does) (.+?) (?:roll|a warm|have)", q)[1])
+            assert o['shape'] in seen and (o['color'] in seen or 'object' in seen), r
+            if r['judge'] == 'yes':
+                flagged += 1
+                assert stated not in rules, r
+            else:
+                assert stated in rules, r
+        else:
+            assert r['judge'] == 'no'
+    assert flagged >= 1
+    n = Counter(r['kind'] for r in rows)
+    assert n['knowledge'] == max(n.values()) and n['arith'] > 0
