@@ -21,6 +21,16 @@ uncertain evidence a prior could fill in (as LLaVA names the small, blurred thin
 fork); the annotator who expects co-occurrence then names such an object as a partner. Measured (the
 docs/log.md): it makes descriptions hallucinate, but mostly shapes that look alike, not the partner.
 
+The world's second version (2026-12-07) gives each method something to act on. Knowledge the image
+does not show: which shapes roll, how many corners each has, which colours are warm (RULES); the LM's
+corpus states them (shapes/pretrain.py), the instruction data only applies them to objects in images
+("Can the object in the top left roll?"), and some rule-object combinations (HELD_OUT) are never the
+subject of a training answer, so eval/knowledge.jsonl can ask whether a model composes what it sees with
+what it knows; REVERIE's raw rows reason with those rules (a few state one wrong, flagged by a judge
+verdict). Multi-step arithmetic with a wide answer space: corners added or subtracted over 2-4 objects
+(ARITH_KINDS, answers 0-48), the reasoning questions of the CoT eval, the mining questions and the CoT
+SFT set; stage 2 trains only their short answers, as LLaVA-Reasoner's base was trained.
+
 Usage:
     python -m shapes.prepare                                  # data/shapes with the defaults below
     python -m shapes.prepare --n_train=500 --out_dir=data/shapes_small
@@ -34,13 +44,15 @@ Output (out_dir):
     captions.json, captions_val.json   stage-1 captions, one per scene, same record format
     pairs.json, pairs_val.json         DPO pairs in CSR's format: {"id", "image", "conversations", "rejected_conversations"}
     prompts.json            self-rewarding prompts in CSR's format: {"id", "image", "input"}, one per training scene
-    questions.json          answer-checked mining questions (selfreward.py mode=answer) on training scenes:
-                            {"question_id", "image", "question", "answer", "answers": [10], "rationale", "category"}
+    questions.json          answer-checked mining questions (selfreward.py mode=answer) on training scenes, the
+                            arithmetic: {"question_id", "image", "question", "answer", "answers": [10], "rationale", "category"}
     reasoner_sft.json       LLaVA-Reasoner's CoT SFT mix, LLaVA conversations: each question twice, as separate
                             single-turn samples, the prompt suffix alone selecting the mode (CoT: rationale
                             then '### Answer: X'; direct: the short answer), on training scenes other than
                             questions.json's (while n_train leaves room for both sets)
     reasoner_direct.json    the same questions' direct copies only: the direct-only baseline (LLaVA-Reasoner's ②)
+    reverie_raw.json        REVERIE's raw rows: {"image", "question", "correct_answer", "confusing_answer",
+                            "correct_rationale", "incorrect_rationale", "kind", "judge"} (judge 'yes': contradicts)
     test.jsonl              held-out short-answer questions, one per line:
                             {"question_id", "image", "text", "answer", "type", "scene_id"[, "probe"]}
     scenes.json             {"train": [scene, ...], "val": [...], "test": [...]}
@@ -49,7 +61,9 @@ Output (out_dir):
       pope.jsonl            {"question_id", "image", "text", "label": yes|no, "category": random|popular|adversarial}
       mc.jsonl              {"question_id", "image", "question", "options": [4], "answer": letter, "category"}
       vqa.jsonl             {"question_id", "image", "question", "answers": [10], "answer", "category"}
-      cot.jsonl             {"question_id", "image", "question", "answer", "answers": [10], "rationale", "category"}
+      cot.jsonl             the arithmetic: {"question_id", "image", "question", "answer", "answers": [10], "rationale", "category"}
+      knowledge.jsonl       lookup + rule: {"question_id", "image", "question", "answers": [10], "answer", "category"
+                            ('<rule> seen' | '<rule> held-out' | 'corners'), "rationale"}
       chair.jsonl           {"question_id", "image", "text", "objects": [shape, ...], "caption"}
       synonyms.txt          CHAIR's synonym list: "canonical, synonym, ..." per shape
     tokenizer/              transformers tokenizer (AutoTokenizer.from_pretrained) with chat template

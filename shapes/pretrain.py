@@ -39,10 +39,18 @@ lookups then stay at chance for thousands of steps; measured). The
 LM thus arrives at stage 1 knowing every format and how to read a scene from 9 slots; stage 1
 (projector only, captions) only has to teach the projector to write what those slots held.
 
+The world's knowledge (shapes/prepare.py's RULES: which shapes roll, their corners, the warm colours) is
+learnt here, as Vicuna arrives knowing that balls roll: 'rules' documents state every rule in text, and
+'reason' documents work the world's arithmetic step by step about the scene in the slots. The VLM's
+instruction data then only applies the rules to objects in images, never to a HELD_OUT combination.
+
 The CLIP is trained with CLIP's symmetric contrastive loss between images and one sentence per image
-("A red circle is in the top left."), with the same sentence made false (colour, shape or position
-changed) added as hard negatives (NegCLIP), so its score tells a true sentence from an altered one:
-what calibrated self-rewarding needs of it. Its vision tower is also what the VLM sees through, so
+in the words of the world's descriptions ("A red circle is in the top left, with a square nearby."), with
+the same sentence made false (colour, shape or position changed, or its clause naming a shape not in
+the image: for an object whose partner is missing, that partner) added as hard negatives (NegCLIP), so
+its score tells a true sentence from an altered one, and a true caption from one that names the absent
+partner: what calibrated self-rewarding needs of it (the first CLIPs read one-object sentences only, and
+could not tell a clause naming a present partner from one naming an absent one: docs/log.md). Its vision tower is also what the VLM sees through, so
 its penultimate-layer patch features are additionally trained to name each cell's shape and colour
 (a linear probe trained with it, dropped afterwards): real CLIP features separate objects in patches;
 a 0.4M-parameter one learns that in seconds only with the help. A second probe reads each patch's
@@ -474,15 +482,15 @@ def clip_sentences(scene, o, rng):
     """A true sentence about o and 4 false ones (NegCLIP's hard negatives), in the words of the world's
     descriptions. The true one carries a partner clause naming its partner when that is in the image (70 %),
     or another shape in it (30 % of the rest), else none; the false ones are it with the colour, the shape
-    or the cell changed, and it with its clause naming a shape not in the image (where it had none: the
-    missing partner, 70 %): the one-word difference a scorer must see for CSR to reward a true caption
-    over one that names the absent partner."""
+    or the cell changed, and it with its clause naming a shape not in the image (where it had none and its
+    partner is missing: that partner): the one-word difference a scorer must see for CSR to reward a true
+    caption over one that names the absent partner."""
     present = {p['shape'] for p in scene['objects']}
     others, absent = sorted(present - {o['shape']}), sorted(set(W.SHAPES) - present)
     partner = W.PARTNER[o['shape']]
     clause = partner if partner in present and rng.random() < 0.7 else \
         rng.choice(others) if others and rng.random() < 0.3 else None
-    false_clause = partner if clause is None and partner in absent and rng.random() < 0.7 else rng.choice(absent)
+    false_clause = partner if clause is None and partner in absent else rng.choice(absent)
     return (object_sentence(o, clause=clause),
             [s[:-1] + (f", with a {clause} nearby." if clause else ".") for s in altered_sentences(scene, o, rng).values()]
             + [object_sentence(o, clause=false_clause)])
@@ -636,7 +644,10 @@ def pretrain_clip(tok, out):
                 true.append(count_sentence(n))
                 negs.append([count_sentence(k) for k in rng.sample([k for k in range(1, W.max_objects + 2) if k != n], K)])
                 continue
-            sentence, false = clip_sentences(scene, rng.choice(scene['objects']), rng)
+            # half the time an object whose partner is missing, when there is one: the co-occurrence bias makes
+            # them rare, and they are the ones whose absent partner's clause the scorer must learn to reject
+            alone = [o for o in scene['objects'] if all(p['shape'] != W.PARTNER[o['shape']] for p in scene['objects'])]
+            sentence, false = clip_sentences(scene, rng.choice(alone if alone and rng.random() < 0.5 else scene['objects']), rng)
             true.append(sentence)
             negs.append(false)
         t = ctok(true + [s for n in negs for s in n], padding=True, return_tensors='pt')

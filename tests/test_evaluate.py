@@ -263,7 +263,13 @@ def test_model_mode_shapes_suite(tmp_path, tiny_llava):
     m = read(out / "metrics.json")
     assert {t: list(s) for t, s in m.items()} == {"pope": ["random", "popular", "average"],
                                                   "mc": ["color", "shape", "overall"],
-                                                  "vqa": ["all", "count", "overall"], "cot": ["all"], "chair": ["all"]}
+                                                  "vqa": ["all", "count", "overall"], "cot": ["all"], "chair": ["all"],
+                                                  "direct_cot": ["all"]}
+    # the cot questions a second time, in LLaVA-Reasoner's direct mode, scored by the VQA rule
+    direct = read(out / "direct_cot_predictions.jsonl")
+    assert [r["question_id"] for r in direct] == [r["question_id"] for r in read(out / "cot_predictions.jsonl")]
+    assert all(r["prompt"].endswith("\nAnswer the question with a short answer.") and "Generate a reason" not in r["prompt"]
+               for r in direct) and "missing_marker" not in direct[0]
     assert set(m["pope"]["random"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio", "n"}
     assert set(m["chair"]["all"]) == {"chair_s", "chair_i", "recall", "avg_len", "n"}
     for task, items in SUITE.items():
@@ -311,20 +317,23 @@ def test_shapes_eval_sets_with_oracle_answers_score_perfectly(tmp_path):
     world = tmp_path / "shapes"
     p = subprocess.run([sys.executable, "-m", "shapes.prepare", f"--out_dir={world}", "--n_train=50", "--n_val=5",
                         "--n_test=5", "--n_eval=150", "--eval_pope=20", "--eval_mc=20",
-                        "--eval_vqa=20", "--eval_cot=20", "--eval_chair=20"],
+                        "--eval_vqa=20", "--eval_cot=20", "--eval_chair=20", "--eval_knowledge=20"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     oracle = dict(pope=lambda r: r["label"].capitalize() + ".", mc=lambda r: f"The answer is {r['answer']}.",
-                  vqa=lambda r: r["answer"].capitalize(), cot=lambda r: r["rationale"], chair=lambda r: r["caption"])
+                  vqa=lambda r: r["answer"].capitalize(), cot=lambda r: r["rationale"], chair=lambda r: r["caption"],
+                  knowledge=lambda r: r["answer"], direct_cot=lambda r: r["answer"])
     os.makedirs(tmp_path / "oracle")
-    for task, answer in oracle.items():
+    for task, answer in oracle.items():  # (direct_cot: the arithmetic of cot.jsonl, answered directly)
         write_jsonl(tmp_path / "oracle" / f"{task}_predictions.jsonl",
-                    [dict(question_id=r["question_id"], text=answer(r)) for r in read(world / "eval" / f"{task}.jsonl")])
+                    [dict(question_id=r["question_id"], text=answer(r))
+                     for r in read(world / "eval" / f"{'cot' if task == 'direct_cot' else task}.jsonl")])
     run([f"--shapes_dir={world}/eval", f"--predictions={tmp_path}/oracle", f"--out_dir={tmp_path}/out"])
     m = read(tmp_path / "out" / "metrics.json")
     assert list(m["pope"]) == ["random", "popular", "adversarial", "average"]
-    for task in ("pope", "mc", "vqa", "cot"):
+    for task in ("pope", "mc", "vqa", "cot", "knowledge", "direct_cot"):
         assert all(s["accuracy"] == 1.0 for s in m[task].values()), (task, m[task])
+    assert m["knowledge"]["seen"]["n"] + m["knowledge"]["held-out"]["n"] == 16  # 4 of each yes/no category; corners apart
     assert m["pope"]["average"]["f1"] == 1.0 and m["cot"]["overall"]["missing_marker"] == 0.0
     assert m["chair"]["all"]["chair_s"] == 0.0 and m["chair"]["all"]["chair_i"] == 0.0 and m["chair"]["all"]["recall"] == 1.0
     # multiple choice split by how many options are in the image: an answerer that takes another option that is

@@ -110,6 +110,73 @@ def test_altered_sentences_are_false():
         assert len(cells) == len(scene["objects"])
 
 
+def sentence_true(scene, sentence):
+    """Whether an object sentence, with or without its clause, is true of the scene: an object of that colour
+    and shape in that cell, and the clause's shape somewhere in the image (read off the scene graph here)."""
+    import re
+    cells = {"top left": (0, 0), "top": (0, 1), "top right": (0, 2), "left": (1, 0), "center": (1, 1),
+             "right": (1, 2), "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2)}
+    m = re.fullmatch(r"A (\w+) (\w+) is (?:in|at|on) the ([a-z ]+?)(?:, with a (\w+) nearby)?\.", sentence)
+    assert m, sentence
+    there = any((o["color"], o["shape"], (o["row"], o["col"])) == (m[1], m[2], cells[m[3]]) for o in scene["objects"])
+    return there and (m[4] is None or any(o["shape"] == m[4] for o in scene["objects"]))
+
+
+def test_clip_training_sentences_true_and_negatives_false():
+    """The CLIP's training sentence about an object is true of the scene, each of its 4 negatives false; the
+    partner clause is among the trues (partner there) and the absent partner's clause among the falses."""
+    rng = random.Random(0)
+    clauses = {"true partner": 0, "false partner": 0}
+    for scene in W.sample_scenes("clip", 400, 3):
+        o = rng.choice(scene["objects"])
+        good, bad = P.clip_sentences(scene, o, rng)
+        assert sentence_true(scene, good) and len(bad) == 4 and not any(sentence_true(scene, b) for b in bad), (scene, good, bad)
+        clauses["true partner"] += f", with a {W.PARTNER[o['shape']]} nearby" in good
+        clauses["false partner"] += f", with a {W.PARTNER[o['shape']]} nearby" in bad[-1]
+    assert clauses["true partner"] > 50 and clauses["false partner"] > 50, clauses
+
+
+def test_clause_pairs_put_a_true_sentence_against_its_false_twin():
+    """clip_check's clause checks: each pair is one object's sentence twice on the same image, differing only
+    in the clause; the first true, the second false; 'partner' pairs the plain sentence with the absent partner's."""
+    scenes = W.sample_scenes("clip_eval", 200, 1337)
+    pairs = P.clause_pairs(scenes)
+    for kind, (idx, good, bad) in pairs.items():
+        assert len(idx) > 40
+        for i, g, b in zip(idx, good, bad):
+            assert sentence_true(scenes[i], g) and not sentence_true(scenes[i], b), (kind, g, b)
+            assert g.split(" is ")[0] == b.split(" is ")[0]
+            if kind == "partner":
+                assert b == g[:-1] + f", with a {W.PARTNER[g.split()[2]]} nearby."
+
+
+def test_rules_documents_state_every_rule_and_reason_documents_work_true_arithmetic():
+    """The LM's corpus: a rules document says each rule about each shape or colour once (as a sentence or a
+    question and its answer), truly; a reasoning conversation's chains add up to their answers."""
+    import re
+    rng = random.Random(0)
+    text = P.rules_segments(rng)[0][0]
+    facts = re.split(r"(?<=\.) ", text)
+    assert len(facts) == 2 * len(W.SHAPES) + len(W.COLOR_NAMES)
+    for f in facts:
+        if m := re.fullmatch(r"Can a (\w+) roll\? (Yes|No)\.", f):
+            assert (m[2] == "Yes") == W.ROLLS[m[1]]
+        elif m := re.fullmatch(r"Is (\w+) a warm color\? (Yes|No)\.", f):
+            assert (m[2] == "Yes") == W.WARM[m[1]]
+        elif m := re.fullmatch(r"How many corners does a (\w+) have\? (\d+)\.", f):
+            assert int(m[2]) == W.CORNERS[m[1]]
+        else:
+            assert f in {W.rule_sentence(k, v) for k in W.RULES for v in W.SHAPES + W.COLOR_NAMES
+                         if (k == "warm") == (v in W.COLOR_NAMES)}, f
+    n = 0
+    for scene in W.sample_scenes("lm", 50, 3):
+        for _, q, a in P.reason_conversation(scene, rng):
+            expr, value = re.search(r"([\d +-]+) = (\d+)\.\n### Answer: (\d+)$", a).groups()[:2]
+            assert eval(expr) == int(value) == int(a.rsplit(" ", 1)[1]) and q.endswith(W.COT_SUFFIX)
+            n += 1
+    assert n > 50
+
+
 def test_lm_prior_noise_writes_the_believed_partner_over_true_slots(monkeypatch):
     """lm_prior_noise=1: every caption document of a scene with a missing partner names that partner,
     while its slots still hold the true scene; 0 (the shipped LM's corpus) writes exactly the truth."""
