@@ -296,7 +296,9 @@ def test_evaluate_best_of_verifier_vs_majority(world, tmp_path):
         assert r["weighted_pick"] == r["majority_pick"]  # equal rewards: weighted voting is the majority vote
     overall = best["overall"]  # 4 questions of 3 kinds: a split per kind and the pooled one
     assert overall["n"] == 4 and set(overall) == {"greedy", "sample", "majority", "verifier", "weighted", "oracle", "n",
-                                                  "verifier_auc"}
+                                                  "verifier_auc", "in_band"}
+    # in_band: the questions right in 25-85 % of their samples (with 3 samples: exactly 1 of 3 right)
+    assert overall["in_band"] == pytest.approx(sum(0.25 <= r["sample"] <= 0.85 for r in rows) / 4)
     assert overall["verifier_auc"] in (None, 0.5)  # every reward 0: every ordered pair a tie
     assert all(0 <= overall[k] <= overall["oracle"] for k in ("sample", "majority", "verifier"))
     # the greedy column is the ordinary cot evaluation of the same run

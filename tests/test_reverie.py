@@ -228,4 +228,7 @@ def test_shapes_world_rows_are_true_of_their_scenes(tmp_path):
             n = sum(W.PLURALS[o["shape"]] == shape for o in scene["objects"])
             assert r["correct_answer"].rstrip(".") == str(n)
     out, summary = prepare(d / "images", d / "reverie_raw.json")
-    assert summary["rows"] == {"positive": 100, "negative": 100}
+    # the rows whose rationale states a rule wrong carry the judge verdict 'yes': the judge filter drops them
+    flagged = sum(r["judge"] == "yes" for r in rows)
+    assert flagged >= 1 and all(r["kind"] == "knowledge" for r in rows if r["judge"] == "yes")
+    assert summary["rows"] == {"positive": 100 - flagged, "negative": 100 - flagged}
