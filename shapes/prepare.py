@@ -647,8 +647,9 @@ def knowledge_question(scene, rng, rule=None, held_out='exclude', want=None):
     """A question that needs a lookup and a rule: (rule, subject, question, rationale, short answer), or
     None when the scene has none. The object is named by its cell ('the object in the top left') or, when
     unique, by the attribute the rule does not read ('the red object' for roll and corners, 'the circle'
-    for warm). Yes/no rules pick the answer 50/50 first (want=True / False: only that answer). held_out: 'exclude' (training data: never a
-    HELD_OUT combination), 'only' (only those), 'any'. The rationale states the visual fact, then the rule."""
+    for warm). Yes/no rules pick the answer 50/50 first (want=True / False: only that answer). held_out:
+    'exclude' (training data: never a HELD_OUT combination), 'only' (only those), 'any'. The rationale
+    states the visual fact, then the rule."""
     rule = rule or rng.choice(RULES)
     grid = scene.get('grid', 3)
     objs = [o for o in scene['objects']

@@ -50,7 +50,8 @@ the same sentence made false (colour, shape or position changed, or its clause n
 the image: for an object whose partner is missing, that partner) added as hard negatives (NegCLIP), so
 its score tells a true sentence from an altered one, and a true caption from one that names the absent
 partner: what calibrated self-rewarding needs of it (the first CLIPs read one-object sentences only, and
-could not tell a clause naming a present partner from one naming an absent one: docs/log.md). Its vision tower is also what the VLM sees through, so
+could not tell a clause naming a present partner from one naming an absent one: docs/log.md). Its vision
+tower is also what the VLM sees through, so
 its penultimate-layer patch features are additionally trained to name each cell's shape and colour
 (a linear probe trained with it, dropped afterwards): real CLIP features separate objects in patches;
 a 0.4M-parameter one learns that in seconds only with the help. A second probe reads each patch's
