@@ -12,7 +12,7 @@ repository ships shapes/models/ (as a LLaVA user downloads Vicuna and CLIP), mad
 deterministically from the seed (the first shipped pair, made at commit 15459f1 with the corpus bug
 below and a CLIP that did not know where a patch is, is in the history at dd1b8d3; docs/log.md measures both):
 
-    python -m shapes.pretrain                       # shapes/models (about 37 min on 2 CPU cores: CLIP 3, LM 34)
+    python -m shapes.pretrain                       # shapes/models (about 94 min on 2 CPU cores: CLIP 17, LM 77)
     python -m shapes.pretrain --lm_steps=200 --clip_steps=100 --out_dir=/tmp/m   # a quick small version
 
 Why the LM reads images it has never seen. A language model learns nothing about pixels; what it
