@@ -51,8 +51,9 @@ Written to out_dir:
                      the accuracy of the greedy answer, of one random sample (the mean over the N), of
                      the majority answer, of the verifier's pick (the highest reward), of weighted voting
                      (each sample's answer weighted by softmax of the rewards), of an oracle that picks a right one
-                     when any is; and how often the reward ranks a question's better sample higher; in_band: the share of questions
-                     right in band (0.25-0.85) of their samples, where answer-checked mining finds a pair
+                     when any is; and how often the reward ranks a question's better sample higher;
+                     in_band: the share of questions right in `band` (0.25-0.85) of their samples, where
+                     answer-checked mining finds a pair
   best_of_predictions.jsonl   every question's samples, rewards, scores and picks
 """
 import json

@@ -3,8 +3,9 @@
 # of the same questions), then from the CoT-SFT model: mine answer-checked pairs on other scenes'
 # questions, DPO on them, and best-of-8 on the CoT eval set with the DPO model as the verifier
 # (reward log pi_dpo / pi_sft of candidates the SFT model samples) vs the majority answer vs greedy;
-# every model also answers the CoT eval questions in the direct mode (the shapes suite's direct_cot). Variations of the DPO step: ten
-# times its lr; four times the mining questions; pairs checked by the whole chain (an oracle).
+# every model also answers the CoT eval questions in the direct mode (the shapes suite's direct_cot).
+# Variations of the DPO step: ten times its lr; four times the mining questions; pairs checked by the
+# whole chain (an oracle).
 # Held equal: the seed's base checkpoint, the 3,000 SFT questions and the optimizer steps (the direct
 # baseline takes 2 epochs of its half-size file), the evaluation suite.
 #   python -m experiments.run experiments/reasoner.py
