@@ -253,6 +253,11 @@ if master:
         metrics["mc"].update(tasks.shapes.mc_by_options_in_image(rows["mc"], scenes_file, lambda r: B.judge("mc", r)))
     if "knowledge" in metrics:
         metrics["knowledge"].update(tasks.shapes.held_out_splits(metrics["knowledge"]))
+    if "cot" in rows:  # the shapes world's arithmetic: each chain's claims checked against its scene graph
+        scenes = tasks.shapes.load_scenes(os.path.dirname(os.path.normpath(shapes_dir)))
+        for split, g in list(tasks.pope.by_category(rows["cot"]).items()) + [("overall", rows["cot"])]:
+            if split in metrics["cot"]:
+                metrics["cot"][split].update(tasks.shapes.chain_facts(g, scenes, lambda r: B.judge("cot", r)))
     for t, ps in preds.items():
         print(f"\n{t}\n  {'question':48s} {'answer':28s} {'read as':14s} truth")
         for p in ps[:show]:
@@ -263,7 +268,8 @@ if master:
     # one table: a row per task and split, a column per metric any of them has
     columns = [("n", "n"), ("accuracy", "acc"), ("precision", "prec"), ("recall", "recall"), ("f1", "f1"),
                ("yes_ratio", "yes"), ("no_letter", "no_letter"), ("missing_marker", "no_marker"),
-               ("chain_exact", "chain"), ("right_answer_wrong_chain", "lucky"),
+               ("chain_exact", "chain"), ("right_answer_wrong_chain", "lucky"), ("chain_true", "true"),
+               ("right_answer_false_chain", "lucky/rt"),
                ("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("avg_len", "words"),
                ("acc_plus", "acc+"), ("other", "other"), ("score", "score"), ("single", "1-round")]
     columns = [(k, h) for k, h in columns if any(k in m for splits in metrics.values() for m in splits.values())]

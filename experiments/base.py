@@ -14,5 +14,5 @@ runs = {
                        "sft.py config/shapes_stage2.py --seed={seed} --init_from={dir}/stage1 --out_dir={dir}/stage2",
                        "evaluate.py --task=cot --data_path=data/shapes/questions.json --max_questions=100 --best_of=16 "
                        "--init_from={dir}/stage2 --seed={seed} --out_dir={dir}/band"],
-             "model": "{dir}/stage2", "extra": {"band": "{dir}/band/best_of.json"}},
+             "model": "{dir}/stage2", "extra": {"band": "{dir}/band/best_of.json", "band_greedy": "{dir}/band/metrics.json"}},
 }

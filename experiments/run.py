@@ -63,7 +63,14 @@ ROWS = [("POPE random acc", "pope", "random", "accuracy"), ("POPE popular acc", 
         ("arithmetic CoT: together", "cot", "together", "accuracy"), ("arithmetic CoT: difference", "cot", "difference", "accuracy"),
         ("arithmetic CoT without '### Answer:'", "cot", "overall", "missing_marker"),
         ("arithmetic CoT chain verbatim the true one", "cot", "overall", "chain_exact"),
-        ("arithmetic CoT right answer after a wrong chain", "cot", "overall", "right_answer_wrong_chain"),
+        ("arithmetic CoT right answer after a chain not verbatim the true one", "cot", "overall", "right_answer_wrong_chain"),
+        ("arithmetic CoT chain with every claim true (checked on the scene)", "cot", "overall", "chain_true"),
+        ("arithmetic CoT right answers after a chain with a false claim (share of the right ones)", "cot", "overall",
+         "right_answer_false_chain"),
+        ("mining questions, greedy CoT", "band_greedy/cot", "overall", "accuracy"),
+        ("mining questions, greedy chain with every claim true", "band_greedy/cot", "overall", "chain_true"),
+        ("mining questions, right answers after a false chain (greedy)", "band_greedy/cot", "overall",
+         "right_answer_false_chain"),
         ("arithmetic, direct", "direct_cot", "overall", "accuracy"),
         ("mining questions, one sample right (16 at T=1)", "band", "overall", "sample"),
         ("mining questions right in 25-85 % of 16 samples", "band", "overall", "in_band"),
@@ -116,7 +123,10 @@ def partner_share(predictions_path):
 
 
 def figure(metrics, task, split, metric):
-    s = metrics.get(task, {}).get(split)
+    """metrics[task][split][metric]; a task 'a/b' reads metrics[a][b] (an extra file's own task)."""
+    for key in task.split("/"):
+        metrics = metrics.get(key, {})
+    s = metrics.get(split)
     if s is None:
         return None
     return fp_rate(s) if metric == "fp_rate" else s.get(metric)

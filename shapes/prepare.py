@@ -103,6 +103,9 @@ small_size = 0.13       # a small object's radius as a share of its cell (about 
 prior_noise = 0.85      # share of training conversations about a scene with a missing partner that are
                         # written as if the partner were there (an annotator's co-occurrence error, as in
                         # LLaVA's GPT-written data): the source of the base model's hallucination
+prior_ask = 0.5         # share of those conversations that also ask "Is there a <partner>?" (answered 'yes'): an
+                        # annotator primed by co-occurrence asks about what it expects, so the error reaches the
+                        # yes/no answers, not only the descriptions (0: POPE's adversarial false positives ~1 %)
 believed_small = True   # with small objects: the annotator names a small object as the partner of a clearly drawn one
                         # (same colour and cell; a missing partner first), before believed_style's phantom
 believed_style = 'random'  # the believed partner: 'random' colour and free cell, or 'anchor': its anchor's colour,
@@ -830,11 +833,17 @@ def make_sft_records(scenes, split, rng):
     records, kinds, n_believed = [], Counter(), 0
     for scene in scenes:
         image = f"{split}/{scene['id']}.png"
+        phantom = None
         if prior_noise and rng.random() < prior_noise:
             believed = believed_scene(scene, rng)
             if believed is not None:
+                phantom = next((o for o in believed['objects'] if o not in scene['objects']), None)
                 scene, n_believed = believed, n_believed + 1
         qas = sample_qas(scene, rng, rng.randint(4, 8))
+        if phantom is not None and prior_ask and rng.random() < prior_ask:
+            qa = ask_exist(scene, phantom['shape'], None, pick_style(rng))
+            if all(q != qa[0] for _, q, _ in qas):
+                qas.insert(rng.randrange(len(qas) + 1), ('exist', *qa))
         records.append(conversation_record(scene['id'], image, qas))
         if rng.random() < single_turn_p:
             single = sample_qas(scene, rng, 1)

@@ -335,6 +335,7 @@ def test_shapes_eval_sets_with_oracle_answers_score_perfectly(tmp_path):
         assert all(s["accuracy"] == 1.0 for s in m[task].values()), (task, m[task])
     assert m["knowledge"]["seen"]["n"] + m["knowledge"]["held-out"]["n"] == 16  # 4 of each yes/no category; corners apart
     assert m["pope"]["average"]["f1"] == 1.0 and m["cot"]["overall"]["missing_marker"] == 0.0
+    assert m["cot"]["overall"]["chain_true"] == 1.0 and m["cot"]["overall"]["right_answer_false_chain"] == 0.0
     assert m["chair"]["all"]["chair_s"] == 0.0 and m["chair"]["all"]["chair_i"] == 0.0 and m["chair"]["all"]["recall"] == 1.0
     # multiple choice split by how many options are in the image: an answerer that takes another option that is
     # in the image whenever there is one is right exactly on the questions with one option there
@@ -379,3 +380,49 @@ def test_mme_and_mmbench_score_only_from_the_real_formats(tmp_path):
     write_jsonl(tmp_path / "mmb_short.jsonl", [dict(question_id=int(i), round_id=r, text=a) for i, r, a in rounds[:-1]])
     p = run(["--task=mmbench", f"--data_path={tsv}", f"--predictions={tmp_path}/mmb_short.jsonl"], ok=False)
     assert "mmb_short.jsonl: no answer for question_id '11' round 2" in p.stderr
+
+
+def test_chain_facts_checks_each_claim_against_the_scene():
+    """tasks.shapes.chain_problems reads the world's arithmetic chains claim by claim: every gold chain
+    (the three kinds, on 300 scenes) passes, and each kind of false claim is caught whatever the final
+    answer: a shape listed wrong, an object's shape wrong, a corner rule wrong, bad arithmetic, terms that
+    are not the named shapes' corners, an answer that is not the sum's, the wrong object looked at, a
+    sentence the check cannot read. chain_facts counts the right answers that follow a false chain."""
+    import random
+    from shapes.prepare import ARITH_KINDS, CORNERS, arith_question, cot_format, position_phrase, sample_scenes
+    from tasks.shapes import chain_facts, chain_problems
+    rng = random.Random(0)
+    cases = []
+    for sc in sample_scenes("eval", 300, 7):
+        for kind in ARITH_KINDS:
+            a = arith_question(sc, rng, kind)
+            if a:
+                cases.append((sc, a[1], cot_format(a[1], a[2], a[3])[1], a[3]))
+    position = lambda o: position_phrase(o["row"], o["col"])
+    assert len(cases) > 600 and not [c for c in cases if chain_problems(c[2], c[1], c[0], CORNERS, position)]
+    total = next(c for c in cases if c[1].endswith("in total?") and "square" in c[2] and "cross" not in c[2])
+    sc, q, gold, short = total
+    two = next(c for c in cases if "the object in the" in c[1] and "together" in c[1])
+    other_cell = next(p for p in ["in the top left", "in the center", "at the bottom", "on the right"]
+                      if p not in two[1] and f"the object {p}" not in two[2].lower())
+    wrong = {  # each keeps the final answer line as it is
+        "shape listed": (q, gold.replace("a square", "a cross", 1)),
+        "corner rule": (q, gold.replace("square has 4", "square has 5")),
+        "arithmetic": (q, gold.replace(f"= {short}.", f"= {int(short) + 1}.")),
+        "terms": (q, gold.replace(" + ", " + 1 + ", 1)),
+        "answer": (q, gold.replace(f"### Answer: {short}", f"### Answer: {int(short) + 2}")),
+        "object looked at": (two[1], two[2].replace(two[1].split("the object ")[1].split(" and")[0], other_cell, 1)),
+        "unread": (q, gold.replace("\n###", " Then I checked.\n###")),
+    }
+    for what, (question, text) in wrong.items():
+        scene = two[0] if question == two[1] else sc
+        assert text != (two[2] if question == two[1] else gold), what
+        assert chain_problems(text, question, scene, CORNERS, position), what
+    # a square taken for a diamond has the same corners: the right answer after a false chain
+    lucky = next(c for c in cases if " square" in c[2] and c[1].endswith("in total?"))
+    rows = [dict(image=f"eval/{c[0]['id']}.png", question=c[1], text=c[2], answers=[c[3]]) for c in cases[:9]]
+    rows.append(dict(image=f"eval/{lucky[0]['id']}.png", question=lucky[1], answers=[lucky[3]],
+                     text=lucky[2].replace("a square", "a diamond").replace("A square", "A diamond")))
+    judge = lambda r: dict(score=float(r["text"].split("### Answer:")[-1].strip() in r["answers"]))
+    m = chain_facts(rows, {c[0]["id"]: c[0] for c in cases}, judge)
+    assert m == dict(chain_true=0.9, n_right=10, right_answer_false_chain=0.1), m
