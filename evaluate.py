@@ -147,13 +147,13 @@ scorer = {t: tasks.shapes.SCORER.get(t, t) if task == "shapes" else t for t, _, 
 questions = {t: B.read_benchmark(path, scorer[t], pope_annotation_dir or None, mme_root or image_root, circular)
              for t, path, _ in runs}
 if task == "shapes":  # entries asked in another mode than their benchmark's (the arithmetic, directly)
-    questions.update({t: [dict(q, prompt=tasks.prompts.with_suffix(tasks.prompts.strip_modes(q["prompt"]), sfx)) for q in questions[t]]
+    questions.update({t: [dict(q, prompt=tasks.prompts.in_mode(q["prompt"], sfx)) for q in questions[t]]
                       for t, sfx in tasks.shapes.SUFFIX.items() if t in questions})
 synonyms = tasks.chair.read_synonyms(synonyms_path) if "chair" in questions else None
 if max_questions:
     questions = {t: qs[:max_questions] for t, qs in questions.items()}
 if prompt_suffix:  # the same questions in another answer mode
-    questions = {t: [dict(q, prompt=tasks.prompts.with_suffix(tasks.prompts.strip_modes(q["prompt"]), prompt_suffix)) for q in qs]
+    questions = {t: [dict(q, prompt=tasks.prompts.in_mode(q["prompt"], prompt_suffix)) for q in qs]
                  for t, qs in questions.items()}
 if best_of and (no_image := [q["question_id"] for q in questions["cot"] if q["image"] is None]):
     raise D.DataError(f"best_of: every cot question needs an image; question_id {no_image[0]!r} has none", "no image")
@@ -253,8 +253,10 @@ if master:
         metrics["mc"].update(tasks.shapes.mc_by_options_in_image(rows["mc"], scenes_file, lambda r: B.judge("mc", r)))
     if "knowledge" in metrics:
         metrics["knowledge"].update(tasks.shapes.held_out_splits(metrics["knowledge"]))
+    scenes = tasks.shapes.load_scenes(os.path.dirname(os.path.normpath(shapes_dir))) if "pope" in rows or "cot" in rows else {}
+    if "pope" in rows:  # the shapes world's POPE: false positives on the absent partners vs the other absent shapes
+        metrics["pope"].update(tasks.shapes.pope_by_partner(rows["pope"], scenes, lambda r: B.judge("pope", r)))
     if "cot" in rows:  # the shapes world's arithmetic: each chain's claims checked against its scene graph
-        scenes = tasks.shapes.load_scenes(os.path.dirname(os.path.normpath(shapes_dir)))
         for split, g in list(tasks.pope.by_category(rows["cot"]).items()) + [("overall", rows["cot"])]:
             if split in metrics["cot"]:
                 metrics["cot"][split].update(tasks.shapes.chain_facts(g, scenes, lambda r: B.judge("cot", r)))
@@ -267,7 +269,7 @@ if master:
                   f"{str(read_as)[:14]:14s} {str(truth)[:30]}")
     # one table: a row per task and split, a column per metric any of them has
     columns = [("n", "n"), ("accuracy", "acc"), ("precision", "prec"), ("recall", "recall"), ("f1", "f1"),
-               ("yes_ratio", "yes"), ("no_letter", "no_letter"), ("missing_marker", "no_marker"),
+               ("yes_ratio", "yes"), ("yes_rate", "FP"), ("no_letter", "no_letter"), ("missing_marker", "no_marker"),
                ("chain_exact", "chain"), ("right_answer_wrong_chain", "lucky"), ("chain_true", "true"),
                ("right_answer_false_chain", "lucky/rt"),
                ("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"), ("avg_len", "words"),

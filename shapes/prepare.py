@@ -103,9 +103,10 @@ small_size = 0.13       # a small object's radius as a share of its cell (about 
 prior_noise = 0.85      # share of training conversations about a scene with a missing partner that are
                         # written as if the partner were there (an annotator's co-occurrence error, as in
                         # LLaVA's GPT-written data): the source of the base model's hallucination
-prior_ask = 0.5         # share of those conversations that also ask "Is there a <partner>?" (answered 'yes'): an
-                        # annotator primed by co-occurrence asks about what it expects, so the error reaches the
-                        # yes/no answers, not only the descriptions (0: POPE's adversarial false positives ~1 %)
+prior_ask = 0.5         # share of those conversations that also ask "Is there a <partner>?" ('yes', and a 'no' about a
+                        # shape absent even from the belief, to keep yes/no balanced): an annotator primed by
+                        # co-occurrence asks about what it expects, so the error reaches the yes/no answers, not only
+                        # the descriptions (0: POPE's adversarial false positives ~1 %; 0.5 unbalanced: 78 %, random's 40 %)
 believed_small = True   # with small objects: the annotator names a small object as the partner of a clearly drawn one
                         # (same colour and cell; a missing partner first), before believed_style's phantom
 believed_style = 'random'  # the believed partner: 'random' colour and free cell, or 'anchor': its anchor's colour,
@@ -841,9 +842,12 @@ def make_sft_records(scenes, split, rng):
                 scene, n_believed = believed, n_believed + 1
         qas = sample_qas(scene, rng, rng.randint(4, 8))
         if phantom is not None and prior_ask and rng.random() < prior_ask:
-            qa = ask_exist(scene, phantom['shape'], None, pick_style(rng))
-            if all(q != qa[0] for _, q, _ in qas):
-                qas.insert(rng.randrange(len(qas) + 1), ('exist', *qa))
+            # the believed partner ('yes') and, to keep yes/no balanced, a shape absent even from the belief ('no')
+            absent = [s for s in SHAPES if all(o['shape'] != s for o in scene['objects'])]
+            asked = [phantom['shape']] + ([rng.choice(absent)] if absent else [])
+            for qa in (ask_exist(scene, shape, None, pick_style(rng)) for shape in asked):
+                if all(q != qa[0] for _, q, _ in qas):
+                    qas.insert(rng.randrange(len(qas) + 1), ('exist', *qa))
         records.append(conversation_record(scene['id'], image, qas))
         if rng.random() < single_turn_p:
             single = sample_qas(scene, rng, 1)

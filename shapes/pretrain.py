@@ -253,8 +253,9 @@ def reason_conversation(scene, rng):
     qas = []
     for _ in range(rng.randint(2, 4)):
         a = W.arith_question(scene, rng)
-        if a is not None and all(q != W.cot_format(a[1], a[2], a[3])[0] for _, q, _ in qas):
-            qas.append(('cot', *W.cot_format(a[1], a[2], a[3])))
+        qa = None if a is None else W.cot_format(a[1], a[2], a[3])
+        if qa is not None and all(q != qa[0] for _, q, _ in qas):
+            qas.append(('cot', *qa))
     return qas
 
 

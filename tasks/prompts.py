@@ -41,6 +41,11 @@ def strip_modes(text):
     return text.strip()
 
 
+def in_mode(text, suffix):
+    """The same question asked in another answer mode: its mode suffixes replaced by `suffix`."""
+    return with_suffix(strip_modes(text), suffix)
+
+
 def option_lines(question, options):
     """LLaVA-1.5's multiple-choice layout (model_vqa_mmbench): the question, then 'A. option' lines."""
     return "\n".join([question] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)])

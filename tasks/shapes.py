@@ -9,7 +9,7 @@ import json
 import os
 import re
 
-from shapes.prepare import CORNERS, position_phrase
+from shapes.prepare import CORNERS, PARTNER, position_phrase
 from tasks.prompts import COT_MARKER, DIRECT_SUFFIX
 
 # the suite's files in its directory (MME's per-subtask answer files are in its mme/ folder); an entry is
@@ -56,6 +56,27 @@ def mc_by_options_in_image(mc_rows, scenes_file, judge):
         if k:
             groups.setdefault(f"{k} opts in image", []).append(judge(r)["score"])
     return {split: dict(accuracy=sum(g) / len(g), n=len(g)) for split, g in sorted(groups.items())}
+
+
+def pope_by_partner(rows, scenes, judge):
+    """POPE's 'no' questions (each image-shape question once, whatever its categories) split by whether
+    the absent shape is the co-occurrence partner of a shape in the image: {'partner negatives': dict(
+    yes_rate, n), 'other negatives': ...}; yes_rate is the false-positive rate. The world has 6 shapes, so
+    POPE's random negatives are often partners too (unlike COCO's 80 objects), which caps adversarial's
+    false positives at about 2x random's even for a model that says 'yes' only to partners; this split
+    shows the prior directly. {} when an image's scene is unknown."""
+    seen, groups = set(), {"partner negatives": [], "other negatives": []}
+    for r in rows:
+        scene = scenes.get(os.path.splitext(os.path.basename(r.get("image") or ""))[0])
+        m = re.match(r"is there an? (\w+)", str(r.get("prompt", "")).lower())
+        if scene is None or m is None:
+            return {}
+        if r["label"] != "no" or (r["image"], m.group(1)) in seen:
+            continue
+        seen.add((r["image"], m.group(1)))
+        partner = any(PARTNER.get(o["shape"]) == m.group(1) for o in scene["objects"])
+        groups["partner negatives" if partner else "other negatives"].append(judge(r)["pred"] == "yes")
+    return {k: dict(yes_rate=sum(g) / len(g), n=len(g)) for k, g in groups.items() if g}
 
 
 # --- the arithmetic chains' facts, checked against the scene graph

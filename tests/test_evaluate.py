@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, make_tokenizer, tiny_configs
+from shapes.prepare import PARTNER
 
 OPTS = ["red", "green", "blue", "white"]
 # (question, answer text) per task; expected metrics in the tests below
@@ -330,12 +331,13 @@ def test_shapes_eval_sets_with_oracle_answers_score_perfectly(tmp_path):
                      for r in read(world / "eval" / f"{'cot' if task == 'direct_cot' else task}.jsonl")])
     run([f"--shapes_dir={world}/eval", f"--predictions={tmp_path}/oracle", f"--out_dir={tmp_path}/out"])
     m = read(tmp_path / "out" / "metrics.json")
-    assert list(m["pope"]) == ["random", "popular", "adversarial", "average"]
+    assert list(m["pope"]) == ["random", "popular", "adversarial", "average", "partner negatives", "other negatives"]
     for task in ("pope", "mc", "vqa", "cot", "knowledge", "direct_cot"):
-        assert all(s["accuracy"] == 1.0 for s in m[task].values()), (task, m[task])
+        assert all(s["accuracy"] == 1.0 for s in m[task].values() if "accuracy" in s), (task, m[task])
     assert m["knowledge"]["seen"]["n"] + m["knowledge"]["held-out"]["n"] == 16  # 4 of each yes/no category; corners apart
     assert m["pope"]["average"]["f1"] == 1.0 and m["cot"]["overall"]["missing_marker"] == 0.0
     assert m["cot"]["overall"]["chain_true"] == 1.0 and m["cot"]["overall"]["right_answer_false_chain"] == 0.0
+    assert m["pope"]["partner negatives"]["yes_rate"] == m["pope"]["other negatives"]["yes_rate"] == 0.0
     assert m["chair"]["all"]["chair_s"] == 0.0 and m["chair"]["all"]["chair_i"] == 0.0 and m["chair"]["all"]["recall"] == 1.0
     # multiple choice split by how many options are in the image: an answerer that takes another option that is
     # in the image whenever there is one is right exactly on the questions with one option there
@@ -347,8 +349,17 @@ def test_shapes_eval_sets_with_oracle_answers_score_perfectly(tmp_path):
         other = [i for i, o in enumerate(r["options"]) if o in present and "ABCD"[i] != r["answer"]]
         picks.append(dict(question_id=r["question_id"], text="ABCD"[other[0]] if other else r["answer"]))
     write_jsonl(tmp_path / "oracle" / "mc_predictions.jsonl", picks)
+    # POPE answered by the co-occurrence prior: 'yes' to what is there and to its absent partners
+    prior = []
+    for r in read(world / "eval" / "pope.jsonl"):
+        shapes = {o["shape"] for o in scenes[os.path.basename(r["image"])[:-4]]["objects"]}
+        asked = r["text"].split()[3]
+        prior.append(dict(question_id=r["question_id"], text="yes" if asked in shapes | {PARTNER[s] for s in shapes} else "no"))
+    write_jsonl(tmp_path / "oracle" / "pope_predictions.jsonl", prior)
     run([f"--shapes_dir={world}/eval", f"--predictions={tmp_path}/oracle", f"--out_dir={tmp_path}/out2"])
-    mc = read(tmp_path / "out2" / "metrics.json")["mc"]
+    mc, pope = read(tmp_path / "out2" / "metrics.json")["mc"], read(tmp_path / "out2" / "metrics.json")["pope"]
+    assert pope["partner negatives"]["yes_rate"] == 1.0 and pope["other negatives"]["yes_rate"] == 0.0, pope
+    assert pope["adversarial"]["accuracy"] == 0.5 and pope["random"]["accuracy"] > 0.5
     assert mc["1 opts in image"]["accuracy"] == 1.0 and mc["2 opts in image"]["accuracy"] == 0.0, mc
     assert sum(v["n"] for k, v in mc.items() if "in image" in k) == mc["color"]["n"] + mc["shape"]["n"]
 
