@@ -7,12 +7,12 @@
 out_dir = "out/exp_base"
 seeds = [1, 2, 3]
 # The last step measures the room LLaVA-Reasoner's answer-checked mining has: 16 answers sampled at T = 1.0
-# to each of the first 100 mining questions (data/shapes/questions.json), and the share of questions right
+# to each of the first 200 mining questions (data/shapes/questions.json), and the share of questions right
 # in 25-85 % of them (best_of.json's in_band), where a right and a wrong answer can be paired.
 runs = {
     "base": {"steps": ["sft.py config/shapes_stage1.py --seed={seed} --out_dir={dir}/stage1",
                        "sft.py config/shapes_stage2.py --seed={seed} --init_from={dir}/stage1 --out_dir={dir}/stage2",
-                       "evaluate.py --task=cot --data_path=data/shapes/questions.json --max_questions=100 --best_of=16 "
+                       "evaluate.py --task=cot --data_path=data/shapes/questions.json --max_questions=200 --best_of=16 "
                        "--init_from={dir}/stage2 --seed={seed} --out_dir={dir}/band"],
              "model": "{dir}/stage2", "extra": {"band": "{dir}/band/best_of.json", "band_greedy": "{dir}/band/metrics.json"}},
 }

@@ -623,6 +623,35 @@ def test_prior_noise_changes_only_the_training_conversations(tmp_path):
     assert wrong > 0
 
 
+def test_prior_ask_asks_about_the_believed_partner(monkeypatch):
+    """prior_ask=1: every conversation about a believed scene also asks whether its believed partner is
+    there ('yes', though the image lacks it) and, to keep yes/no balanced, whether a shape absent even
+    from the belief is ('no'); prior_ask=0 asks either only by chance."""
+    import random
+    scenes = ps.sample_scenes('train', 400, 3)
+    monkeypatch.setattr(ps, 'prior_noise', 1.0)
+    monkeypatch.setattr(ps, 'single_turn_p', 0.0)
+    counts = {}
+    for ask in (0.0, 1.0):
+        monkeypatch.setattr(ps, 'prior_ask', ask)
+        records, _, n_believed = ps.make_sft_records(scenes, 'train', random.Random(0))
+        phantom_yes = other_no = 0
+        for r, scene in zip(records, scenes):
+            shapes = {o['shape'] for o in scene['objects']}
+            missing = {ps.PARTNER[s] for s in shapes} - shapes
+            asked = {}  # shape -> answered yes, for 'Is there a <shape> in the image?'
+            for h, g in zip(r['conversations'][::2], r['conversations'][1::2]):
+                words = h['value'].removeprefix('<image>\n').split()
+                if words[:2] == ['Is', 'there'] and words[4:6] == ['in', 'the']:
+                    asked[words[3]] = g['value'].lower().startswith('yes')
+            believed = bool(missing)  # (prior_noise 1, no small objects, a free cell in every scene of <= 4)
+            phantom_yes += believed and any(yes and s in missing for s, yes in asked.items())
+            other_no += believed and any(not yes and s not in shapes for s, yes in asked.items())
+        counts[ask] = (phantom_yes, other_no, n_believed)
+    (y0, o0, b0), (y1, o1, b1) = counts[0.0], counts[1.0]
+    assert b1 == b0 > 50 and y1 >= 0.95 * b1 and o1 >= 0.95 * b1 and y0 < 0.2 * b1 and o0 < 0.6 * b1, counts
+
+
 def test_captions_for_stage_one(built):
     """captions.json: one LLaVA record per training scene whose answer is the scene's true description
     (never with partner_clause: stage 1's frozen LM never read it)."""
