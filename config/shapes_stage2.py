@@ -13,7 +13,7 @@ micro_batch_size = 16
 epochs = 2.0            # LLaVA-1.5 does 1; here 1 epoch left the base (on today's LM, with the position-blind
                         # CLIP) naming the wrong partner in its clauses ("A red ring ..., with a ring nearby"): docs/log.md
 group_by_length = 16    # sort windows of 16 batches by length, as LLaVA-1.5's group_by_modality_length: the world's
-                        # conversations run 20-370 tokens, and random batches were 43 % padding (stage 2: 363 s vs 570 s)
+                        # conversations run 20-370 tokens, and random batches were 43 % padding (stage 2: 363-414 s vs 598 s)
 lr_vision = 0.0
 lr_projector = 1e-3
 lr_lm = 1e-3

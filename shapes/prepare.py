@@ -829,7 +829,8 @@ def believed_scene(scene, rng):
 
 def make_sft_records(scenes, split, rng):
     """One 4-8 round conversation per scene, plus a single-question record for a share of scenes;
-    with probability prior_noise a scene is talked about as its believed_scene (when it has one).
+    with probability prior_noise a scene is talked about as its believed_scene (when it has one), and then
+    with probability prior_ask also asked about the believed partner (with a 'no' question beside it).
     Returns (records, Counter of QA kinds, number of scenes talked about as believed)."""
     records, kinds, n_believed = [], Counter(), 0
     for scene in scenes:
