@@ -69,9 +69,9 @@ ROWS = [("POPE random acc", "pope", "random", "accuracy"), ("POPE popular acc", 
         ("arithmetic CoT chain with every claim true (checked on the scene)", "cot", "overall", "chain_true"),
         ("arithmetic CoT right answers after a chain with a false claim (share of the right ones)", "cot", "overall",
          "right_answer_false_chain"),
-        ("mining questions, greedy CoT", "band_greedy/cot", "overall", "accuracy"),
-        ("mining questions, greedy chain with every claim true", "band_greedy/cot", "overall", "chain_true"),
-        ("mining questions, right answers after a false chain (greedy)", "band_greedy/cot", "overall",
+        ("mining questions, greedy CoT", "band_greedy", "overall", "accuracy"),
+        ("mining questions, greedy chain with every claim true", "band_greedy", "overall", "chain_true"),
+        ("mining questions, right answers after a false chain (greedy)", "band_greedy", "overall",
          "right_answer_false_chain"),
         ("arithmetic, direct", "direct_cot", "overall", "accuracy"),
         ("mining questions, one sample right (16 at T=1)", "band", "overall", "sample"),
@@ -125,10 +125,7 @@ def partner_share(predictions_path):
 
 
 def figure(metrics, task, split, metric):
-    """metrics[task][split][metric]; a task 'a/b' reads metrics[a][b] (an extra file's own task)."""
-    for key in task.split("/"):
-        metrics = metrics.get(key, {})
-    s = metrics.get(split)
+    s = metrics.get(task, {}).get(split)
     if s is None:
         return None
     return fp_rate(s) if metric == "fp_rate" else s.get(metric)
