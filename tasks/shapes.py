@@ -10,6 +10,7 @@ import os
 import re
 
 from shapes.prepare import CORNERS, PARTNER, position_phrase
+from tasks.cot import read_number
 from tasks.prompts import COT_MARKER, DIRECT_SUFFIX
 
 # the suite's files in its directory (MME's per-subtask answer files are in its mme/ folder); an entry is
@@ -154,10 +155,10 @@ def chain_problems(text, question, scene, corners, position):
             problems.append(f"{m.group(0)!r} is wrong arithmetic")
         if terms != [corners.get(s) for s in named]:
             problems.append(f"{m.group(1)!r} are not the corners of {named}")
-    answer = text.split(COT_MARKER)[-1].strip().rstrip(".") if COT_MARKER in text else None
-    if sums and answer != sums[-1].group(2):
-        problems.append(f"the answer {answer!r} is not the sum's {sums[-1].group(2)}")
-    if sorted(refs) != sorted(asked):  # the objects the question names (a total names none)
+    answer = read_number(text.split(COT_MARKER)[-1]) if COT_MARKER in text else None  # '12', 'twelve'
+    if sums and (answer is None or answer[0] != int(sums[-1].group(2))):
+        problems.append(f"the answer is not the sum's {sums[-1].group(2)}")
+    if sorted(refs, key=str) != sorted(asked, key=str):  # the objects the question names (a total names none)
         problems.append(f"the chain looks at {refs}, the question asks about {asked}")
     return problems
 

@@ -424,11 +424,14 @@ def test_chain_facts_checks_each_claim_against_the_scene():
         "answer": (q, gold.replace(f"### Answer: {short}", f"### Answer: {int(short) + 2}")),
         "object looked at": (two[1], two[2].replace(two[1].split("the object ")[1].split(" and")[0], other_cell, 1)),
         "unread": (q, gold.replace("\n###", " Then I checked.\n###")),
+        # (one object named by its colour, the other by its cell: references of both kinds in one chain)
+        "objects named otherwise": (two[1], two[2].replace(two[2].split(" is ")[0], f"The {two[0]['objects'][0]['color']} object", 1)),
     }
     for what, (question, text) in wrong.items():
         scene = two[0] if question == two[1] else sc
         assert text != (two[2] if question == two[1] else gold), what
         assert chain_problems(text, question, scene, CORNERS, position), what
+    assert not chain_problems(gold.replace(f"### Answer: {short}", f"### Answer: {short}."), q, sc, CORNERS, position)
     # a square taken for a diamond has the same corners: the right answer after a false chain
     lucky = next(c for c in cases if " square" in c[2] and c[1].endswith("in total?"))
     rows = [dict(image=f"eval/{c[0]['id']}.png", question=c[1], text=c[2], answers=[c[3]]) for c in cases[:9]]
