@@ -247,13 +247,13 @@ if master:
         # LLaVA's answer format first (question_id, prompt, text), then the gold fields and the verdict
         preds[t] = [{"question_id": r["question_id"], "prompt": r["prompt"], "text": r["text"],
                      **{k: v for k, v in r.items() if k != "image_b64"}, **B.judge(scorer[t], r, synonyms)} for r in rs]
-    scenes_file = os.path.join(shapes_dir, "scenes.json")
-    if task == "shapes" and "mc" in rows and os.path.isfile(scenes_file):
+    # the world's scene graphs (its training and evaluation scenes), read once; {} away from the shapes world
+    scenes = tasks.shapes.load_scenes(shapes_dir) if {"mc", "pope", "cot"} & set(rows) else {}
+    if task == "shapes" and "mc" in rows and scenes:
         # the world knows each image: colour and shape questions split by how many options are in it
-        metrics["mc"].update(tasks.shapes.mc_by_options_in_image(rows["mc"], scenes_file, lambda r: B.judge("mc", r)))
+        metrics["mc"].update(tasks.shapes.mc_by_options_in_image(rows["mc"], scenes, lambda r: B.judge("mc", r)))
     if "knowledge" in metrics:
         metrics["knowledge"].update(tasks.shapes.held_out_splits(metrics["knowledge"]))
-    scenes = tasks.shapes.load_scenes(os.path.dirname(os.path.normpath(shapes_dir))) if "pope" in rows or "cot" in rows else {}
     if "pope" in rows:  # the shapes world's POPE: false positives on the absent partners vs the other absent shapes
         metrics["pope"].update(tasks.shapes.pope_by_partner(rows["pope"], scenes, lambda r: B.judge("pope", r)))
     if "cot" in rows:  # the shapes world's arithmetic: each chain's claims checked against its scene graph

@@ -45,14 +45,12 @@ def options_in_image(scene, category, options):
     return sum(o in present for o in options)
 
 
-def mc_by_options_in_image(mc_rows, scenes_file, judge):
-    """{'<k> opts in image': dict(accuracy, n)} over the mc rows whose image is an eval scene of
-    scenes_file (the world's scene graphs); judge(row) -> the verdict dict with its 'score'."""
-    with open(scenes_file) as f:
-        scenes = {sc["id"]: sc for sc in json.load(f)["eval"]}
+def mc_by_options_in_image(mc_rows, scenes, judge):
+    """{'<k> opts in image': dict(accuracy, n)} over the mc rows whose image is a scene of `scenes`
+    (load_scenes); judge(row) -> the verdict dict with its 'score'."""
     groups = {}
     for r in mc_rows:
-        scene = scenes.get(os.path.splitext(os.path.basename(r["image"] or ""))[0])
+        scene = scene_of(scenes, r)
         k = scene and options_in_image(scene, r.get("category"), r["options"])
         if k:
             groups.setdefault(f"{k} opts in image", []).append(judge(r)["score"])
@@ -68,7 +66,7 @@ def pope_by_partner(rows, scenes, judge):
     shows the prior directly. {} when an image's scene is unknown."""
     seen, groups = set(), {"partner negatives": [], "other negatives": []}
     for r in rows:
-        scene = scenes.get(os.path.splitext(os.path.basename(r.get("image") or ""))[0])
+        scene = scene_of(scenes, r)
         m = re.match(r"is there an? (\w+)", str(r.get("prompt", "")).lower())
         if scene is None or m is None:
             return {}
@@ -163,11 +161,17 @@ def chain_problems(text, question, scene, corners, position):
     return problems
 
 
-def load_scenes(shapes_dir):
-    """{scene id (its image's file name, 'eval_000012'): scene graph} for every scene the world wrote
-    (the training splits from scenes.json, the evaluation's from eval/scenes.json)."""
+def scene_of(scenes, row):
+    """The scene graph of a question's image (its file name is the scene id), or None."""
+    return scenes.get(os.path.splitext(os.path.basename(row.get("image") or ""))[0])
+
+
+def load_scenes(eval_dir):
+    """{scene id (its image's file name, 'eval_000012'): scene graph} for every scene the world wrote: the
+    evaluation's from eval_dir/scenes.json, the training splits' from the scenes.json beside eval_dir."""
     scenes = {}
-    for path in (os.path.join(shapes_dir, "scenes.json"), os.path.join(shapes_dir, "eval", "scenes.json")):
+    for path in (os.path.join(os.path.dirname(os.path.normpath(eval_dir)), "scenes.json"),
+                 os.path.join(eval_dir, "scenes.json")):
         if os.path.isfile(path):
             with open(path) as f:
                 for split, rows in json.load(f).items():
@@ -180,12 +184,11 @@ def chain_facts(rows, scenes, judge):
     against their scene graphs (chain_problems): chain_true, the share of all answers whose chain has no
     false or unread claim; right_answer_false_chain, the share of the right answers (judge(row)['score'])
     whose chain has one, the figure issue 37 holds to <= 10 %; n_right. {} when a row's scene is unknown."""
-    scene_of = lambda r: scenes.get(os.path.splitext(os.path.basename(r.get("image") or ""))[0])
-    if not rows or any(scene_of(r) is None for r in rows):
+    if not rows or any(scene_of(scenes, r) is None for r in rows):
         return {}
 
     def problems(r):
-        scene = scene_of(r)
+        scene = scene_of(scenes, r)
         return chain_problems(r["text"], r.get("question") or r["prompt"], scene, CORNERS,
                               lambda o: position_phrase(o['row'], o['col'], scene.get('grid', 3)))
     ok = [not problems(r) for r in rows]
